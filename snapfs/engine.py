@@ -1,0 +1,93 @@
+"""The qemu-img engine: carries out the file steps that domain.py plans.
+
+Each step is safe to run again after a crash part-way through it (the journal re-runs
+the step that was in progress). New files are built under a temporary name, checked,
+fsynced and renamed into place, so a path that anything depends on is never half-made.
+A second engine (QMP, for running VMs) is meant to offer the same verbs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from . import qemu
+from .errors import io_error
+from .store import fsync_dir, fsync_file, unlink_if_present
+
+
+async def _in_thread(fn, *args) -> None:
+    await trio.to_thread.run_sync(fn, *args)
+
+
+async def _install(tmp: str, dst: str) -> None:
+    """fsync tmp, rename it over dst, fsync the directory."""
+    await _in_thread(fsync_file, tmp)
+    await _in_thread(os.rename, tmp, dst)
+    await _in_thread(fsync_dir, os.path.dirname(dst))
+
+
+class QemuImgEngine:
+    async def overlay(self, dst: str, backing: str, backing_fmt: str, size: int) -> None:
+        """An empty overlay at dst on `backing`, replacing whatever dst was."""
+        tmp = dst + ".new"
+        await _in_thread(unlink_if_present, tmp)
+        await qemu.create_overlay(tmp, backing, backing_fmt, size)
+        await _install(tmp, dst)
+
+    async def rename(self, src: str, dst: str) -> None:
+        if os.path.exists(src):
+            await _install(src, dst)
+        elif not os.path.exists(dst):
+            raise io_error(f"Layer {src} is missing, so it cannot be moved to {dst}.")
+
+    async def commit(self, top: str, into: str, repair_first: bool = False) -> None:
+        """Write top's clusters into its backing file `into` (top is left as it was).
+
+        A commit interrupted by a crash is completed by running it again; the crash
+        may have left the dirty flag set, which `qemu-img check -r all` clears.
+        """
+        if repair_first:
+            for path in (into, top):
+                if await qemu.is_dirty(path):
+                    await qemu.check_and_repair(path)
+        await qemu.commit_into_backing(top)
+        await _in_thread(fsync_file, into)
+
+    async def rebase(self, layer: str, backing: str, backing_fmt: str) -> None:
+        """Move `layer` onto `backing`, keeping its content: a safe rebase of a copy,
+        checked with qemu-img compare, then renamed over the original. An in-place
+        rebase killed midway can leave the layer on the new backing without its data."""
+        if await qemu.backing_file(layer) == backing:
+            return
+        tmp = layer + ".rebase"
+        await _in_thread(unlink_if_present, tmp)
+        try:
+            await trio.run_process(["cp", "--reflink=auto", "--sparse=always", layer, tmp])
+            await qemu.rebase_safe(tmp, backing, backing_fmt)
+            if not await qemu.same_content(tmp, layer):
+                raise io_error(f"Rebasing {layer} changed its content; the layer was left as it was.")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await _in_thread(unlink_if_present, tmp)
+            raise
+        await _install(tmp, layer)
+
+    async def recompress(self, layer: str, compression: str, backing: str, backing_fmt: str) -> None:
+        """Rewrite the frozen `layer` compressed with zlib/zstd (or not), content unchanged."""
+        tmp = layer + ".compress"
+        await _in_thread(unlink_if_present, tmp)
+        await qemu.convert_layer(layer, tmp, backing, backing_fmt, compression)
+        try:
+            if not await qemu.same_content(tmp, layer):
+                raise io_error(f"Recompressing {layer} changed its content; the layer was left as it was.")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await _in_thread(unlink_if_present, tmp)
+            raise
+        await _install(tmp, layer)
+
+    async def delete(self, path: str) -> None:
+        await _in_thread(unlink_if_present, path)
+        await _in_thread(fsync_dir, os.path.dirname(path))

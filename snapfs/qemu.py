@@ -1,0 +1,169 @@
+"""Async wrappers over qemu-img (and qemu-io's open probe): the only module that runs them.
+
+Every call goes through `trio.run_process`, so a long commit never blocks the event loop.
+Failures become `SnapfsError`: qemu's image lock -> EBUSY, anything else -> EIO, each
+carrying qemu's own message.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+
+import trio
+
+from .errors import SnapfsError
+
+QEMU_IMG = os.environ.get("SNAPFS_QEMU_IMG", "qemu-img")
+QEMU_IO = os.environ.get("SNAPFS_QEMU_IO", "qemu-io")
+LOCK_ERRORS = ('Failed to get "write" lock', 'Failed to get shared "write" lock')
+_ENV = {**os.environ, "LC_ALL": "C"}
+
+
+def _qemu_message(stderr: bytes) -> str:
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines()]
+    return " ".join(line for line in lines if line) or "no message"
+
+
+def _error_for(what: str, stderr: bytes) -> SnapfsError:
+    message = _qemu_message(stderr)
+    if any(text in message for text in LOCK_ERRORS):
+        return SnapfsError(
+            errno.EBUSY, f"{what}: the image is in use by another process (qemu: {message})"
+        )
+    return SnapfsError(errno.EIO, f"{what} failed (qemu: {message})")
+
+
+async def _run(program: str, args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> tuple[int, bytes]:
+    try:
+        result = await trio.run_process(
+            [program, *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=_ENV,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise SnapfsError(errno.EIO, f"{what} failed: {program} is not installed") from exc
+    if result.returncode not in ok:
+        raise _error_for(what, result.stderr)
+    return result.returncode, result.stdout
+
+
+async def qemu_img(args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> tuple[int, bytes]:
+    return await _run(QEMU_IMG, args, what, ok)
+
+
+async def info(path: str, fmt: str | None = None) -> dict:
+    """`qemu-img info` of one image (no chain)."""
+    args = ["info", "--output=json"]
+    if fmt:
+        args += ["-f", fmt]
+    _, out = await qemu_img([*args, path], f"reading {path}")
+    return json.loads(out)
+
+
+async def probe_format(path: str) -> str:
+    """The format qemu-img sees; called once, at define time."""
+    return (await info(path))["format"]
+
+
+async def virtual_size(path: str, fmt: str) -> int:
+    return int((await info(path, fmt))["virtual-size"])
+
+
+async def create_image(path: str, fmt: str, size: int) -> None:
+    await qemu_img(["create", "-q", "-f", fmt, path, str(size)], f"creating {path}")
+
+
+async def create_overlay(path: str, backing: str, backing_fmt: str, size: int) -> None:
+    """An empty qcow2 on `backing`. With -u and the size given, the chain is not opened."""
+    await qemu_img(
+        ["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", backing_fmt, path, str(size)],
+        f"creating {path}",
+    )
+
+
+async def commit_into_backing(top: str) -> None:
+    """Write top's clusters into its backing file; top is left as it was (-d)."""
+    await qemu_img(["commit", "-q", "-f", "qcow2", "-d", top], f"merging {top} into its backing file")
+
+
+async def rebase_safe(path: str, backing: str, backing_fmt: str) -> None:
+    """Safe-mode rebase: copies into `path` whatever differs, so its content is unchanged."""
+    await qemu_img(
+        ["rebase", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path],
+        f"rebasing {path}",
+    )
+
+
+async def rebase_unsafe(path: str, backing: str, backing_fmt: str) -> None:
+    """Rewrite only the backing link in the header."""
+    await qemu_img(
+        ["rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path],
+        f"relinking {path}",
+    )
+
+
+async def same_content(a: str, b: str) -> bool:
+    """Whether two images (each with its backing chain) read the same; qcow2 both."""
+    code, _ = await qemu_img(
+        ["compare", "-q", "-f", "qcow2", "-F", "qcow2", a, b], f"comparing {a} with {b}", ok=(0, 1)
+    )
+    return code == 0
+
+
+async def convert_layer(
+    src: str, dst: str, backing: str, backing_fmt: str, compression: str
+) -> None:
+    """Rewrite the top layer `src` as `dst` on the same backing, compressed or not.
+
+    Only clusters allocated in `src` itself are written (-B keeps the backing).
+    """
+    args = ["convert", "-q", "-t", "writeback", "-f", "qcow2", "-O", "qcow2"]
+    if compression != "none":
+        args += ["-c", "-o", f"compression_type={'zlib' if compression == 'gzip' else compression}"]
+    args += ["-B", backing, "-F", backing_fmt, src, dst]
+    try:
+        await qemu_img(args, f"recompressing {src}")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_unlink_quietly, dst)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def check_and_repair(path: str) -> None:
+    """`qemu-img check -r all`: clears a dirty flag left by a crash during a commit."""
+    await qemu_img(["check", "-q", "-r", "all", "-f", "qcow2", path], f"repairing {path}", ok=(0, 1, 3))
+
+
+async def is_dirty(path: str) -> bool:
+    data = await info(path, "qcow2")
+    return bool(data.get("format-specific", {}).get("data", {}).get("dirty-flag"))
+
+
+async def backing_file(path: str) -> str | None:
+    """The backing link as written in the header (not resolved)."""
+    return (await info(path, "qcow2")).get("backing-filename")
+
+
+async def probe_writable(path: str, fmt: str) -> None:
+    """Open the image read-write and close it: fails with EBUSY when another process
+    (a running QEMU, qemu-nbd) holds it or uses it as a backing file."""
+    await _run(QEMU_IO, ["-f", fmt, "-c", "quit", path], f"opening {path}")
+
+
+async def top_layer_has_data(path: str) -> bool:
+    """Whether the image itself (not its backing chain) holds any cluster."""
+    _, out = await qemu_img(["map", "--output=json", "-f", "qcow2", path], f"mapping {path}")
+    return any(extent["depth"] == 0 and (extent["data"] or extent["zero"]) for extent in json.loads(out))

@@ -1,0 +1,312 @@
+"""The store on disk: layout, atomic metadata writes, per-domain locks, the journal.
+
+    STORE/store.lock                      serialises define/undefine
+    STORE/domains/<dom>/domain.json       name, uuid, disks (target, base, format, size)
+    STORE/domains/<dom>/domain.xml        the libvirt XML as defined
+    STORE/domains/<dom>/state.json        current snapshot id and a generation counter
+    STORE/domains/<dom>/snapshots/<id>.json   one metadata file per snapshot
+    STORE/domains/<dom>/layers/<target>/<id>.qcow2   L(S); live.qcow2 is A
+    STORE/domains/<dom>/journal.json      the intent of an unfinished operation
+    STORE/domains/<dom>/last-error        the latest refusal, one line
+    STORE/domains/<dom>/lock              flock'd by every operation
+
+Every metadata file is replaced by write-temp + fsync + rename, so a reader that takes
+no lock sees each file before or after a change, never half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from .errors import SnapfsError, busy, not_found
+
+LIVE = "live"
+LOCK_WAIT_SECONDS = float(os.environ.get("SNAPFS_LOCK_WAIT", "10"))
+
+
+def default_store_path() -> str:
+    if os.environ.get("SNAPFS_STORE"):
+        return os.environ["SNAPFS_STORE"]
+    if os.geteuid() == 0:
+        return "/var/lib/snapfs"
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data_home, "snapfs")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def write_json(path: str, obj: object) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: str) -> dict:
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+def unlink_if_present(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+@dataclass
+class DiskRecord:
+    target: str
+    base: str
+    format: str
+    size: int
+
+
+@dataclass
+class DomainRecord:
+    name: str
+    uuid: str
+    disks: list[DiskRecord]
+    skipped: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict) -> DomainRecord:
+        disks = [DiskRecord(**d) for d in data["disks"]]
+        return cls(data["name"], data["uuid"], disks, list(data.get("skipped", [])))
+
+
+@dataclass
+class SnapshotRecord:
+    id: str
+    name: str
+    parent: str | None
+    creation_time: int
+    description: str = ""
+    state: str = "shutoff"
+    compression: str = "none"
+
+    @classmethod
+    def from_json(cls, data: dict) -> SnapshotRecord:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class MetadataView:
+    """One consistent-enough reading of a domain's metadata (see DomainFiles.view)."""
+
+    generation: int
+    current: str | None
+    snapshots: dict[str, SnapshotRecord]
+
+    def by_name(self, name: str) -> SnapshotRecord | None:
+        for record in self.snapshots.values():
+            if record.name == name:
+                return record
+        return None
+
+    def children(self, snap_id: str | None) -> list[SnapshotRecord]:
+        kids = [r for r in self.snapshots.values() if r.parent == snap_id]
+        return sorted(kids, key=lambda r: (r.creation_time, r.name))
+
+
+class DomainFiles:
+    """Paths and metadata I/O of one domain directory. Knows no snapshot rule."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = os.path.basename(path)
+        self._cache: MetadataView | None = None
+        self._cache_lock = threading.Lock()
+
+    # paths
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def snapshots_dir(self) -> str:
+        return self.file("snapshots")
+
+    def layers_dir(self, target: str) -> str:
+        return os.path.join(self.path, "layers", target)
+
+    def layer(self, target: str, snap_id: str) -> str:
+        """L(S) for a snapshot id, or A for LIVE."""
+        return os.path.join(self.layers_dir(target), f"{snap_id}.qcow2")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.file("domain.json"))
+
+    # domain definition
+    def record(self) -> DomainRecord:
+        try:
+            return DomainRecord.from_json(read_json(self.file("domain.json")))
+        except FileNotFoundError:
+            raise not_found(f"There is no domain named {self.name!r}.") from None
+
+    def original_xml(self) -> str:
+        with open(self.file("domain.xml"), encoding="utf-8") as f:
+            return f.read()
+
+    # metadata
+    def _state(self, must_exist: bool = True) -> dict:
+        try:
+            return read_json(self.file("state.json"))
+        except FileNotFoundError:
+            if must_exist and not self.exists():
+                raise not_found(f"There is no domain named {self.name!r}.") from None
+            return {"current": None, "generation": 0}
+
+    def view(self) -> MetadataView:
+        """The metadata, reloaded only when the generation counter moved.
+
+        Every change rewrites state.json last with generation + 1, so an unchanged
+        generation means nothing changed. A reader never waits for the domain lock.
+        """
+        state = self._state()
+        with self._cache_lock:
+            cached = self._cache
+            if cached is not None and cached.generation == state["generation"]:
+                return cached
+            snapshots: dict[str, SnapshotRecord] = {}
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(self.snapshots_dir):
+                    if entry.name.endswith(".json"):
+                        with contextlib.suppress(FileNotFoundError):
+                            record = SnapshotRecord.from_json(read_json(entry.path))
+                            snapshots[record.id] = record
+            view = MetadataView(state["generation"], state["current"], snapshots)
+            self._cache = view
+            return view
+
+    def write_snapshot(self, record: SnapshotRecord) -> None:
+        write_json(os.path.join(self.snapshots_dir, f"{record.id}.json"), asdict(record))
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        unlink_if_present(os.path.join(self.snapshots_dir, f"{snap_id}.json"))
+
+    def write_state(self, current: str | None) -> None:
+        """Record current and bump the generation: the last write of every change."""
+        generation = self._state(must_exist=False)["generation"] + 1
+        write_json(self.file("state.json"), {"current": current, "generation": generation})
+
+    def current(self) -> str | None:
+        return self._state()["current"]
+
+    # journal
+    @property
+    def journal_path(self) -> str:
+        return self.file("journal.json")
+
+    def read_journal(self) -> dict | None:
+        try:
+            return read_json(self.journal_path)
+        except FileNotFoundError:
+            return None
+
+    def write_journal(self, journal: dict) -> None:
+        write_json(self.journal_path, journal)
+
+    def clear_journal(self) -> None:
+        unlink_if_present(self.journal_path)
+        fsync_dir(self.path)
+
+    # last-error
+    def record_error(self, operation: str, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        line = f"{stamp} {operation}: {' '.join(message.split())}\n"
+        with contextlib.suppress(OSError):
+            atomic_write(self.file("last-error"), line.encode())
+
+    def last_error(self) -> str:
+        try:
+            with open(self.file("last-error"), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    # lock
+    @contextlib.asynccontextmanager
+    async def locked(self, wait: float = LOCK_WAIT_SECONDS) -> AsyncIterator[None]:
+        """The domain's exclusive lock (flock), polled without blocking the event loop."""
+        async with flocked(self.file("lock"), f"Another operation holds domain {self.name!r}.", wait):
+            yield
+
+
+@contextlib.asynccontextmanager
+async def flocked(path: str, busy_message: str, wait: float) -> AsyncIterator[None]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise not_found(busy_message) from None
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise busy(busy_message) from None
+                await trio.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+class StoreFiles:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.domains_dir = os.path.join(self.root, "domains")
+        self._domains: dict[str, DomainFiles] = {}
+
+    def ensure(self) -> None:
+        try:
+            os.makedirs(self.domains_dir, exist_ok=True)
+        except OSError as exc:
+            raise SnapfsError(exc.errno or errno.EIO, f"Cannot use store {self.root}: {exc.strerror}.") from exc
+
+    def domain_names(self) -> list[str]:
+        try:
+            names = os.listdir(self.domains_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if os.path.isfile(os.path.join(self.domains_dir, n, "domain.json")))
+
+    def domain(self, name: str) -> DomainFiles:
+        files = self._domains.get(name)
+        if files is None:
+            files = DomainFiles(os.path.join(self.domains_dir, name))
+            self._domains[name] = files
+        return files
+
+    def locked(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return flocked(os.path.join(self.root, "store.lock"), "Another define or undefine holds the store.", LOCK_WAIT_SECONDS)
