@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Everything snapfs needs on a fresh Debian 12 (run as root): qemu-utils, FUSE 3 and the
+# headers pyfuse3 builds against, then a venv in .venv with snapfs and its test extras.
+# Safe to run again; it skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(qemu-utils fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'
