@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 
@@ -34,8 +35,10 @@ def has_pattern(path: str, pattern: int, offset: int, length: int = CLUSTER, fmt
         capture_output=True,
         text=True,
     )
-    assert run.returncode == 0, run.stderr
-    return "Pattern verification failed" not in run.stdout and "error" not in run.stdout.lower()
+    if "Pattern verification failed" in run.stdout:
+        return False
+    assert run.returncode == 0 and "error" not in run.stdout.lower(), run.stdout + run.stderr
+    return True
 
 
 def read_raw(path: str, fmt: str = "qcow2") -> bytes:
@@ -72,3 +75,65 @@ def tree_fingerprint(root: str) -> dict[str, str]:
                 continue
             found[os.path.relpath(path, root)] = file_digest(path)
     return found
+
+
+# ---- added for the core suite (tests/test_core.py, test_walk.py, test_api_errors.py) ----
+
+
+def image_info(path: str) -> dict:
+    """`qemu-img info` of one image, without taking qemu's lock (-U)."""
+    run = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True, check=True)
+    return json.loads(run.stdout)
+
+
+def backing_filename(path: str) -> str | None:
+    """The backing link exactly as written in the qcow2 header."""
+    return image_info(path).get("backing-filename")
+
+
+def write_zeros(path: str, offset: int, length: int = CLUSTER, fmt: str = "qcow2") -> None:
+    """Write zeros (a qcow2 zero cluster where aligned): must hide whatever lies below."""
+    run = subprocess.run(
+        ["qemu-io", "-f", fmt, "-c", f"write -z {offset} {length}", path], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "error" not in run.stdout.lower(), run.stdout + run.stderr
+
+
+def apply_writes(data: bytes, writes: dict[int, int]) -> bytes:
+    """data with {offset: pattern} cluster writes applied (pattern 0 = zeros)."""
+    out = bytearray(data)
+    for offset, pattern in writes.items():
+        out[offset : offset + CLUSTER] = bytes([pattern]) * CLUSTER
+    return bytes(out)
+
+
+def layout_problems(domain) -> list[str]:
+    """What is wrong with a domain's layer files against its metadata (empty when right).
+
+    Per disk: layers/<target>/ holds exactly live.qcow2 and one <id>.qcow2 per snapshot;
+    each snapshot layer's backing link is its parent's layer basename (or the base image's
+    absolute path for a root); live.qcow2 sits on current's layer (or the base)."""
+    core = domain.core
+    view = core.view()
+    problems = []
+    for disk in core.disks:
+        directory = core.files.layers_dir(disk.target)
+        want = {"live.qcow2"} | {f"{sid}.qcow2" for sid in view.snapshots}
+        have = set(os.listdir(directory))
+        if have != want:
+            problems.append(f"{disk.target}: orphan {sorted(have - want)} missing {sorted(want - have)}")
+            continue
+
+        def link(on: str | None, disk=disk) -> str:
+            return disk.base if on is None else f"{on}.qcow2"
+
+        for sid, record in view.snapshots.items():
+            got = backing_filename(os.path.join(directory, f"{sid}.qcow2"))
+            if got != link(record.parent):
+                problems.append(f"{disk.target}: layer of {record.name!r} backs on {got}, want {link(record.parent)}")
+        got = backing_filename(os.path.join(directory, "live.qcow2"))
+        if got != link(view.current):
+            problems.append(f"{disk.target}: live layer backs on {got}, want {link(view.current)}")
+        if view.current is not None and view.current not in view.snapshots:
+            problems.append(f"current {view.current} is not a snapshot")
+    return problems
