@@ -35,8 +35,14 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Usage errors too are one sentence on stderr (see `snapfs VERB --help`)."""
+        self.exit(2, f"snapfs: error: {self.prog}: {message} (see --help).\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="snapfs",
         description="Virtual-machine disk snapshots as files, commands and a Python API.",
         epilog="Every verb has --help with an example. Errors are one sentence on stderr, exit status 1.",
@@ -71,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
              "compression are read); with no file, <domainsnapshot/>.")
     p.add_argument("domain")
     p.add_argument("xmlfile", nargs="?", help="snapshot XML file ('-' for stdin)")
-    p.add_argument("--compress", nargs="?", const="gzip", choices=["gzip", "zstd"],
-                   help="compress the snapshot's layers (gzip when no value is given)")
+    p.add_argument("--compress", dest="compress", action="store_const", const="gzip",
+                   help="compress the snapshot's layers with gzip (zlib); --compress=zstd for zstd")
+    p.add_argument("--compress-kind", dest="compress", choices=["gzip", "zstd"], help=argparse.SUPPRESS)
     p = verb("snapshot-create-as", "Create a snapshot from a name and a description.")
     p.add_argument("domain")
     p.add_argument("name", nargs="?")
@@ -314,8 +321,14 @@ async def _main(args: argparse.Namespace) -> str:
     return await _run_verb(store, args)
 
 
+def _spell_out_compress(argv: list[str]) -> list[str]:
+    """`--compress` may come before the domain (the seed's order), so it takes no value
+    by position; `--compress=zstd` is rewritten to a hidden option that does."""
+    return [f"--compress-kind={a.split('=', 1)[1]}" if a.startswith("--compress=") else a for a in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_spell_out_compress(sys.argv[1:] if argv is None else argv))
     try:
         if args.verb == "mount":
             from .mount import run_mount

@@ -1,0 +1,224 @@
+"""The command line, through the installed `snapfs` script, on real images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import CLUSTER, file_digest, has_pattern, make_image, tree_fingerprint, write_pattern
+
+SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
+
+
+def run(store: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SNAPFS, "--store", store, *args], capture_output=True, text=True, input=stdin, timeout=120
+    )
+
+
+def ok(store: str, *args: str) -> str:
+    result = run(store, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def cli_domain(tmp_path):
+    """Domain vm1 defined through the CLI: vda on a qcow2 base, vdb on a raw base."""
+    store = str(tmp_path / "store")
+    vda = make_image(str(tmp_path / "vda.qcow2"), "qcow2")
+    vdb = make_image(str(tmp_path / "vdb.raw"), "raw")
+    out = ok(store, "define", "--name", "vm1", "--disk", f"vda={vda}", "--disk", f"vdb={vdb},format=raw")
+    assert "vda:" in out and "probed as qcow2" in out and "Domain 'vm1' defined" in out
+    bases = {vda: file_digest(vda), vdb: file_digest(vdb)}
+    yield store, bases
+    assert {p: file_digest(p) for p in bases} == bases, "a base image changed"
+
+
+def live(store: str, target: str) -> str:
+    return os.path.join(store, "domains", "vm1", "layers", target, "live.qcow2")
+
+
+def layer_of(store: str, name: str, target: str) -> str:
+    xml = ok(store, "snapshot-dumpxml", "vm1", name)
+    marker = f"layers/{target}/"
+    start = xml.index(marker)
+    end = xml.index(".qcow2", start) + len(".qcow2")
+    return os.path.join(store, "domains", "vm1", xml[start:end])
+
+
+def test_seed_verbs_as_written(cli_domain, tmp_path):
+    """The seed's virsh lines: snapshot-create [--compress] <dom> <xmlfile>, snapshot-list,
+    snapshot-dumpxml, create-with-snapshot, snapshot-deactivate --merge/--delete/..."""
+    store, _ = cli_domain
+    for target in ("vda", "vdb"):
+        write_pattern(live(store, target), 0x11, 0)
+    xmlfile = tmp_path / "s1.xml"
+    xmlfile.write_text("<domainsnapshot><name>s1</name><description>first</description></domainsnapshot>")
+    assert "Domain snapshot s1 created" in ok(store, "snapshot-create", "--compress", "vm1", str(xmlfile))
+    for target in ("vda", "vdb"):
+        write_pattern(live(store, target), 0x22, CLUSTER)
+    ok(store, "snapshot-create-as", "vm1", "s2", "second")
+    listing = ok(store, "snapshot-list", "vm1")
+    assert listing.splitlines()[0].split() == ["Name", "Creation", "Time", "State"]
+    assert [line.split()[0] for line in listing.splitlines()[2:]] == ["s1", "s2"]
+    xml = ok(store, "snapshot-dumpxml", "vm1", "s1")
+    assert "<compression>gzip</compression>" in xml and "<description>first</description>" in xml
+
+    ok(store, "create-with-snapshot", "vm1", "s1")
+    for target in ("vda", "vdb"):
+        assert has_pattern(live(store, target), 0x11, 0)
+        assert has_pattern(live(store, target), 0x00, CLUSTER)
+    assert ok(store, "snapshot-current", "vm1", "--name") == "s1\n"
+
+    ok(store, "snapshot-deactivate", "vm1", "s1", "--merge")  # two dependents: s2 and the live disk
+    assert ok(store, "snapshot-list", "vm1", "--name") == "s2\n"
+    for target in ("vda", "vdb"):
+        s2 = layer_of(store, "s2", target)
+        assert has_pattern(s2, 0x11, 0) and has_pattern(s2, 0x22, CLUSTER)
+        assert has_pattern(live(store, target), 0x11, 0) and has_pattern(live(store, target), 0, CLUSTER)
+    ok(store, "snapshot-deactivate", "vm1", "s2", "--delete")
+    assert ok(store, "snapshot-list", "vm1", "--name") == ""
+
+
+def test_tree_parent_roots_leaves_info(cli_domain):
+    store, _ = cli_domain
+    ok(store, "snapshot-create-as", "vm1", "a")
+    ok(store, "snapshot-create-as", "vm1", "b")
+    ok(store, "snapshot-revert", "vm1", "a")
+    ok(store, "snapshot-create-as", "vm1", "c")
+    assert ok(store, "snapshot-list", "vm1", "--tree") == "a\n  |\n  +- b\n  +- c\n    \n"
+    parent_rows = {line.split()[0]: line.split()[-1] for line in ok(store, "snapshot-list", "vm1", "--parent").splitlines()[2:]}
+    assert parent_rows == {"a": "shutoff", "b": "a", "c": "a"}
+    roots = ok(store, "snapshot-list", "vm1", "--roots").splitlines()[2:]
+    assert [r.split()[0] for r in roots] == ["a"]
+    leaves = ok(store, "snapshot-list", "vm1", "--leaves").splitlines()[2:]
+    assert [r.split()[0] for r in leaves] == ["b", "c"]
+    info = dict(line.split(":", 1) for line in ok(store, "snapshot-info", "vm1", "a").splitlines())
+    assert info["Children"].strip() == "2" and info["Descendants"].strip() == "2" and info["Parent"].strip() == "-"
+    assert info["Current"].strip() == "no"
+    assert "<name>c</name>" in ok(store, "snapshot-current", "vm1")
+    domains = ok(store, "list").splitlines()[2:]
+    assert domains[0].split() == ["vm1", "3", "c"]
+
+
+def test_rename_compress_desc_delete_children(cli_domain):
+    store, _ = cli_domain
+    write_pattern(live(store, "vda"), 0x33, 0, 4 * CLUSTER)
+    ok(store, "snapshot-create-as", "vm1", "a")
+    ok(store, "snapshot-create-as", "vm1", "b")
+    ok(store, "snapshot-rename", "vm1", "a", "renamed a")
+    assert "<parent>\n    <name>renamed a</name>" in ok(store, "snapshot-dumpxml", "vm1", "b")
+    ok(store, "snapshot-compress", "vm1", "renamed a", "zstd")
+    assert has_pattern(layer_of(store, "renamed a", "vda"), 0x33, 0, 4 * CLUSTER)
+    ok(store, "snapshot-desc", "vm1", "b", "hello")
+    assert "<description>hello</description>" in ok(store, "snapshot-dumpxml", "vm1", "b")
+    ok(store, "snapshot-delete", "vm1", "renamed a", "--children")
+    assert ok(store, "snapshot-list", "vm1", "--name") == ""
+    assert has_pattern(live(store, "vda"), 0x00, 0, 4 * CLUSTER), "the live disk is reset to the base image"
+
+
+def test_define_from_virsh_xml_and_undefine(tmp_path):
+    store = str(tmp_path / "store")
+    disk = make_image(str(tmp_path / "d.qcow2"), "qcow2")
+    raw = make_image(str(tmp_path / "r.img"), "raw")
+    xml = tmp_path / "vm.xml"
+    xml.write_text(f"""<domain type='kvm'>
+  <name>vm2</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory unit='KiB'>1048576</memory>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>
+      <target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{raw}'/>
+      <target dev='vdb' bus='virtio'/></disk>
+    <disk type='file' device='disk' snapshot='no'><driver name='qemu' type='raw'/><source file='{raw}'/>
+      <target dev='vdc' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sda' bus='sata'/></disk>
+    <disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vdd' bus='virtio'/></disk>
+  </devices>
+</domain>""")
+    out = ok(store, "define", str(xml))
+    assert "vdc: snapshot='no'" in out and "sda: a cdrom" in out and "vdd: only file-backed" in out
+    dumped = ok(store, "dumpxml", "vm2")
+    assert "layers/vda/live.qcow2" in dumped and "layers/vdb/live.qcow2" in dumped
+    assert "6695eb01-f6a4-8304-79aa-97f2502e193f" in dumped and "<memory unit=\"KiB\">1048576</memory>" in dumped
+    ok(store, "snapshot-create-as", "vm2", "s")
+    refused = run(store, "undefine", "vm2")
+    assert refused.returncode != 0 and "1 snapshot" in refused.stderr
+    ok(store, "undefine", "vm2", "--remove-snapshots")
+    assert ok(store, "list").splitlines()[2:] == []
+    assert os.path.exists(disk) and os.path.exists(raw)
+
+
+def _refused(store: str, *args: str, says: str, stdin: str | None = None) -> None:
+    before = tree_fingerprint(store)
+    result = run(store, *args, stdin=stdin)
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snapfs: error: "), result.stderr
+    assert says.lower() in lines[0].lower(), lines[0]
+    assert tree_fingerprint(store) == before, f"{args} changed the store"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("snapshot-create-as", "nosuch", "x"), "no domain named 'nosuch'"),
+        (("snapshot-create-as", "vm1", "a"), "already has a snapshot named 'a'"),
+        (("snapshot-create-as", "vm1", ".hidden"), "cannot start with '.'"),
+        (("snapshot-create-as", "vm1", "x" * 256), "at most 255 bytes"),
+        (("snapshot-dumpxml", "vm1", "nosuch"), "no snapshot named 'nosuch'"),
+        (("create-with-snapshot", "vm1", "nosuch"), "no snapshot named"),
+        (("snapshot-deactivate", "vm1", "a", "--delete"), "cannot be discarded"),
+        (("snapshot-deactivate", "vm1", "a", "--merge", "--delete"), "not allowed with"),
+        (("snapshot-rename", "vm1", "a", "b"), "already has a snapshot named 'b'"),
+        (("snapshot-rename", "vm1", "a", "x/y"), "cannot contain '/'"),
+        (("snapshot-compress", "vm1", "a", "lz4"), "unknown compression"),
+        (("snapshot-create", "vm1", "--compress=lz4"), "invalid choice"),
+        (("snapshot-create", "vm1", "/nonexistent.xml"), "cannot read /nonexistent.xml"),
+        (("snapshot-current", "nosuch"), "no domain"),
+        (("define", "--name", "vm1", "--disk", "vda=/nonexistent.img"), "already a domain named"),
+        (("define", "--name", "vm9", "--disk", "vda=/nonexistent.img"), "does not exist"),
+        (("define", "--name", "vm3", "--disk", "vda"), "is not target=path"),
+        (("define",), "needs a domain xml file"),
+        (("undefine", "vm1"), "pass --remove-snapshots"),
+        (("frobnicate",), "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_changes_nothing(cli_domain, args, says):
+    store, _ = cli_domain
+    ok(store, "snapshot-create-as", "vm1", "a")
+    ok(store, "snapshot-create-as", "vm1", "b")
+    _refused(store, *args, says=says)
+
+
+def test_stdin_documents_are_refused(cli_domain):
+    store, _ = cli_domain
+    ok(store, "snapshot-create-as", "vm1", "a")
+    bomb = ('<!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+            "<domainsnapshot><name>&b;</name></domainsnapshot>")
+    for text, says in (
+        ("<domainsnapshot><name>x</name>", "not well-formed"),
+        ("<domain/>", "root element is <domain>"),
+        (bomb, "doctype"),
+        ('<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]><domainsnapshot><name>&x;</name></domainsnapshot>',
+         "doctype"),
+        ("<domainsnapshot><name>x</name><compression>lz4</compression></domainsnapshot>", "unknown compression"),
+        ("<domainsnapshot>" + "<x/>" * 300000 + "</domainsnapshot>", "larger than"),
+    ):
+        _refused(store, "snapshot-create", "vm1", "-", says=says, stdin=text)
+    _refused(store, "define", "-", says="not well-formed", stdin="not xml")
+
+
+def test_in_use_image_is_refused(cli_domain, tmp_path):
+    store, _ = cli_domain
+    sock = str(tmp_path / "nbd.sock")
+    subprocess.run(["qemu-nbd", "--fork", "-f", "qcow2", f"--socket={sock}", "--pid-file", str(tmp_path / "pid"),
+                    live(store, "vdb")], check=True)
+    try:
+        _refused(store, "snapshot-create-as", "vm1", "x", says="in use by another process")
+    finally:
+        with open(tmp_path / "pid") as f:
+            os.kill(int(f.read()), 15)
