@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import CLUSTER, file_digest, has_pattern, make_image, tree_fingerprint, write_pattern
 
 SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
@@ -91,7 +90,8 @@ def test_tree_parent_roots_leaves_info(cli_domain):
     ok(store, "snapshot-revert", "vm1", "a")
     ok(store, "snapshot-create-as", "vm1", "c")
     assert ok(store, "snapshot-list", "vm1", "--tree") == "a\n  |\n  +- b\n  +- c\n    \n"
-    parent_rows = {line.split()[0]: line.split()[-1] for line in ok(store, "snapshot-list", "vm1", "--parent").splitlines()[2:]}
+    rows = ok(store, "snapshot-list", "vm1", "--parent").splitlines()[2:]
+    parent_rows = {line.split()[0]: line.split()[-1] for line in rows}
     assert parent_rows == {"a": "shutoff", "b": "a", "c": "a"}
     roots = ok(store, "snapshot-list", "vm1", "--roots").splitlines()[2:]
     assert [r.split()[0] for r in roots] == ["a"]
