@@ -1,0 +1,715 @@
+"""The FUSE view (DESIGN section 2): paths and inodes <-> core calls, errno mapping.
+
+A thin adapter in the manner of borg's vfs.py and s3ql's fs.py: every snapshot rule lives
+in domain.py. This module only knows the shape of the tree, which file is writable, how
+bytes arriving through write() become a call, and which errno the kernel gets.
+
+    /<dom>/xml, current -> snapshots/<name>, last-error, snapshots/
+    /<dom>/snapshots/<name>/xml, description, state, parent -> ../<p>, compression, control
+
+Nothing is cached by the kernel: every entry and attribute has a zero timeout and every
+file is opened with direct_io, so the next cat/ls/stat shows what the store holds now.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from .domain import CONTROL_WORDS, MAX_DESCRIPTION_BYTES, DomainCore, StoreCore
+from .errors import DependentsError, SnapfsError
+from .store import SnapshotRecord
+
+log = logging.getLogger(__name__)
+
+FUSEError = pyfuse3.FUSEError
+T = TypeVar("T")
+
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    DOMAIN = "domain"
+    DOMAIN_XML = "xml"
+    CURRENT = "current"
+    LAST_ERROR = "last-error"
+    SNAPSHOTS = "snapshots"
+    SNAPSHOT = "snapshot"
+    SNAP_XML = "snapshot xml"
+    DESCRIPTION = "description"
+    STATE = "state"
+    PARENT = "parent"
+    COMPRESSION = "compression"
+    CONTROL = "control"
+
+
+DOMAIN_ENTRIES = {
+    "xml": Kind.DOMAIN_XML,
+    "current": Kind.CURRENT,
+    "last-error": Kind.LAST_ERROR,
+    "snapshots": Kind.SNAPSHOTS,
+}
+SNAPSHOT_ENTRIES = {
+    "xml": Kind.SNAP_XML,
+    "description": Kind.DESCRIPTION,
+    "state": Kind.STATE,
+    "parent": Kind.PARENT,
+    "compression": Kind.COMPRESSION,
+    "control": Kind.CONTROL,
+}
+DIRECTORIES = {Kind.ROOT, Kind.DOMAIN, Kind.SNAPSHOTS, Kind.SNAPSHOT}
+SYMLINKS = {Kind.CURRENT, Kind.PARENT}
+WRITABLE = {Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL}
+ACTS_IN_WRITE = {Kind.COMPRESSION: "compression", Kind.CONTROL: "control"}
+
+
+@dataclass(frozen=True)
+class Node:
+    """What an inode stands for. Snapshot nodes are keyed on the snapshot's id, never
+    its name, so a rename keeps every inode under it."""
+
+    kind: Kind
+    dom: str = ""
+    snap: str = ""
+
+    def child(self, kind: Kind) -> Node:
+        return Node(kind, self.dom, self.snap)
+
+
+ROOT = Node(Kind.ROOT)
+
+
+class InodeTable:
+    """Stable inode numbers for nodes; a number is never reused for another node."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
+        self._by_inode: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
+        self._next = pyfuse3.ROOT_INODE + 1
+
+    def inode(self, node: Node) -> int:
+        number = self._by_node.get(node)
+        if number is None:
+            number = self._next
+            self._next += 1
+            self._by_node[node] = number
+            self._by_inode[number] = node
+        return number
+
+    def node(self, inode: int) -> Node:
+        try:
+            return self._by_inode[inode]
+        except KeyError:
+            raise FUSEError(errno.ENOENT) from None
+
+
+@dataclass
+class FileHandle:
+    node: Node
+    writable: bool
+    content: bytes = b""
+    # description only: what was written since open, stored at release
+    written: bytearray = field(default_factory=bytearray)
+    dirty: bool = False
+    refused: bool = False  # a write was refused: release stores nothing
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    entries: list[tuple[bytes, Node]] = field(default_factory=list)
+
+
+class Refusal(Exception):
+    """A refusal made by the filesystem itself: an errno, and a sentence for last-error."""
+
+    def __init__(self, err: int, operation: str, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.operation = operation
+        self.message = message
+
+
+def handler(by_handle: bool = False) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Map errors for pyfuse3: a core error or a Refusal becomes its errno, anything
+    unexpected becomes EIO plus a last-error line. Nothing else may reach pyfuse3.main."""
+
+    def decorate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(fn)
+        async def wrapper(self: SnapFS, *args: Any) -> T:
+            try:
+                return await fn(self, *args)
+            except FUSEError:
+                raise
+            except Refusal as exc:
+                self.record_refusal(self.domain_of(args[0], by_handle), exc)
+                raise FUSEError(exc.errno) from None
+            except SnapfsError as exc:
+                raise FUSEError(exc.errno) from None
+            except Exception as exc:
+                log.exception("%s failed unexpectedly", fn.__name__)
+                message = f"{fn.__name__} failed unexpectedly: {type(exc).__name__}: {exc}"
+                self.record_refusal(self.domain_of(args[0], by_handle), Refusal(errno.EIO, fn.__name__, message))
+                raise FUSEError(errno.EIO) from None
+
+        return wrapper
+
+    return decorate
+
+
+def decode_name(name: bytes) -> str | None:
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def text_file(text: str) -> bytes:
+    """A one-value file: the text and a newline, nothing when empty."""
+    return (text + "\n").encode("utf-8") if text else b""
+
+
+def document(text: str) -> bytes:
+    """A document (XML, a last-error line) that carries its own final newline."""
+    return (text if not text or text.endswith("\n") else text + "\n").encode("utf-8")
+
+
+class SnapFS(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, store: StoreCore) -> None:
+        super().__init__()
+        self.store = store
+        self.inodes = InodeTable()
+        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_fh = 1
+        self._pending: dict[tuple[str, str], list[trio.Event]] = {}
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._started_ns = time.time_ns()
+
+    # ---- errors -----------------------------------------------------------------------
+    def domain_of(self, key: object, by_handle: bool) -> str:
+        """The domain a request was about (for last-error), or '' at the root."""
+        try:
+            if by_handle:
+                handle = self._handles.get(int(key))  # type: ignore[arg-type]
+                return handle.node.dom if handle else ""
+            return self.inodes.node(int(key)).dom  # type: ignore[arg-type]
+        except (FUSEError, TypeError, ValueError):
+            return ""
+
+    def record_refusal(self, dom_name: str, refusal: Refusal) -> None:
+        log.info(
+            "%s refused (%s): %s", refusal.operation, errno.errorcode.get(refusal.errno, refusal.errno), refusal.message
+        )
+        if not dom_name:
+            return
+        try:
+            self.store.domain(dom_name).record_error(refusal.operation, refusal.message)
+        except Exception:  # the domain may be gone; last-error is best effort
+            log.exception("cannot record the refusal in last-error")
+
+    # ---- the tree ---------------------------------------------------------------------
+    def domain(self, node: Node) -> DomainCore:
+        return self.store.domain(node.dom)
+
+    def snapshot(self, node: Node) -> SnapshotRecord:
+        view = self.domain(node).view()
+        record = view.snapshots.get(node.snap)
+        if record is None:
+            raise FUSEError(errno.ENOENT)
+        return record
+
+    def check(self, node: Node) -> None:
+        """ENOENT unless the node exists now."""
+        if node.kind is Kind.ROOT:
+            return
+        if node.kind in SYMLINKS:
+            if self.symlink_target(node) is None:
+                raise FUSEError(errno.ENOENT)
+        elif node.snap:
+            self.snapshot(node)
+        else:
+            self.domain(node)
+
+    def symlink_target(self, node: Node) -> str | None:
+        view = self.domain(node).view()
+        if node.kind is Kind.CURRENT:
+            current = view.snapshots.get(view.current) if view.current else None
+            return f"snapshots/{current.name}" if current else None
+        record = view.snapshots.get(node.snap)
+        if record is None:
+            raise FUSEError(errno.ENOENT)
+        parent = view.snapshots.get(record.parent) if record.parent else None
+        return f"../{parent.name}" if parent else None
+
+    def entries(self, node: Node) -> Iterator[tuple[str, Node]]:
+        """The directory's entries as they are now."""
+        if node.kind is Kind.ROOT:
+            for name in self.store.domain_names():
+                yield name, Node(Kind.DOMAIN, name)
+        elif node.kind is Kind.DOMAIN:
+            for name, kind in DOMAIN_ENTRIES.items():
+                if kind is not Kind.CURRENT or self.symlink_target(node.child(kind)) is not None:
+                    yield name, node.child(kind)
+        elif node.kind is Kind.SNAPSHOTS:
+            view = self.domain(node).view()
+            for record in sorted(view.snapshots.values(), key=lambda r: (r.creation_time, r.name)):
+                yield record.name, Node(Kind.SNAPSHOT, node.dom, record.id)
+        elif node.kind is Kind.SNAPSHOT:
+            has_parent = self.snapshot(node).parent is not None
+            for name, kind in SNAPSHOT_ENTRIES.items():
+                if kind is not Kind.PARENT or has_parent:
+                    yield name, node.child(kind)
+        else:
+            raise FUSEError(errno.ENOTDIR)
+
+    def find(self, parent: Node, name: str) -> Node | None:
+        if parent.kind is Kind.ROOT:
+            return Node(Kind.DOMAIN, name) if name in self.store.domain_names() else None
+        if parent.kind is Kind.DOMAIN:
+            kind = DOMAIN_ENTRIES.get(name)
+        elif parent.kind is Kind.SNAPSHOTS:
+            record = self.domain(parent).view().by_name(name)
+            return Node(Kind.SNAPSHOT, parent.dom, record.id) if record else None
+        elif parent.kind is Kind.SNAPSHOT:
+            kind = SNAPSHOT_ENTRIES.get(name)
+        else:
+            raise FUSEError(errno.ENOTDIR)
+        if kind is None:
+            return None
+        child = parent.child(kind)
+        if kind in SYMLINKS and self.symlink_target(child) is None:
+            return None
+        return child
+
+    def parent_of(self, node: Node) -> Node:
+        if node.kind in (Kind.ROOT, Kind.DOMAIN):
+            return ROOT
+        if node.kind is Kind.SNAPSHOT:
+            return Node(Kind.SNAPSHOTS, node.dom)
+        if node.snap:
+            return Node(Kind.SNAPSHOT, node.dom, node.snap)
+        return Node(Kind.DOMAIN, node.dom)
+
+    def content(self, node: Node) -> bytes:
+        """What a read of a regular file returns, computed now (never waits for a lock)."""
+        dom = self.domain(node)
+        if node.kind is Kind.DOMAIN_XML:
+            return document(dom.domain_xml())
+        if node.kind is Kind.LAST_ERROR:
+            return document(dom.last_error())
+        if node.kind is Kind.CONTROL:
+            return text_file(" ".join(CONTROL_WORDS))
+        if node.kind is Kind.SNAP_XML:
+            self.snapshot(node)
+            return document(dom.snapshot_xml(node.snap))
+        record = self.snapshot(node)
+        values = {Kind.DESCRIPTION: record.description, Kind.STATE: record.state, Kind.COMPRESSION: record.compression}
+        return text_file(values[node.kind])
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self.inodes.inode(node)
+        entry.generation = 0
+        entry.entry_timeout = 0
+        entry.attr_timeout = 0
+        entry.st_uid = self._uid
+        entry.st_gid = self._gid
+        entry.st_blksize = 4096
+        stamp = self._started_ns
+        if node.snap:
+            stamp = self.snapshot(node).creation_time * 1_000_000_000
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
+        if node.kind in DIRECTORIES:
+            writable = node.kind is Kind.SNAPSHOTS
+            entry.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
+            entry.st_nlink = 2 + sum(1 for _, child in self.entries(node) if child.kind in DIRECTORIES)
+            entry.st_size = 0
+        elif node.kind in SYMLINKS:
+            target = self.symlink_target(node)
+            if target is None:
+                raise FUSEError(errno.ENOENT)
+            entry.st_mode = stat.S_IFLNK | 0o777
+            entry.st_nlink = 1
+            entry.st_size = len(target.encode("utf-8"))
+        else:
+            entry.st_mode = stat.S_IFREG | (0o644 if node.kind in WRITABLE else 0o444)
+            entry.st_nlink = 1
+            entry.st_size = len(self.content(node))
+        entry.st_blocks = (entry.st_size + 511) // 512
+        return entry
+
+    # ---- pending description stores -----------------------------------------------------
+    async def settled(self, node: Node) -> None:
+        """Wait for description stores of this snapshot still running after a close().
+
+        FUSE sends release asynchronously: close() returns before the value is stored,
+        so the next cat of description or xml waits for it here (not for the domain lock).
+        """
+        if node.kind in (Kind.DESCRIPTION, Kind.SNAP_XML):
+            for event in list(self._pending.get((node.dom, node.snap), ())):
+                await event.wait()
+
+    # ---- handles ----------------------------------------------------------------------
+    def new_handle(self, handle: FileHandle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def file_handle(self, fh: int) -> FileHandle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, FileHandle):
+            raise FUSEError(errno.EBADF)
+        return handle
+
+    # ---- lookups and attributes -----------------------------------------------------------
+    @handler()
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        self.check(parent)
+        if name == b".":
+            return self.attributes(parent)
+        if name == b"..":
+            return self.attributes(self.parent_of(parent))
+        text = decode_name(name)
+        child = self.find(parent, text) if text is not None else None
+        if child is None:
+            raise FUSEError(errno.ENOENT)
+        await self.settled(child)
+        return self.attributes(child)
+
+    @handler()
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.inodes.node(inode)
+        self.check(node)
+        await self.settled(node)
+        return self.attributes(node)
+
+    @handler()
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.inodes.node(inode)
+        self.check(node)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise Refusal(errno.EPERM, "setattr", f"The mode and owner of {self.path(node)} are fixed.")
+        if fields.update_size:
+            await self.truncate(node, attr.st_size, fh)
+        return self.attributes(node)  # atime/mtime updates (touch) are accepted and ignored
+
+    async def truncate(self, node: Node, size: int, fh: int | None) -> None:
+        if node.kind not in WRITABLE:
+            raise Refusal(errno.EACCES, "truncate", f"{self.path(node)} is read-only.")
+        if size != 0:
+            raise Refusal(
+                errno.EINVAL, "truncate", f"{self.path(node)} can only be emptied, not truncated to {size} bytes."
+            )
+        if node.kind is not Kind.DESCRIPTION:
+            return  # control and compression act on a write, never on a truncate
+        if fh is not None and isinstance(self._handles.get(fh), FileHandle):
+            handle = self.file_handle(fh)
+            handle.written.clear()
+            handle.dirty = True
+        else:
+            await self.domain(node).set_description(node.snap, "")
+
+    @handler()
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.inodes.node(inode)
+        if node.kind not in SYMLINKS:
+            raise FUSEError(errno.EINVAL)
+        target = self.symlink_target(node)
+        if target is None:
+            raise FUSEError(errno.ENOENT)
+        return target.encode("utf-8")
+
+    @handler()
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+    def path(self, node: Node) -> str:
+        """A readable path for messages."""
+        if node.kind is Kind.ROOT:
+            return "/"
+        parts = [node.dom]
+        if node.kind is not Kind.DOMAIN:
+            if node.snap:
+                record = self.domain(node).view().snapshots.get(node.snap)
+                parts += ["snapshots", record.name if record else node.snap]
+                if node.kind is not Kind.SNAPSHOT:
+                    parts.append(self._entry_name(SNAPSHOT_ENTRIES, node.kind))
+            else:
+                parts.append(self._entry_name(DOMAIN_ENTRIES, node.kind))
+        return "/" + "/".join(parts)
+
+    @staticmethod
+    def _entry_name(table: dict[str, Kind], kind: Kind) -> str:
+        return next(name for name, k in table.items() if k is kind)
+
+    # ---- directories ------------------------------------------------------------------
+    @handler()
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.inodes.node(inode)
+        self.check(node)
+        if node.kind not in DIRECTORIES:
+            raise FUSEError(errno.ENOTDIR)
+        return self.new_handle(DirHandle(node))
+
+    @handler(by_handle=True)
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, DirHandle):
+            raise FUSEError(errno.EBADF)
+        if start_id == 0:
+            handle.entries = [(name.encode("utf-8"), node) for name, node in self.entries(handle.node)]
+        for index in range(start_id, len(handle.entries)):
+            name, node = handle.entries[index]
+            try:
+                attrs = self.attributes(node)
+            except (FUSEError, SnapfsError):
+                continue  # gone since the listing started
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                break
+
+    @handler(by_handle=True)
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    # ---- files ------------------------------------------------------------------------
+    @handler()
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.inodes.node(inode)
+        self.check(node)
+        if node.kind in DIRECTORIES:
+            raise FUSEError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        if writable and node.kind not in WRITABLE:
+            raise Refusal(errno.EACCES, "open", f"{self.path(node)} is read-only.")
+        await self.settled(node)
+        handle = FileHandle(node, writable)
+        if writable and flags & os.O_TRUNC and node.kind is Kind.DESCRIPTION:
+            handle.dirty = True
+        fh = self.new_handle(handle)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    @handler(by_handle=True)
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.file_handle(fh)
+        if off == 0:
+            await self.settled(handle.node)
+            handle.content = self.content(handle.node)
+        return handle.content[off : off + size]
+
+    @handler(by_handle=True)
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.file_handle(fh)
+        node = handle.node
+        if not handle.writable or node.kind not in WRITABLE:
+            raise Refusal(errno.EACCES, "write", f"{self.path(node)} is read-only.")
+        if node.kind is Kind.DESCRIPTION:
+            try:
+                self.add_description(handle, buf)
+            except Refusal:
+                handle.refused = True
+                raise
+            return len(buf)
+        operation = ACTS_IN_WRITE[node.kind]
+        try:
+            word = buf.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise Refusal(
+                errno.EINVAL, operation, f"What was written to {self.path(node)} is not UTF-8 text."
+            ) from None
+        dom = self.domain(node)
+        try:
+            if node.kind is Kind.CONTROL:
+                await dom.control(node.snap, word)
+            else:
+                await dom.set_compression(node.snap, word)
+        except DependentsError as exc:
+            raise FUSEError(errno.EBUSY) from exc
+        return len(buf)  # the offset is ignored: each write is one value (sysfs)
+
+    def add_description(self, handle: FileHandle, buf: bytes) -> None:
+        """Accumulate a description; refuse at write time what could never be stored."""
+        data = handle.written + buf
+        size = len(data)
+        too_big = size > MAX_DESCRIPTION_BYTES + 1 or (size == MAX_DESCRIPTION_BYTES + 1 and not data.endswith(b"\n"))
+        if too_big:
+            raise Refusal(
+                errno.EFBIG,
+                "description",
+                f"A description is at most {MAX_DESCRIPTION_BYTES} bytes; this write would make it {size}.",
+            )
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        try:
+            decoder.decode(bytes(data), final=False)
+        except UnicodeDecodeError:
+            raise Refusal(errno.EINVAL, "description", "A description must be UTF-8 text.") from None
+        handle.written = data
+        handle.dirty = True
+
+    @handler(by_handle=True)
+    async def flush(self, fh: int) -> None:
+        """Nothing acts on flush: the shell flushes before it writes (DESIGN section 2)."""
+
+    @handler(by_handle=True)
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """Values are stored when they are acted on (control, compression) or at release."""
+
+    @handler(by_handle=True)
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if not isinstance(handle, FileHandle) or handle.node.kind is not Kind.DESCRIPTION:
+            return
+        if not handle.dirty or handle.refused:
+            return
+        key = (handle.node.dom, handle.node.snap)
+        event = trio.Event()
+        self._pending.setdefault(key, []).append(event)  # before any await: see settled()
+        try:
+            await self.store_description(handle)
+        finally:
+            event.set()
+            waiting = self._pending.get(key, [])
+            if event in waiting:
+                waiting.remove(event)
+            if not waiting:
+                self._pending.pop(key, None)
+
+    async def store_description(self, handle: FileHandle) -> None:
+        node = handle.node
+        try:
+            text = bytes(handle.written).decode("utf-8")
+        except UnicodeDecodeError:
+            raise Refusal(
+                errno.EINVAL, "description", "A description must be UTF-8 text; it ends mid-character."
+            ) from None
+        if text.endswith("\n"):
+            text = text[:-1]
+        try:
+            await self.domain(node).set_description(node.snap, text)
+        except SnapfsError as exc:  # already in last-error; release has nobody to tell
+            log.info("description not stored: %s", exc.message)
+
+    # ---- snapshot directories -----------------------------------------------------------
+    @handler()
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        self.check(parent)
+        if parent.kind is not Kind.SNAPSHOTS:
+            raise Refusal(
+                errno.EACCES,
+                "mkdir",
+                f"Directories are made only in snapshots/ (mkdir = create a snapshot), not in {self.path(parent)}.",
+            )
+        text = decode_name(name)
+        if text is None:
+            raise Refusal(errno.EINVAL, "create", f"A snapshot name must be UTF-8: {name!r}.")
+        record = await self.domain(parent).create(name=text)
+        return self.attributes(Node(Kind.SNAPSHOT, parent.dom, record.id))
+
+    @handler()
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self.inodes.node(parent_inode)
+        self.check(parent)
+        text = decode_name(name)
+        child = self.find(parent, text) if text is not None else None
+        if child is None:
+            raise FUSEError(errno.ENOENT)
+        if parent.kind is not Kind.SNAPSHOTS:
+            raise Refusal(
+                errno.EACCES, "rmdir", f"Only snapshots can be removed (rmdir = discard), not {self.path(child)}."
+            )
+        try:
+            await self.domain(parent).discard(child.snap)
+        except DependentsError as exc:
+            raise FUSEError(errno.ENOTEMPTY) from exc
+
+    @handler()
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old_parent = self.inodes.node(parent_inode_old)
+        new_parent = self.inodes.node(parent_inode_new)
+        self.check(old_parent)
+        old_text, new_text = decode_name(name_old), decode_name(name_new)
+        source = self.find(old_parent, old_text) if old_text is not None else None
+        if source is None:
+            raise FUSEError(errno.ENOENT)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise Refusal(errno.EINVAL, "rename", "Snapshots cannot be exchanged (RENAME_EXCHANGE).")
+        if old_parent.kind is not Kind.SNAPSHOTS or new_parent != old_parent:
+            raise Refusal(
+                errno.EPERM, "rename", f"{self.path(source)} can only be renamed within its own snapshots/ directory."
+            )
+        if new_text is None:
+            raise Refusal(errno.EINVAL, "rename", f"A snapshot name must be UTF-8: {name_new!r}.")
+        if new_text == old_text:
+            return
+        await self.domain(old_parent).rename(source.snap, new_text)  # EEXIST: never replaces
+
+    # ---- everything else is refused -------------------------------------------------------
+    @handler()
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self.inodes.node(parent_inode)
+        raise Refusal(errno.EACCES, "create", f"Files cannot be created in {self.path(parent)}.")
+
+    @handler()
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        raise Refusal(errno.EACCES, "mknod", f"Files cannot be created in {self.path(parent)}.")
+
+    @handler()
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        raise Refusal(errno.EACCES, "symlink", f"Symbolic links cannot be created in {self.path(parent)}.")
+
+    @handler()
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.inodes.node(inode)
+        raise Refusal(errno.EPERM, "link", f"{self.path(node)} cannot be hard-linked.")
+
+    @handler()
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self.inodes.node(parent_inode)
+        raise Refusal(errno.EACCES, "unlink", f"Files in {self.path(parent)} cannot be removed.")

@@ -1,0 +1,213 @@
+"""The mount's lifecycle: check the mountpoint, recover the store, mount, serve, unmount.
+
+`run_mount` daemonizes by default: the parent returns only once the filesystem is
+mounted (or with the sentence saying why it is not), so `snapfs mount DIR && ls DIR`
+works. SIGINT and SIGTERM end the loop with pyfuse3.terminate() and unmount cleanly;
+`fusermount3 -u DIR` ends it too.
+
+For tests and systemd: python -m snapfs.mount STORE MOUNTPOINT --foreground
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from .domain import StoreCore
+from .errors import SnapfsError
+from .fs import SnapFS
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class MountError(Exception):
+    """A mount refused before it started: one sentence for stderr."""
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    path = os.path.abspath(mountpoint)
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        raise MountError(f"Mountpoint {path} does not exist; create an empty directory first.") from None
+    except NotADirectoryError:
+        raise MountError(f"Mountpoint {path} is not a directory.") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"Mountpoint {path} is a mount left behind by a crash; clear it with fusermount3 -u {path}."
+            ) from None
+        raise MountError(f"Mountpoint {path} cannot be used: {exc.strerror}.") from None
+    if os.path.ismount(path):
+        raise MountError(f"Mountpoint {path} is already a mount point.")
+    if names:
+        raise MountError(f"Mountpoint {path} is not empty; snapfs mounts only on an empty directory.")
+    return path
+
+
+def mount_options(allow_other: bool) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions
+    options |= {"fsname=snapfs", "subtype=snapfs"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+def open_store(store_root: str) -> StoreCore:
+    if not os.path.isdir(store_root):
+        raise MountError(f"Store {os.path.abspath(store_root)} does not exist.")
+    try:
+        return StoreCore(store_root)
+    except SnapfsError as exc:
+        raise MountError(exc.message) from None
+
+
+def recover(store_root: str) -> None:
+    """Finish any operation a crash interrupted, before anything is served."""
+
+    async def _recover() -> None:
+        await open_store(store_root).recover()
+
+    try:
+        trio.run(_recover)
+    except SnapfsError as exc:
+        raise MountError(f"Recovering store {store_root} failed: {exc.message}") from None
+
+
+def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
+    """Mount (pyfuse3.init) after recovery; requests queue in the kernel until serve()."""
+    path = check_mountpoint(mountpoint)
+    recover(store_root)
+    operations = SnapFS(open_store(store_root))
+    try:
+        pyfuse3.init(operations, path, mount_options(allow_other))
+    except RuntimeError as exc:
+        raise MountError(f"Cannot mount on {path}: {exc}.") from None
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        try:
+            await pyfuse3.main()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(*SIGNALS) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def serve() -> int:
+    """Run the loop until a signal or an unmount, then unmount cleanly."""
+    code = 0
+    try:
+        trio.run(_serve)
+    except BaseException:
+        log.exception("the filesystem loop failed")
+        code = 1
+    finally:
+        pyfuse3.close(unmount=True)
+    return code
+
+
+def run_mount(store_root: str, mountpoint: str, foreground: bool, allow_other: bool) -> int:
+    """Mount store_root on mountpoint; 0 when mounted (daemon) or cleanly unmounted."""
+    if foreground:
+        try:
+            mount(store_root, mountpoint, allow_other)
+        except MountError as exc:
+            print(f"snapfs: {exc}", file=sys.stderr)
+            return 1
+        return serve()
+    return _daemonize(lambda: mount(store_root, mountpoint, allow_other))
+
+
+def _daemonize(do_mount: Callable[[], None]) -> int:
+    """Fork; the child mounts, tells the parent through a pipe, detaches and serves."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode("utf-8", "replace")
+        if message == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        print(f"snapfs: {message or 'the mount process ended without mounting.'}", file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os._exit(_daemon_child(do_mount, write_end))
+
+
+def _daemon_child(do_mount: Callable[[], None], report_fd: int) -> int:
+    os.setsid()
+    try:
+        do_mount()
+    except MountError as exc:
+        _report(report_fd, str(exc))
+        return 1
+    except Exception as exc:  # a sentence for the parent, never a silent exit
+        _report(report_fd, f"The mount failed: {exc}.")
+        return 1
+    _detach_stdio()
+    _report(report_fd, "ok")
+    return serve()
+
+
+def _report(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode("utf-8"))
+        os.close(fd)
+
+
+def _detach_stdio() -> None:
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    logging.getLogger().handlers.clear()
+    if os.path.exists("/dev/log"):
+        with contextlib.suppress(OSError):
+            handler = logging.handlers.SysLogHandler(address="/dev/log")
+            handler.setFormatter(logging.Formatter("snapfs[%(process)d]: %(message)s"))
+            logging.getLogger().addHandler(handler)
+
+
+def setup_logging() -> None:
+    level = logging.DEBUG if os.environ.get("SNAPFS_DEBUG") else logging.WARNING
+    logging.basicConfig(level=level, format="snapfs: %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m snapfs.mount", description="Mount a snapfs store.")
+    parser.add_argument("store")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--foreground", action="store_true")
+    parser.add_argument("--allow-other", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run_mount(args.store, args.mountpoint, args.foreground, args.allow_other)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

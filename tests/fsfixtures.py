@@ -1,0 +1,349 @@
+"""Fixtures for the FUSE tests: a store with real qemu-img images, mounted in a
+subprocess (`python -m snapfs.mount STORE MNT --foreground`), always unmounted.
+
+Imported by tests/test_fs.py (`from fsfixtures import *`); conftest.py belongs to the
+core suite and is not needed here.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from snapfs.domain import StoreCore
+
+MiB = 1 << 20
+DISK_SIZE = 4 * MiB
+CLUSTER = 64 * 1024
+PYTHON = sys.executable
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOUNT_WAIT = 15.0
+BASH_ENV = {**os.environ, "LC_ALL": "C"}
+STRERROR = {os.strerror(code): code for code in errno.errorcode}
+
+
+# ---- images and patterns --------------------------------------------------------------
+def make_image(path: str, fmt: str, size: int = DISK_SIZE) -> str:
+    args = ["qemu-img", "create", "-q", "-f", fmt]
+    if fmt == "qcow2":
+        args += ["-o", f"cluster_size={CLUSTER}"]
+    subprocess.run([*args, path, str(size)], check=True)
+    return path
+
+
+def qemu_io(path: str, command: str, fmt: str = "qcow2", readonly: bool = False) -> str:
+    args = ["qemu-io", "-f", fmt, *(["-r"] if readonly else []), "-c", command, path]
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def write_pattern(path: str, pattern: int, offset: int, length: int = CLUSTER, fmt: str = "qcow2") -> None:
+    out = qemu_io(path, f"write -P {pattern:#x} {offset} {length}", fmt)
+    assert "error" not in out.lower(), out
+
+
+def has_pattern(path: str, pattern: int, offset: int, length: int = CLUSTER, fmt: str = "qcow2") -> bool:
+    """Whether the image (through its backing chain) reads `pattern` at offset..offset+length."""
+    args = ["qemu-io", "-f", fmt, "-r", "-c", f"read -P {pattern:#x} {offset} {length}", path]
+    run = subprocess.run(args, capture_output=True, text=True)
+    if "Pattern verification failed" in run.stdout:
+        return False
+    assert run.returncode == 0 and "error" not in run.stdout.lower(), run.stdout + run.stderr
+    return True
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def fingerprint(root: str) -> dict[str, str]:
+    """Every file of the store with its checksum (but lock and last-error files)."""
+    found = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if name in ("lock", "store.lock", "last-error"):
+                continue
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, root)] = file_digest(path)
+    return found
+
+
+# ---- the store --------------------------------------------------------------------------
+@dataclass
+class StoreSetup:
+    root: str
+    images: dict[str, tuple[str, str]]  # target -> (base path, format)
+
+
+def define_store(tmp: str) -> StoreSetup:
+    """vm1: vda on a qcow2 base and vdb on a raw base (4 MiB each); vm2: one qcow2 disk."""
+    images_dir = os.path.join(tmp, "images")
+    os.makedirs(images_dir, exist_ok=True)
+    vda = make_image(os.path.join(images_dir, "vda.qcow2"), "qcow2")
+    vdb = make_image(os.path.join(images_dir, "vdb.img"), "raw")
+    other = make_image(os.path.join(images_dir, "vm2.qcow2"), "qcow2")
+    write_pattern(vda, 0xA1, 0)
+    write_pattern(vdb, 0xB1, 0, fmt="raw")
+    root = os.path.join(tmp, "store")
+
+    async def define() -> None:
+        store = StoreCore(root)
+        await store.define("vm1", [("vda", vda, "qcow2"), ("vdb", vdb, "raw")])
+        await store.define("vm2", [("vda", other, "qcow2")])
+
+    trio.run(define)
+    return StoreSetup(root, {"vda": (vda, "qcow2"), "vdb": (vdb, "raw")})
+
+
+def core_call(store_root: str, code: str) -> subprocess.CompletedProcess:
+    """Run core API calls in another process: `code` is the body of `async def go(store)`."""
+    body = "\n".join("    " + line for line in code.strip().splitlines())
+    script = f"import trio\nfrom snapfs.domain import StoreCore\nasync def go(store):\n{body}\n"
+    script += f"trio.run(go, StoreCore({store_root!r}))\n"
+    return subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+# ---- the mount ------------------------------------------------------------------------
+class Mount:
+    """A mount in a subprocess; stop() always leaves the mountpoint unmounted."""
+
+    def __init__(self, store_root: str, mountpoint: str, env: dict[str, str] | None = None) -> None:
+        self.store_root = store_root
+        self.path = mountpoint
+        self.log_path = mountpoint.rstrip("/") + ".log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Mount:
+        os.makedirs(self.path, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "snapfs.mount", self.store_root, self.path, "--foreground"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=self.env,
+            )
+        deadline = time.monotonic() + MOUNT_WAIT
+        while not os.path.ismount(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"the mount did not come up:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int | None:
+        """fusermount3 -u, then wait; kill if it does not end; lazy unmount as a last resort."""
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", self.path], capture_output=True)
+        code = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait(timeout=10)
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
+        return code
+
+    def signal(self, signum: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=15)
+
+    # paths
+    def __truediv__(self, rel: str) -> str:
+        return os.path.join(self.path, rel)
+
+
+@dataclass
+class FsEnv:
+    """A defined store and its mount."""
+
+    setup: StoreSetup
+    mount: Mount
+
+    @property
+    def store(self) -> str:
+        return self.setup.root
+
+    @property
+    def mnt(self) -> str:
+        return self.mount.path
+
+    def p(self, rel: str) -> str:
+        return os.path.join(self.mount.path, rel)
+
+    def snap(self, name: str, entry: str = "", dom: str = "vm1") -> str:
+        path = os.path.join(self.mount.path, dom, "snapshots", name)
+        return os.path.join(path, entry) if entry else path
+
+    def read(self, rel: str) -> str:
+        with open(self.p(rel), encoding="utf-8") as f:
+            return f.read()
+
+    def last_error(self, dom: str = "vm1") -> str:
+        return self.read(f"{dom}/last-error")
+
+    def live(self, target: str, dom: str = "vm1") -> str:
+        return os.path.join(self.store, "domains", dom, "layers", target, "live.qcow2")
+
+    def layer(self, snapshot: str, target: str, dom: str = "vm1") -> str:
+        """L(S) as the mount's snapshot xml names it."""
+        text = self.read(f"{dom}/snapshots/{snapshot}/xml")
+        found = re.search(rf"<disk name=\"{target}\".*?<source file=\"([^\"]+)\"", text, re.S)
+        assert found, text
+        return found.group(1)
+
+    def fingerprint(self) -> dict[str, str]:
+        return fingerprint(self.store)
+
+
+def start_env(tmp_path, env: dict[str, str] | None = None) -> Iterator[FsEnv]:
+    setup = define_store(str(tmp_path))
+    mount = Mount(setup.root, str(tmp_path / "mnt"), env)
+    mount.start()
+    try:
+        yield FsEnv(setup, mount)
+    finally:
+        mount.stop()
+
+
+@pytest.fixture(name="fs")
+def fs_fixture(tmp_path) -> Iterator[FsEnv]:
+    """vm1 (two disks) and vm2 in a fresh store, mounted at tmp_path/mnt."""
+    yield from start_env(tmp_path)
+
+
+# ---- two ways to drive the filesystem -----------------------------------------------------
+def errno_of(stderr: str) -> int:
+    """The errno behind a C tool's message ('...: Permission denied')."""
+    if "to a subdirectory of itself" in stderr:
+        return errno.EINVAL  # how mv words EINVAL from rename(2)
+    for line in reversed(stderr.strip().splitlines()):
+        for text, code in STRERROR.items():
+            if line.rstrip().endswith(text):
+                return code
+    raise AssertionError(f"no errno in {stderr!r}")
+
+
+class PyDriver:
+    """Python file calls; each returns 0 or the errno."""
+
+    name = "py"
+
+    @staticmethod
+    def _call(fn, *args) -> int:
+        try:
+            fn(*args)
+        except OSError as exc:
+            return exc.errno
+        return 0
+
+    def mkdir(self, path: str) -> int:
+        return self._call(os.mkdir, path)
+
+    def rmdir(self, path: str) -> int:
+        return self._call(os.rmdir, path)
+
+    def rename(self, src: str, dst: str) -> int:
+        return self._call(os.rename, src, dst)
+
+    def write(self, path: str, data: bytes) -> int:
+        """open(O_WRONLY|O_TRUNC), one write(), close: what `echo > f` does."""
+
+        def go() -> None:
+            with open(path, "wb", buffering=0) as f:
+                f.write(data)
+
+        return self._call(go)
+
+    def read(self, path: str) -> str:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(path)
+
+
+class ShDriver:
+    """bash -c with echo/cat/mkdir/rmdir/mv; errno parsed from the tool's message."""
+
+    name = "sh"
+
+    @staticmethod
+    def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", script, "bash", *args], capture_output=True, env=BASH_ENV, timeout=120)
+
+    def _status(self, script: str, *args: str) -> int:
+        run = self._run(script, *args)
+        if run.returncode == 0:
+            return 0
+        return errno_of(run.stderr.decode("utf-8", "replace"))
+
+    def mkdir(self, path: str) -> int:
+        return self._status('mkdir -- "$1"', path)
+
+    def rmdir(self, path: str) -> int:
+        return self._status('rmdir -- "$1"', path)
+
+    def rename(self, src: str, dst: str) -> int:
+        return self._status('mv -T -- "$1" "$2"', src, dst)
+
+    def write(self, path: str, data: bytes) -> int:
+        """`echo WORD > PATH` for one line of text, else `cat > PATH` fed with the bytes."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and text.endswith("\n") and "\n" not in text[:-1] and "\0" not in text:
+            return self.echo(path, text[:-1])
+        run = subprocess.run(
+            ["bash", "-c", 'cat > "$1"', "bash", path], input=data, capture_output=True, env=BASH_ENV, timeout=120
+        )
+        if run.returncode == 0:
+            return 0
+        return errno_of(run.stderr.decode("utf-8", "replace"))
+
+    def echo(self, path: str, word: str) -> int:
+        return self._status('echo "$2" > "$1"', path, word)
+
+    def read(self, path: str) -> str:
+        run = self._run('cat -- "$1"', path)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.decode("utf-8")
+
+    def readlink(self, path: str) -> str:
+        run = self._run('readlink -- "$1"', path)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.decode("utf-8").rstrip("\n")
+
+
+DRIVERS = [PyDriver(), ShDriver()]
+
+
+@pytest.fixture(name="drive", params=DRIVERS, ids=lambda d: d.name)
+def drive_fixture(request) -> PyDriver | ShDriver:
+    """Each test that takes `drive` runs twice: Python file calls, then bash."""
+    return request.param
