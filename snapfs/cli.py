@@ -47,25 +47,38 @@ def _parser() -> argparse.ArgumentParser:
         description="Virtual-machine disk snapshots as files, commands and a Python API.",
         epilog="Every verb has --help with an example. Errors are one sentence on stderr, exit status 1.",
     )
-    parser.add_argument("--store", default=None, help="the store directory (default: $SNAPFS_STORE, "
-                        "/var/lib/snapfs for root, else $XDG_DATA_HOME/snapfs)")
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="the store directory (default: $SNAPFS_STORE, /var/lib/snapfs for root, else $XDG_DATA_HOME/snapfs)",
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help_text: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         return verbs.add_parser(
-            name, help=help_text, description=help_text, aliases=list(aliases),
-            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter,
+            name,
+            help=help_text,
+            description=help_text,
+            aliases=list(aliases),
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
     p = verb("define", "Define a domain from libvirt domain XML (virsh dumpxml output) or from --disk options.")
     p.add_argument("file", nargs="?", help="domain XML file ('-' for stdin)")
     p.add_argument("--name", help="domain name (with --disk)")
-    p.add_argument("--disk", action="append", default=[], metavar="TARGET=PATH[,format=qcow2|raw]",
-                   help="a disk; the format is probed once when not given")
+    p.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="TARGET=PATH[,format=qcow2|raw]",
+        help="a disk; the format is probed once when not given",
+    )
     p = verb("undefine", "Remove a domain and the layers snapfs made for it (base images are never touched).")
     p.add_argument("domain")
-    p.add_argument("--remove-snapshots", action="store_true",
-                   help="also delete its snapshots and the changes in its live disk")
+    p.add_argument(
+        "--remove-snapshots", action="store_true", help="also delete its snapshots and the changes in its live disk"
+    )
     verb("list", "List the domains of the store.")
     p = verb("dumpxml", "Print the domain XML, its disks pointing at the live layers.")
     p.add_argument("domain")
@@ -73,12 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd, tests)")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount (modes enforced)")
-    p = verb("snapshot-create", "Create a snapshot from domainsnapshot XML (only name, description, "
-             "compression are read); with no file, <domainsnapshot/>.")
+    p = verb(
+        "snapshot-create",
+        "Create a snapshot from domainsnapshot XML (only name, description, "
+        "compression are read); with no file, <domainsnapshot/>.",
+    )
     p.add_argument("domain")
     p.add_argument("xmlfile", nargs="?", help="snapshot XML file ('-' for stdin)")
-    p.add_argument("--compress", dest="compress", action="store_const", const="gzip",
-                   help="compress the snapshot's layers with gzip (zlib); --compress=zstd for zstd")
+    p.add_argument(
+        "--compress",
+        dest="compress",
+        action="store_const",
+        const="gzip",
+        help="compress the snapshot's layers with gzip (zlib); --compress=zstd for zstd",
+    )
     p.add_argument("--compress-kind", dest="compress", choices=["gzip", "zstd"], help=argparse.SUPPRESS)
     p = verb("snapshot-create-as", "Create a snapshot from a name and a description.")
     p.add_argument("domain")
@@ -87,31 +108,49 @@ def _parser() -> argparse.ArgumentParser:
     p = verb("snapshot-list", "List a domain's snapshots (columns as virsh).")
     p.add_argument("domain")
     shape = p.add_mutually_exclusive_group()
-    for flag, text in (("--tree", "draw the parent tree"), ("--parent", "add a Parent column"),
-                       ("--roots", "only snapshots without a parent"), ("--leaves", "only snapshots without children"),
-                       ("--name", "names only")):
+    for flag, text in (
+        ("--tree", "draw the parent tree"),
+        ("--parent", "add a Parent column"),
+        ("--roots", "only snapshots without a parent"),
+        ("--leaves", "only snapshots without children"),
+        ("--name", "names only"),
+    ):
         shape.add_argument(flag, action="store_true", help=text)
-    for name, text in (("snapshot-dumpxml", "Print a snapshot's XML."),
-                       ("snapshot-info", "Show facts about a snapshot."),
-                       ("create-with-snapshot", "Revert the domain's disks to a snapshot (live changes since the "
-                        "last snapshot are lost; snapshot first to keep them).")):
+    for name, text in (
+        ("snapshot-dumpxml", "Print a snapshot's XML."),
+        ("snapshot-info", "Show facts about a snapshot."),
+        (
+            "create-with-snapshot",
+            "Revert the domain's disks to a snapshot (live changes since the "
+            "last snapshot are lost; snapshot first to keep them).",
+        ),
+    ):
         p = verb(name, text, ("snapshot-revert",) if name == "create-with-snapshot" else ())
         p.add_argument("domain")
         p.add_argument("snapshot")
     p = verb("snapshot-current", "Print the current snapshot's XML (or its name).")
     p.add_argument("domain")
     p.add_argument("--name", action="store_true")
-    p = verb("snapshot-deactivate", "Deactivate a snapshot: with no flag the live disk stops depending on it; "
-             "--merge folds it away keeping its changes; --delete discards it; --deleteforce discards its subtree.")
+    p = verb(
+        "snapshot-deactivate",
+        "Deactivate a snapshot: with no flag the live disk stops depending on it; "
+        "--merge folds it away keeping its changes; --delete discards it; --deleteforce discards its subtree.",
+    )
     p.add_argument("domain")
     p.add_argument("snapshot")
     mode = p.add_mutually_exclusive_group()
-    for flag, value in (("--merge", DeactivateFlags.MERGE), ("--mergeforce", DeactivateFlags.MERGE_FORCE),
-                        ("--delete", DeactivateFlags.DISCARD), ("--deleteforce", DeactivateFlags.DISCARD_FORCE),
-                        ("--mergedelete", DeactivateFlags.DISCARD_FORCE)):
+    for flag, value in (
+        ("--merge", DeactivateFlags.MERGE),
+        ("--mergeforce", DeactivateFlags.MERGE_FORCE),
+        ("--delete", DeactivateFlags.DISCARD),
+        ("--deleteforce", DeactivateFlags.DISCARD_FORCE),
+        ("--mergedelete", DeactivateFlags.DISCARD_FORCE),
+    ):
         mode.add_argument(flag, dest="flags", action="store_const", const=value)
-    p = verb("snapshot-delete", "libvirt's delete: merge the snapshot away, or with --children discard it and "
-             "its whole subtree.")
+    p = verb(
+        "snapshot-delete",
+        "libvirt's delete: merge the snapshot away, or with --children discard it and its whole subtree.",
+    )
     p.add_argument("domain")
     p.add_argument("snapshot")
     p.add_argument("--children", action="store_true")
@@ -229,10 +268,17 @@ def _snapshot_info(dom: DomainCore, snap: SnapshotRecord) -> str:
         descendants += 1
         stack.extend(c.id for c in view.children(stack.pop()))
     facts = [
-        ("Name", snap.name), ("Domain", dom.name), ("Current", "yes" if view.current == snap.id else "no"),
-        ("State", snap.state), ("Location", "external"), ("Parent", parent.name if parent else "-"),
-        ("Children", str(len(view.children(snap.id)))), ("Descendants", str(descendants)),
-        ("Metadata", "yes"), ("Compression", snap.compression), ("Created", _when(snap.creation_time)),
+        ("Name", snap.name),
+        ("Domain", dom.name),
+        ("Current", "yes" if view.current == snap.id else "no"),
+        ("State", snap.state),
+        ("Location", "external"),
+        ("Parent", parent.name if parent else "-"),
+        ("Children", str(len(view.children(snap.id)))),
+        ("Descendants", str(descendants)),
+        ("Metadata", "yes"),
+        ("Compression", snap.compression),
+        ("Created", _when(snap.creation_time)),
     ]
     return "".join(f"{k + ':':<16}{v}\n" for k, v in facts)
 
@@ -242,10 +288,13 @@ async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
     if verb == "define":
         return await _define(store, args)
     if verb == "list":
-        return _table(["Name", "Snapshots", "Current"], [
-            [n, str(len(store.domain(n).view().snapshots)), _current_name(store.domain(n)) or "-"]
-            for n in store.domain_names()
-        ])
+        return _table(
+            ["Name", "Snapshots", "Current"],
+            [
+                [n, str(len(store.domain(n).view().snapshots)), _current_name(store.domain(n)) or "-"]
+                for n in store.domain_names()
+            ],
+        )
     if verb == "undefine":
         await store.undefine(args.domain, args.remove_snapshots)
         return f"Domain '{args.domain}' has been undefined\n"
@@ -270,9 +319,13 @@ async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
     if verb == "snapshot-deactivate":
         flags = args.flags or DeactivateFlags.NONE
         await dom.deactivate(snap.id, flags)
-        done = {DeactivateFlags.NONE: "deactivated", DeactivateFlags.MERGE: "merged",
-                DeactivateFlags.MERGE_FORCE: "merged", DeactivateFlags.DISCARD: "deleted",
-                DeactivateFlags.DISCARD_FORCE: "deleted with its children"}[flags]
+        done = {
+            DeactivateFlags.NONE: "deactivated",
+            DeactivateFlags.MERGE: "merged",
+            DeactivateFlags.MERGE_FORCE: "merged",
+            DeactivateFlags.DISCARD: "deleted",
+            DeactivateFlags.DISCARD_FORCE: "deleted with its children",
+        }[flags]
         return f"Domain snapshot {snap.name} {done}\n"
     if verb == "snapshot-delete":
         await (dom.discard_force(snap.id) if args.children else dom.merge(snap.id))

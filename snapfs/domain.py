@@ -273,7 +273,9 @@ class DomainCore:
             steps += [
                 _step("commit", top=self._rel_dependent(d, dep), into=self._rel_layer(d, snap_id)) for d in self.disks
             ]
-            steps += [_step("rename", src=self._rel_layer(d, snap_id), dst=self._rel_dependent(d, dep)) for d in self.disks]
+            steps += [
+                _step("rename", src=self._rel_layer(d, snap_id), dst=self._rel_dependent(d, dep)) for d in self.disks
+            ]
         else:
             # Two or more dependents: each is rebased (safe, on a copy) onto S's parent.
             for dep in deps:
@@ -282,7 +284,9 @@ class DomainCore:
         steps += [_meta_write(replace(child, parent=snap.parent)) for child in view.children(snap_id)]
         steps.append(_step("meta_delete", id=snap_id))
         steps.append(_state(snap.parent if view.current == snap_id else view.current))
-        touched = self._layer_paths([snap_id]) + [self.files.file(self._rel_dependent(d, dep)) for dep in deps for d in self.disks]
+        touched = self._layer_paths([snap_id]) + [
+            self.files.file(self._rel_dependent(d, dep)) for dep in deps for d in self.disks
+        ]
         return Plan(steps, touched)
 
     def _plan_discard_force(self, view: MetadataView, snap_id: str) -> Plan:
@@ -327,7 +331,9 @@ class DomainCore:
             raise invalid("A description must be text.")
         size = len(text.encode("utf-8", errors="surrogatepass"))
         if size > MAX_DESCRIPTION_BYTES:
-            raise SnapfsError(errno.EFBIG, f"A description is at most {MAX_DESCRIPTION_BYTES} bytes; this one has {size}.")
+            raise SnapfsError(
+                errno.EFBIG, f"A description is at most {MAX_DESCRIPTION_BYTES} bytes; this one has {size}."
+            )
 
     def _plan_compression(self, view: MetadataView, snap_id: str, kind: str) -> Plan:
         snap = self.get(snap_id, view)
@@ -395,7 +401,10 @@ class DomainCore:
     async def _carry_out(self, journal: dict, recovering: bool) -> None:
         steps = journal["steps"]
         for index in range(journal["done"], len(steps)):
+            point = f"{journal['operation']}:{index}:{steps[index]['do']}"
+            _fault_point(point, "before", recovering)
             await self._run_step(steps[index], recovering)
+            _fault_point(point, "after", recovering)
             journal["done"] = index + 1
             if journal["done"] < len(steps):
                 await trio.to_thread.run_sync(self.files.write_journal, journal)
@@ -452,6 +461,26 @@ class DomainCore:
             await self._finish_journal()
 
 
+CRASH_EXIT_STATUS = 86
+
+
+def _fault_point(point: str, when: str, recovering: bool) -> None:
+    """Fault injection for the crash tests (never set in normal use).
+
+    SNAPFS_TRACE_STEPS=FILE appends every step point ("merge:2:commit") to FILE;
+    SNAPFS_CRASH_AT="merge:2:commit:before" (or ":after") kills the process outright
+    there, with no cleanup, as a power cut would. Recovery itself is never interrupted.
+    """
+    if recovering:
+        return
+    trace = os.environ.get("SNAPFS_TRACE_STEPS")
+    if trace and when == "before":
+        with open(trace, "a") as f:
+            f.write(point + "\n")
+    if os.environ.get("SNAPFS_CRASH_AT") == f"{point}:{when}":
+        os._exit(CRASH_EXIT_STATUS)
+
+
 def _step(do: str, **args) -> dict:
     return {"do": do, **args}
 
@@ -496,7 +525,11 @@ class StoreCore:
             await self.domain(name).recover()
 
     async def define(
-        self, name: str, disks: list[tuple[str, str, str | None]], domain_xml: str | None = None, uuid: str | None = None
+        self,
+        name: str,
+        disks: list[tuple[str, str, str | None]],
+        domain_xml: str | None = None,
+        uuid: str | None = None,
     ) -> tuple[DomainCore, list[str]]:
         """Define a domain from (target, image path, format or None) triples.
 
@@ -515,7 +548,9 @@ class StoreCore:
                 raise exists(f"There is already a domain named {name!r}.")
             records, messages = await self._disk_records(disks)
             uuid = uuid or str(uuidlib.uuid4())
-            text = domain_xml or xml.minimal_domain_xml(name, uuid, [xml.DiskDef(r.target, r.base, r.format) for r in records])
+            text = domain_xml or xml.minimal_domain_xml(
+                name, uuid, [xml.DiskDef(r.target, r.base, r.format) for r in records]
+            )
             await self._write_domain(DomainRecord(name, uuid, records), text)
         return self.domain(name), messages
 

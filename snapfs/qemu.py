@@ -30,9 +30,7 @@ def _qemu_message(stderr: bytes) -> str:
 def _error_for(what: str, stderr: bytes) -> SnapfsError:
     message = _qemu_message(stderr)
     if any(text in message for text in LOCK_ERRORS):
-        return SnapfsError(
-            errno.EBUSY, f"{what}: the image is in use by another process (qemu: {message})"
-        )
+        return SnapfsError(errno.EBUSY, f"{what}: the image is in use by another process (qemu: {message})")
     return SnapfsError(errno.EIO, f"{what} failed (qemu: {message})")
 
 
@@ -116,9 +114,7 @@ async def same_content(a: str, b: str) -> bool:
     return code == 0
 
 
-async def convert_layer(
-    src: str, dst: str, backing: str, backing_fmt: str, compression: str
-) -> None:
+async def convert_layer(src: str, dst: str, backing: str, backing_fmt: str, compression: str) -> None:
     """Rewrite the top layer `src` as `dst` on the same backing, compressed or not.
 
     Only clusters allocated in `src` itself are written (-B keeps the backing).

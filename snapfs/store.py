@@ -309,4 +309,6 @@ class StoreFiles:
         return files
 
     def locked(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return flocked(os.path.join(self.root, "store.lock"), "Another define or undefine holds the store.", LOCK_WAIT_SECONDS)
+        return flocked(
+            os.path.join(self.root, "store.lock"), "Another define or undefine holds the store.", LOCK_WAIT_SECONDS
+        )

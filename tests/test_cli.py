@@ -13,9 +13,7 @@ SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
 
 
 def run(store: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SNAPFS, "--store", store, *args], capture_output=True, text=True, input=stdin, timeout=120
-    )
+    return subprocess.run([SNAPFS, "--store", store, *args], capture_output=True, text=True, input=stdin, timeout=120)
 
 
 def ok(store: str, *args: str) -> str:
@@ -143,7 +141,7 @@ def test_define_from_virsh_xml_and_undefine(tmp_path):
     assert "vdc: snapshot='no'" in out and "sda: a cdrom" in out and "vdd: only file-backed" in out
     dumped = ok(store, "dumpxml", "vm2")
     assert "layers/vda/live.qcow2" in dumped and "layers/vdb/live.qcow2" in dumped
-    assert "6695eb01-f6a4-8304-79aa-97f2502e193f" in dumped and "<memory unit=\"KiB\">1048576</memory>" in dumped
+    assert "6695eb01-f6a4-8304-79aa-97f2502e193f" in dumped and '<memory unit="KiB">1048576</memory>' in dumped
     ok(store, "snapshot-create-as", "vm2", "s")
     refused = run(store, "undefine", "vm2")
     assert refused.returncode != 0 and "1 snapshot" in refused.stderr
@@ -197,14 +195,18 @@ def test_bad_input_is_one_sentence_and_changes_nothing(cli_domain, args, says):
 def test_stdin_documents_are_refused(cli_domain):
     store, _ = cli_domain
     ok(store, "snapshot-create-as", "vm1", "a")
-    bomb = ('<!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
-            "<domainsnapshot><name>&b;</name></domainsnapshot>")
+    bomb = (
+        '<!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+        "<domainsnapshot><name>&b;</name></domainsnapshot>"
+    )
     for text, says in (
         ("<domainsnapshot><name>x</name>", "not well-formed"),
         ("<domain/>", "root element is <domain>"),
         (bomb, "doctype"),
-        ('<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]><domainsnapshot><name>&x;</name></domainsnapshot>',
-         "doctype"),
+        (
+            '<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]><domainsnapshot><name>&x;</name></domainsnapshot>',
+            "doctype",
+        ),
         ("<domainsnapshot><name>x</name><compression>lz4</compression></domainsnapshot>", "unknown compression"),
         ("<domainsnapshot>" + "<x/>" * 300000 + "</domainsnapshot>", "larger than"),
     ):
@@ -215,8 +217,19 @@ def test_stdin_documents_are_refused(cli_domain):
 def test_in_use_image_is_refused(cli_domain, tmp_path):
     store, _ = cli_domain
     sock = str(tmp_path / "nbd.sock")
-    subprocess.run(["qemu-nbd", "--fork", "-f", "qcow2", f"--socket={sock}", "--pid-file", str(tmp_path / "pid"),
-                    live(store, "vdb")], check=True)
+    subprocess.run(
+        [
+            "qemu-nbd",
+            "--fork",
+            "-f",
+            "qcow2",
+            f"--socket={sock}",
+            "--pid-file",
+            str(tmp_path / "pid"),
+            live(store, "vdb"),
+        ],
+        check=True,
+    )
     try:
         _refused(store, "snapshot-create-as", "vm1", "x", says="in use by another process")
     finally:
