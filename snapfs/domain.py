@@ -376,8 +376,9 @@ class DomainCore:
             async with self.files.locked():
                 await self._finish_journal()
                 plan = planner(self.view())
+                _name_changed_snapshots(plan.steps)
                 if plan.steps:
-                    await self._probe(plan.touched)
+                    self._refuse_if_in_use(plan.touched)
                     journal = {"operation": operation, "steps": plan.steps, "done": 0}
                     await trio.to_thread.run_sync(self.files.write_journal, journal)
                     await self._carry_out(journal, recovering=False)
@@ -390,13 +391,13 @@ class DomainCore:
             self.record_error(operation, message)
             raise io_error(message) from exc
 
-    async def _probe(self, paths: list[str]) -> None:
-        """Refuse (EBUSY) before changing anything if a running QEMU or qemu-nbd holds a
-        layer the plan would write, move or delete. One at a time: a probe opens the
-        backing chain too, so two probes at once would trip over each other's locks."""
+    @staticmethod
+    def _refuse_if_in_use(paths: list[str]) -> None:
+        """Refuse (EBUSY) before changing anything if a running QEMU, qemu-nbd or a
+        qemu-img reader holds a layer the plan would write, move or delete."""
         for path in dict.fromkeys(paths):
             if os.path.exists(path):
-                await qemu.probe_writable(path, "qcow2")
+                qemu.refuse_if_in_use(path)
 
     async def _carry_out(self, journal: dict, recovering: bool) -> None:
         steps = journal["steps"]
@@ -430,7 +431,7 @@ class DomainCore:
         elif do == "meta_delete":
             await trio.to_thread.run_sync(self.files.delete_snapshot, step["id"])
         elif do == "state":
-            await trio.to_thread.run_sync(self.files.write_state, step["current"])
+            await trio.to_thread.run_sync(self.files.write_state, step["current"], step.get("changed"))
         else:
             raise io_error(f"The journal of domain {self.name!r} has an unknown step {do!r}.")
 
@@ -479,6 +480,15 @@ def _fault_point(point: str, when: str, recovering: bool) -> None:
             f.write(point + "\n")
     if os.environ.get("SNAPFS_CRASH_AT") == f"{point}:{when}":
         os._exit(CRASH_EXIT_STATUS)
+
+
+def _name_changed_snapshots(steps: list[dict]) -> None:
+    """Tell the closing state step which snapshot files the plan writes or deletes."""
+    changed = [s["record"]["id"] for s in steps if s["do"] == "meta_write"]
+    changed += [s["id"] for s in steps if s["do"] == "meta_delete"]
+    for step in steps:
+        if step["do"] == "state":
+            step["changed"] = changed
 
 
 def _step(do: str, **args) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import threading
@@ -127,15 +128,23 @@ class MetadataView:
     current: str | None
     snapshots: dict[str, SnapshotRecord]
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, SnapshotRecord]:
+        return {record.name: record for record in self.snapshots.values()}
+
+    @functools.cached_property
+    def _children(self) -> dict[str | None, list[SnapshotRecord]]:
+        kids: dict[str | None, list[SnapshotRecord]] = {}
+        for record in sorted(self.snapshots.values(), key=lambda r: (r.creation_time, r.name)):
+            kids.setdefault(record.parent, []).append(record)
+        return kids
+
     def by_name(self, name: str) -> SnapshotRecord | None:
-        for record in self.snapshots.values():
-            if record.name == name:
-                return record
-        return None
+        return self._by_name.get(name)
 
     def children(self, snap_id: str | None) -> list[SnapshotRecord]:
-        kids = [r for r in self.snapshots.values() if r.parent == snap_id]
-        return sorted(kids, key=lambda r: (r.creation_time, r.name))
+        """Oldest first. Indexes are built once per view, so walking a tree stays linear."""
+        return list(self._children.get(snap_id, ()))
 
 
 class DomainFiles:
@@ -196,27 +205,50 @@ class DomainFiles:
             cached = self._cache
             if cached is not None and cached.generation == state["generation"]:
                 return cached
-            snapshots: dict[str, SnapshotRecord] = {}
-            with contextlib.suppress(FileNotFoundError):
-                for entry in os.scandir(self.snapshots_dir):
-                    if entry.name.endswith(".json"):
-                        with contextlib.suppress(FileNotFoundError):
-                            record = SnapshotRecord.from_json(read_json(entry.path))
-                            snapshots[record.id] = record
+            if cached is not None and cached.generation == state["generation"] - 1 and "changed" in state:
+                snapshots = dict(cached.snapshots)
+                for snap_id in state["changed"]:
+                    self._reload_one(snapshots, snap_id)
+            else:
+                snapshots = self._load_all()
             view = MetadataView(state["generation"], state["current"], snapshots)
             self._cache = view
             return view
 
+    def _snapshot_file(self, snap_id: str) -> str:
+        return os.path.join(self.snapshots_dir, f"{snap_id}.json")
+
+    def _load_all(self) -> dict[str, SnapshotRecord]:
+        snapshots: dict[str, SnapshotRecord] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.snapshots_dir):
+                if entry.name.endswith(".json"):
+                    self._reload_one(snapshots, entry.name[: -len(".json")])
+        return snapshots
+
+    def _reload_one(self, snapshots: dict[str, SnapshotRecord], snap_id: str) -> None:
+        try:
+            snapshots[snap_id] = SnapshotRecord.from_json(read_json(self._snapshot_file(snap_id)))
+        except FileNotFoundError:
+            snapshots.pop(snap_id, None)
+
     def write_snapshot(self, record: SnapshotRecord) -> None:
-        write_json(os.path.join(self.snapshots_dir, f"{record.id}.json"), asdict(record))
+        write_json(self._snapshot_file(record.id), asdict(record))
 
     def delete_snapshot(self, snap_id: str) -> None:
-        unlink_if_present(os.path.join(self.snapshots_dir, f"{snap_id}.json"))
+        unlink_if_present(self._snapshot_file(snap_id))
+        fsync_dir(self.snapshots_dir)
 
-    def write_state(self, current: str | None) -> None:
-        """Record current and bump the generation: the last write of every change."""
+    def write_state(self, current: str | None, changed: list[str] | None = None) -> None:
+        """Record current and bump the generation: the last write of every change.
+
+        `changed` names the snapshot files the change wrote or deleted, so a reader one
+        generation behind re-reads only those instead of every snapshot's file."""
         generation = self._state(must_exist=False)["generation"] + 1
-        write_json(self.file("state.json"), {"current": current, "generation": generation})
+        state: dict = {"current": current, "generation": generation}
+        if changed is not None:
+            state["changed"] = sorted(set(changed))
+        write_json(self.file("state.json"), state)
 
     def current(self) -> str | None:
         return self._state()["current"]
