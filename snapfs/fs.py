@@ -9,6 +9,11 @@ bytes arriving through write() become a call, and which errno the kernel gets.
 
 Nothing is cached by the kernel: every entry and attribute has a zero timeout and every
 file is opened with direct_io, so the next cat/ls/stat shows what the store holds now.
+
+Writes: `control` and `compression` act in write() itself (one value per write, offset
+ignored). `description` collects what is written since open and is stored on the close()
+that follows a write (FUSE flush; a flush before any write does nothing) or, for an
+O_TRUNC without a write, at release.
 """
 
 from __future__ import annotations
@@ -119,10 +124,11 @@ class FileHandle:
     node: Node
     writable: bool
     content: bytes = b""
-    # description only: what was written since open, stored at release
+    # description only: what was written since open, stored on close (flush) or release
     written: bytearray = field(default_factory=bytearray)
-    dirty: bool = False
-    refused: bool = False  # a write was refused: release stores nothing
+    dirty: bool = False  # O_TRUNC, a truncate or a write: the value is to be stored
+    unsaved: bool = False  # written since the last store: stored at the next flush (close)
+    refused: bool = False  # a write or a store was refused: nothing more is stored
 
 
 @dataclass
@@ -570,28 +576,40 @@ class SnapFS(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise Refusal(errno.EINVAL, "description", "A description must be UTF-8 text.") from None
         handle.written = data
-        handle.dirty = True
+        handle.dirty = handle.unsaved = True
 
     @handler(by_handle=True)
     async def flush(self, fh: int) -> None:
-        """Nothing acts on flush: the shell flushes before it writes (DESIGN section 2)."""
+        """close(): a description written through this handle is stored now, so close()
+        reports the outcome and returns only once the value is in the store (FUSE sends
+        release asynchronously, after close() has returned). A flush with nothing written
+        since the last store does nothing: the shell flushes once before it writes."""
+        handle = self._handles.get(fh)
+        if isinstance(handle, FileHandle) and handle.unsaved and not handle.refused:
+            await self.store_description(handle)
 
     @handler(by_handle=True)
     async def fsync(self, fh: int, datasync: bool) -> None:
-        """Values are stored when they are acted on (control, compression) or at release."""
+        """Values are stored when they are acted on (control, compression) or on close."""
 
     @handler(by_handle=True)
     async def release(self, fh: int) -> None:
+        """Store what is still unstored, e.g. `: > description` (O_TRUNC, no write)."""
         handle = self._handles.pop(fh, None)
-        if not isinstance(handle, FileHandle) or handle.node.kind is not Kind.DESCRIPTION:
-            return
-        if not handle.dirty or handle.refused:
-            return
+        if isinstance(handle, FileHandle) and handle.dirty and not handle.refused:
+            await self.store_description(handle)
+
+    async def store_description(self, handle: FileHandle) -> None:
+        """set_description with what was written since open; readers of this snapshot's
+        description and xml wait for it (see settled())."""
         key = (handle.node.dom, handle.node.snap)
         event = trio.Event()
-        self._pending.setdefault(key, []).append(event)  # before any await: see settled()
+        self._pending.setdefault(key, []).append(event)  # before any await
         try:
-            await self.store_description(handle)
+            await self._store_description(handle)
+        except BaseException:
+            handle.refused = True  # reported once; release does not try again
+            raise
         finally:
             event.set()
             waiting = self._pending.get(key, [])
@@ -600,7 +618,7 @@ class SnapFS(pyfuse3.Operations):
             if not waiting:
                 self._pending.pop(key, None)
 
-    async def store_description(self, handle: FileHandle) -> None:
+    async def _store_description(self, handle: FileHandle) -> None:
         node = handle.node
         try:
             text = bytes(handle.written).decode("utf-8")
@@ -610,10 +628,8 @@ class SnapFS(pyfuse3.Operations):
             ) from None
         if text.endswith("\n"):
             text = text[:-1]
-        try:
-            await self.domain(node).set_description(node.snap, text)
-        except SnapfsError as exc:  # already in last-error; release has nobody to tell
-            log.info("description not stored: %s", exc.message)
+        await self.domain(node).set_description(node.snap, text)
+        handle.dirty = handle.unsaved = False
 
     # ---- snapshot directories -----------------------------------------------------------
     @handler()
