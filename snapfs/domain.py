@@ -281,6 +281,12 @@ class DomainCore:
             for dep in deps:
                 steps += [self._rebase_step(d, dep, snap.parent) for d in self.disks]
             steps += [_step("delete", path=self._rel_layer(d, snap_id)) for d in self.disks]
+        # Clusters moved by commit or rebase arrive uncompressed (a commit even rewrites the
+        # child's own clusters and the header's compression type): a surviving child that is
+        # compressed is recompressed, so its layer stays entirely in its own setting.
+        for child in view.children(snap_id):
+            if child.compression != "none":
+                steps += [self._recompress_step(d, child.id, snap.parent, child.compression) for d in self.disks]
         steps += [_meta_write(replace(child, parent=snap.parent)) for child in view.children(snap_id)]
         steps.append(_step("meta_delete", id=snap_id))
         steps.append(_state(snap.parent if view.current == snap_id else view.current))

@@ -334,6 +334,33 @@ def test_merge_of_a_compressed_snapshot_keeps_contents(world):
     assert world.snap("child").get_xml_desc().count("<compression>none</compression>") == 1
 
 
+@pytest.mark.parametrize("siblings", [0, 1])
+def test_merge_keeps_the_surviving_childs_compression(world, siblings):
+    """Regression: a one-dependent merge commits the child into L(S) (uncompressed) and
+    moves L(S) over the child's file, so the child's own compressed clusters came back
+    uncompressed (and the header's compression type reset to zlib) while its metadata
+    still said zstd. A surviving child's layer must stay entirely in its own setting."""
+    world.stage(0)
+    world.create("s")
+    for target in TARGETS:
+        for i in range(8):
+            world.write(target, 2 * MiB + i * CLUSTER, 0x70 + i % 2)
+    child = world.create(xml="<domainsnapshot><name>child</name><compression>zstd</compression></domainsnapshot>")
+    world.stage(CLUSTER)
+    if siblings:
+        world.revert("s")
+        world.stage(3 * MiB)
+        world.create("sibling")
+    world.snap("s").deactivate(DeactivateFlags.MERGE)
+    del world.snaps["s"]
+    world.check()
+    assert parse_xml(child.get_xml_desc()).findtext("compression") == "zstd"
+    for path in child.layer_paths().values():
+        assert image_info(path)["format-specific"]["data"]["compression-type"] == "zstd"
+        extents = _data_extents(path)
+        assert extents and all("offset" not in e for e in extents), extents
+
+
 # ---- discard ----------------------------------------------------------------------------
 
 
