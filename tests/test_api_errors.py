@@ -1,0 +1,350 @@
+"""Bad input through the Python API: each is refused with a SnapfsError carrying the errno
+of DESIGN section 2 and a sentence naming the cause, and leaves the store unchanged
+(every file under the store and its checksum, before and after)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import DOMAIN_NAME, domain_xml
+from helpers import CLUSTER, MiB, make_image, read_raw, tree_fingerprint, write_pattern
+
+import snapfs
+from snapfs import DeactivateFlags, DependentsError, SnapfsError
+
+
+def refused(store_path: str, call, errnos: int | tuple[int, ...], *words: str) -> SnapfsError:
+    """Run call(); it must raise SnapfsError with one of errnos, a message holding every
+    word (case-insensitive), and change nothing in the store."""
+    errnos = errnos if isinstance(errnos, tuple) else (errnos,)
+    before = tree_fingerprint(store_path)
+    with pytest.raises(SnapfsError) as info:
+        call()
+    exc = info.value
+    assert exc.errno in errnos, (errno.errorcode.get(exc.errno), str(exc))
+    message = str(exc)
+    assert len(message) > 10 and "Traceback" not in message
+    for word in words:
+        assert word.lower() in message.lower(), (word, message)
+    assert tree_fingerprint(store_path) == before
+    return exc
+
+
+def snap_xml(name: str) -> str:
+    from xml.sax.saxutils import escape
+
+    return f"<domainsnapshot><name>{escape(name)}</name></domainsnapshot>"
+
+
+@pytest.fixture
+def tree(domain):
+    """s1 <- s2 <- live, and s1 <- s3: s1 has two children, s2 has the live disk."""
+    live = domain.core.live_path
+    write_pattern(live("vda"), 0x31, 0)
+    write_pattern(live("vdb"), 0x32, CLUSTER)
+    s1 = domain.snapshot_create_xml(snap_xml("s1"))
+    write_pattern(live("vda"), 0x33, MiB)
+    s3 = domain.snapshot_create_xml(snap_xml("s3"))
+    domain.create_with_snapshot(s1)
+    write_pattern(live("vdb"), 0x34, 2 * MiB)
+    s2 = domain.snapshot_create_xml(snap_xml("s2"))
+    write_pattern(live("vda"), 0x35, 3 * MiB)
+    return {"s1": s1, "s2": s2, "s3": s3}
+
+
+# ---- names ------------------------------------------------------------------------------
+
+BAD_NAMES = [
+    ("", errno.EINVAL, "empty"),
+    (".", errno.EINVAL, "'.'"),
+    ("..", errno.EINVAL, "'.'"),
+    (".hidden", errno.EINVAL, "'.'"),
+    ("a/b", errno.EINVAL, "/"),
+    ("a\0b", errno.EINVAL, ""),
+    ("x" * 256, (errno.ENAMETOOLONG, errno.EINVAL), "255"),
+    ("é" * 128, (errno.ENAMETOOLONG, errno.EINVAL), "255"),
+]
+
+
+@pytest.mark.parametrize("name, err, word", BAD_NAMES, ids=lambda v: repr(v)[:20] if isinstance(v, str) else None)
+def test_invalid_names_refused(store_path, tree, domain, name, err, word):
+    if "\0" not in name:
+        refused(store_path, lambda: domain.snapshot_create_xml(snap_xml(name)), err, word)
+    refused(store_path, lambda: tree["s2"].rename(name), err, word)
+    refused(store_path, lambda: _create(domain, name), err, word)
+    assert tree["s2"].name == "s2"
+
+
+def _create(domain, name):
+    import trio
+
+    return trio.run(domain.core.create, name)
+
+
+@pytest.mark.parametrize("name", ["x" * 255, "é" * 127 + "a", "with spaces", "ünïcode ☃", "trailing-dot.", "a..b"])
+def test_valid_names_accepted(domain, name):
+    assert len(name.encode()) <= 255
+    snap = domain.snapshot_create_xml(snap_xml(name))
+    assert snap.name == name
+    assert domain.snapshot_lookup_by_name(name) == snap
+    snap.rename(name + "2" if len(name.encode()) < 255 else "renamed")
+    snap.rename(name)
+    assert domain.list_snapshot_names() == [name]
+
+
+def test_existing_name(store_path, tree, domain):
+    refused(store_path, lambda: domain.snapshot_create_xml(snap_xml("s1")), errno.EEXIST, "s1", "already")
+    refused(store_path, lambda: tree["s2"].rename("s3"), errno.EEXIST, "s3", "already")
+
+
+# ---- XML --------------------------------------------------------------------------------
+
+XXE = """<?xml version="1.0"?>
+<!DOCTYPE domainsnapshot [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<domainsnapshot><name>x</name><description>&xxe;</description></domainsnapshot>"""
+
+LAUGHS = (
+    '<?xml version="1.0"?>\n<!DOCTYPE lolz [\n <!ENTITY lol "lol">\n'
+    + "".join(
+        f' <!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10 if i > 1 else "&lol;" * 10}">\n' for i in range(1, 10)
+    )
+    + "]>\n<domainsnapshot><name>bomb</name><description>&lol9;</description></domainsnapshot>"
+)
+
+BAD_XML = {
+    "malformed": ("<domainsnapshot><name>x</domainsnapshot>", "well-formed"),
+    "not xml": ("this is not xml", "well-formed"),
+    "empty": ("", ""),
+    "binary": (b"\xff\xfe\x00<", ""),
+    "wrong root": ("<domain><name>x</name></domain>", "root"),
+    "xxe": (XXE, "DOCTYPE"),
+    "billion laughs": (LAUGHS, "DOCTYPE"),
+    "plain doctype": ("<!DOCTYPE domainsnapshot><domainsnapshot><name>d</name></domainsnapshot>", "DOCTYPE"),
+    "undeclared entity": ("<domainsnapshot><name>&foo;</name></domainsnapshot>", ""),
+    "huge": ("<domainsnapshot><name>h</name><!-- " + "x" * (MiB + 10) + " --></domainsnapshot>", "larger"),
+    "huge description": (
+        "<domainsnapshot><name>h</name><description>" + "y" * (MiB + 1) + "</description></domainsnapshot>",
+        "larger",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_XML))
+def test_bad_snapshot_xml(store_path, tree, domain, case):
+    text, word = BAD_XML[case]
+    exc = refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EINVAL, word)
+    assert sorted(domain.list_snapshot_names()) == ["s1", "s2", "s3"]
+    assert "root:" not in str(exc)  # nothing of /etc/passwd leaks into the message
+    assert domain.last_error().strip(), "a refusal is recorded in last-error"
+
+
+def test_unknown_compression(store_path, tree, domain):
+    text = "<domainsnapshot><name>c</name><compression>lz4</compression></domainsnapshot>"
+    refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EINVAL, "lz4")
+    for kind in ("bzip2", "", "GZIP ", "zlib"):
+        refused(store_path, lambda kind=kind: tree["s1"].set_compression(kind), errno.EINVAL, "compression")
+    assert "c" not in domain.list_snapshot_names()
+
+
+def test_description_too_large(store_path, tree, domain):
+    big = "d" * (64 * 1024 + 1)
+    refused(store_path, lambda: tree["s1"].set_description(big), errno.EFBIG, "description")
+    text = f"<domainsnapshot><name>big</name><description>{big}</description></domainsnapshot>"
+    refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EFBIG, "description")
+    tree["s1"].set_description("d" * (64 * 1024))  # exactly 64 KiB is fine
+    assert len(tree["s1"].get_description()) == 64 * 1024
+
+
+# ---- unknown things -------------------------------------------------------------------------
+
+
+def test_unknown_domain_and_snapshot(store, store_path, tree, domain):
+    for name in ("nope", "", "../domains", "vm1/../vm1"):
+        refused(store_path, lambda name=name: store.lookup_domain(name), errno.ENOENT, "domain")
+    refused(store_path, lambda: domain.snapshot_lookup_by_name("nope"), errno.ENOENT, "nope")
+    stale = tree["s3"]
+    stale.deactivate(DeactivateFlags.DISCARD)
+    for call in (
+        stale.get_xml_desc,
+        lambda: stale.deactivate(DeactivateFlags.MERGE),
+        lambda: stale.deactivate(DeactivateFlags.DISCARD_FORCE),
+        lambda: stale.rename("zz"),
+        lambda: stale.set_description("x"),
+        lambda: stale.set_compression("gzip"),
+        lambda: domain.create_with_snapshot(stale),
+    ):
+        refused(store_path, call, errno.ENOENT, "snapshot")
+
+
+def test_discard_with_dependents(store_path, tree, domain):
+    exc = refused(store_path, lambda: tree["s1"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY, "'s2'", "'s3'")
+    assert isinstance(exc, DependentsError)
+    exc = refused(store_path, lambda: tree["s2"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY, "live disk")
+    assert isinstance(exc, DependentsError)
+
+
+@pytest.mark.parametrize("flags", [DeactivateFlags.MERGE | DeactivateFlags.DISCARD, 16, -1, 3, "merge", None])
+def test_invalid_deactivate_flags(store_path, tree, flags):
+    refused(store_path, lambda: tree["s2"].deactivate(flags), errno.EINVAL, "flags")
+
+
+# ---- images in use -----------------------------------------------------------------------------
+
+
+class NbdHolder:
+    """qemu-nbd --fork holding an image (and its backing chain) with qemu's lock."""
+
+    def __init__(self, tmp_path) -> None:
+        self.tmp_path = tmp_path
+        self.pids: list[int] = []
+
+    def hold(self, path: str, read_only: bool = False) -> None:
+        n = len(self.pids)
+        pidfile = self.tmp_path / f"nbd{n}.pid"
+        args = ["qemu-nbd", "--fork", f"--socket={self.tmp_path}/nbd{n}.sock", f"--pid-file={pidfile}", "-f", "qcow2"]
+        subprocess.run([*args, *(["-r"] if read_only else []), path], check=True, timeout=30)
+        self.pids.append(int(pidfile.read_text().strip()))
+
+    def release(self) -> None:
+        while self.pids:
+            pid = self.pids.pop()
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            for _ in range(200):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.02)
+
+
+@pytest.fixture
+def nbd(tmp_path):
+    holder = NbdHolder(tmp_path)
+    yield holder
+    holder.release()
+
+
+def test_live_layer_in_use(store_path, tree, domain, nbd):
+    nbd.hold(domain.core.live_path("vdb"))
+    s1, s2 = tree["s1"], tree["s2"]
+    calls = {
+        "create": lambda: domain.snapshot_create_xml(snap_xml("new")),
+        "merge (live depends)": lambda: s2.deactivate(DeactivateFlags.MERGE),
+        "merge (chain below live)": lambda: s1.deactivate(DeactivateFlags.MERGE),
+        "revert": lambda: domain.create_with_snapshot(s1),
+        "deactivate": lambda: s2.deactivate(),
+        "discard-force (live inside)": lambda: s2.deactivate(DeactivateFlags.DISCARD_FORCE),
+    }
+    for what, call in calls.items():
+        exc = refused(store_path, call, errno.EBUSY, "in use")
+        assert "live.qcow2" in str(exc) or "vdb" in str(exc), (what, str(exc))
+        assert "in use" in domain.last_error()
+    nbd.release()
+    before = read_raw(domain.core.live_path("vdb"))
+    domain.snapshot_create_xml(snap_xml("new"))  # works once the holder is gone
+    assert read_raw(domain.snapshot_lookup_by_name("new").layer_paths()["vdb"]) == before
+
+
+def test_frozen_layer_in_use_as_a_backing(store_path, tree, domain, nbd, tmp_path):
+    """A backup job reads s3 through its own overlay on L(s3); and another exports L(s1)."""
+    s1, s3 = tree["s1"], tree["s3"]
+    overlay = str(tmp_path / "backup-overlay.qcow2")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", s3.layer_paths()["vda"], "-F", "qcow2", overlay], check=True
+    )
+    nbd.hold(overlay)
+    for call in (
+        lambda: s3.deactivate(DeactivateFlags.DISCARD),
+        lambda: s3.deactivate(DeactivateFlags.DISCARD_FORCE),
+        lambda: s3.set_compression("zstd"),
+    ):
+        refused(store_path, call, errno.EBUSY, "in use")
+    nbd.release()
+    nbd.hold(s1.layer_paths()["vdb"], read_only=True)
+    for call in (
+        lambda: s1.deactivate(DeactivateFlags.MERGE),
+        lambda: s1.deactivate(DeactivateFlags.DISCARD_FORCE),
+        lambda: s1.set_compression("gzip"),
+    ):
+        refused(store_path, call, errno.EBUSY, "in use")
+    # Revert onto s1 and create only read L(s1): allowed while it is exported read-only.
+    domain.create_with_snapshot(s1)
+    domain.snapshot_create_xml(snap_xml("on-s1"))
+    assert domain.snapshot_lookup_by_name("on-s1").get_parent() == s1
+
+
+# ---- define ---------------------------------------------------------------------------------
+
+
+def test_define_errors(store, store_path, domain, base_images, tmp_path):
+    vda = base_images["vda"]
+    refused(
+        store_path,
+        lambda: store.define("d2", [("vda", str(tmp_path / "missing.img"), "raw")]),
+        errno.ENOENT,
+        "missing.img",
+    )
+    refused(store_path, lambda: store.define(DOMAIN_NAME, [("vda", vda.path, "qcow2")]), errno.EEXIST, DOMAIN_NAME)
+    refused(store_path, lambda: store.define_xml(domain_xml(DOMAIN_NAME, "x", base_images)), errno.EEXIST, DOMAIN_NAME)
+    refused(store_path, lambda: store.define("d2", [("vda", vda.path, "vmdk")]), errno.EINVAL, "vmdk")
+    vmdk = make_image(str(tmp_path / "disk.vmdk"), "vmdk")
+    refused(store_path, lambda: store.define("d2", [("vda", vmdk, None)]), errno.EINVAL, "vmdk")
+    refused(store_path, lambda: store.define("d2", []), errno.EINVAL, "disk")
+    refused(
+        store_path,
+        lambda: store.define("d2", [("vda", vda.path, "qcow2"), ("vda", vda.path, "qcow2")]),
+        errno.EINVAL,
+        "twice",
+    )
+    for bad in ("", ".x", "a/b", "..", "x" * 256):
+        refused(
+            store_path,
+            lambda bad=bad: store.define(bad, [("vda", vda.path, "qcow2")]),
+            (errno.EINVAL, errno.ENAMETOOLONG),
+            "",
+        )
+    no_disks = f"""<domain type='kvm'><name>d3</name><devices>
+      <disk type='file' device='cdrom'><source file='{vda.path}'/><target dev='sda'/></disk>
+      <disk type='file' device='disk' snapshot='no'><driver type='qcow2'/>
+        <source file='{vda.path}'/><target dev='vdb'/></disk>
+      <disk type='network' device='disk'><source protocol='nbd' name='x'/><target dev='vdc'/></disk>
+    </devices></domain>"""
+    refused(store_path, lambda: store.define_xml(no_disks), errno.EINVAL, "disk")
+    refused(store_path, lambda: store.define_xml(XXE.replace("domainsnapshot", "domain")), errno.EINVAL, "DOCTYPE")
+    refused(store_path, lambda: store.define_xml("<domainsnapshot/>"), errno.EINVAL, "root")
+    refused(store_path, lambda: store.define_xml("<domain><devices/></domain>"), errno.EINVAL, "name")
+    assert store.list_domains() == [DOMAIN_NAME]
+
+
+def test_undefine_refused_with_snapshots(store, store_path, tree):
+    refused(store_path, lambda: store.undefine(DOMAIN_NAME), errno.EBUSY, "snapshot")
+    refused(store_path, lambda: store.undefine("nope"), errno.ENOENT, "nope")
+
+
+# ---- last-error -----------------------------------------------------------------------------
+
+
+def test_last_error_holds_the_latest_refusal(store_path, tree, domain):
+    assert domain.last_error() == ""
+    refused(store_path, lambda: tree["s1"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY)
+    first = domain.last_error()
+    assert "s1" in first and "depend" in first and first.endswith("\n") and first.count("\n") == 1
+    tree["s3"].rename("renamed")  # a success does not clear it
+    domain.snapshot_create_xml(snap_xml("ok"))
+    assert domain.last_error() == first
+    refused(store_path, lambda: domain.snapshot_create_xml(snap_xml("ok")), errno.EEXIST)
+    second = domain.last_error()
+    assert second != first and "'ok'" in second and "already" in second
+    refused(store_path, lambda: domain.snapshot_create_xml("<domainsnapshot>"), errno.EINVAL)
+    assert "well-formed" in domain.last_error()
+    # The refusal line is visible to a second opener of the store.
+    again = snapfs.open_store(store_path).lookup_domain(DOMAIN_NAME)
+    assert again.last_error() == domain.last_error()
