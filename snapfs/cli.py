@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remove-snapshots", action="store_true", help="also delete its snapshots and the changes in its live disk"
     )
-    verb("list", "List the domains of the store.")
+    p = verb("list", "List the domains of the store.")
+    p.add_argument("--name", action="store_true", help="names only")
     p = verb("dumpxml", "Print the domain XML, its disks pointing at the live layers.")
     p.add_argument("domain")
     p = verb("mount", "Mount the store as a filesystem (daemonizes unless --foreground).")
@@ -287,6 +288,8 @@ async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
     verb = args.verb
     if verb == "define":
         return await _define(store, args)
+    if verb == "list" and args.name:
+        return "".join(f"{n}\n" for n in store.domain_names())
     if verb == "list":
         return _table(
             ["Name", "Snapshots", "Current"],
