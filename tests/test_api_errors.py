@@ -5,9 +5,11 @@ of DESIGN section 2 and a sentence naming the cause, and leaves the store unchan
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -66,6 +68,7 @@ BAD_NAMES = [
     (".hidden", errno.EINVAL, "'.'"),
     ("a/b", errno.EINVAL, "/"),
     ("a\0b", errno.EINVAL, ""),
+    ("bad\udcffutf8", errno.EINVAL, "UTF-8"),
     ("x" * 256, (errno.ENAMETOOLONG, errno.EINVAL), "255"),
     ("é" * 128, (errno.ENAMETOOLONG, errno.EINVAL), "255"),
 ]
@@ -73,7 +76,7 @@ BAD_NAMES = [
 
 @pytest.mark.parametrize("name, err, word", BAD_NAMES, ids=lambda v: repr(v)[:20] if isinstance(v, str) else None)
 def test_invalid_names_refused(store_path, tree, domain, name, err, word):
-    if "\0" not in name:
+    if "\0" not in name and "\udcff" not in name:
         refused(store_path, lambda: domain.snapshot_create_xml(snap_xml(name)), err, word)
     refused(store_path, lambda: tree["s2"].rename(name), err, word)
     refused(store_path, lambda: _create(domain, name), err, word)
@@ -279,6 +282,37 @@ def test_frozen_layer_in_use_as_a_backing(store_path, tree, domain, nbd, tmp_pat
     domain.create_with_snapshot(s1)
     domain.snapshot_create_xml(snap_xml("on-s1"))
     assert domain.snapshot_lookup_by_name("on-s1").get_parent() == s1
+
+
+def test_domain_held_by_another_operation(store_path, tree, domain):
+    """While another process holds the domain's lock, an operation gives up with EBUSY
+    (SNAPFS_LOCK_WAIT shortens the wait) and changes nothing."""
+    script = (
+        "import errno, snapfs\n"
+        f"dom = snapfs.open_store({store_path!r}).lookup_domain({DOMAIN_NAME!r})\n"
+        "try:\n"
+        "    dom.snapshot_lookup_by_name('s2').deactivate(snapfs.DeactivateFlags.MERGE)\n"
+        "except snapfs.SnapfsError as exc:\n"
+        "    print(errno.errorcode[exc.errno], exc)\n"
+    )
+    before = tree_fingerprint(store_path)
+    fd = os.open(os.path.join(domain.core.files.path, "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        run = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "SNAPFS_LOCK_WAIT": "0.3"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(fd)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("EBUSY") and "Another operation" in run.stdout, run.stdout
+    assert tree_fingerprint(store_path) == before
+    tree["s2"].deactivate(DeactivateFlags.MERGE)  # and works once the lock is free
+    assert sorted(domain.list_snapshot_names()) == ["s1", "s3"]
 
 
 # ---- define ---------------------------------------------------------------------------------

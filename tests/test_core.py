@@ -519,6 +519,8 @@ def test_set_description(world):
     snap.set_description("before the upgrade\nline two")
     assert snap.get_description() == "before the upgrade\nline two"
     assert parse_xml(snap.get_xml_desc()).findtext("description") == "before the upgrade\nline two"
+    snap.set_description("a <b> & 'c' \"d\" ünï")
+    assert parse_xml(snap.get_xml_desc()).findtext("description") == "a <b> & 'c' \"d\" ünï"
     snap.set_description("")
     assert snap.get_description() == ""
     assert not parse_xml(snap.get_xml_desc()).findtext("description")
