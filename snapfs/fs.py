@@ -26,6 +26,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -35,7 +36,7 @@ import trio
 
 from .domain import CONTROL_WORDS, MAX_DESCRIPTION_BYTES, DomainCore, StoreCore
 from .errors import DependentsError, SnapfsError
-from .store import SnapshotRecord
+from .store import MetadataView, SnapshotRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ SNAPSHOT_ENTRIES = {
 DIRECTORIES = {Kind.ROOT, Kind.DOMAIN, Kind.SNAPSHOTS, Kind.SNAPSHOT}
 SYMLINKS = {Kind.CURRENT, Kind.PARENT}
 WRITABLE = {Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL}
+XML_CACHE_SIZE = 4096
 ACTS_IN_WRITE = {Kind.COMPRESSION: "compression", Kind.CONTROL: "control"}
 
 
@@ -205,6 +207,7 @@ class SnapFS(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._started_ns = time.time_ns()
+        self._xml_cache: OrderedDict[Node, tuple[int, bytes]] = OrderedDict()
 
     # ---- errors -----------------------------------------------------------------------
     def domain_of(self, key: object, by_handle: bool) -> str:
@@ -232,8 +235,8 @@ class SnapFS(pyfuse3.Operations):
     def domain(self, node: Node) -> DomainCore:
         return self.store.domain(node.dom)
 
-    def snapshot(self, node: Node) -> SnapshotRecord:
-        view = self.domain(node).view()
+    def snapshot(self, node: Node, view: MetadataView | None = None) -> SnapshotRecord:
+        view = view or self.domain(node).view()
         record = view.snapshots.get(node.snap)
         if record is None:
             raise FUSEError(errno.ENOENT)
@@ -321,13 +324,29 @@ class SnapFS(pyfuse3.Operations):
         if node.kind is Kind.CONTROL:
             return text_file(" ".join(CONTROL_WORDS))
         if node.kind is Kind.SNAP_XML:
-            self.snapshot(node)
-            return document(dom.snapshot_xml(node.snap))
+            return self.snapshot_xml(dom, node)
         record = self.snapshot(node)
         values = {Kind.DESCRIPTION: record.description, Kind.STATE: record.state, Kind.COMPRESSION: record.compression}
         return text_file(values[node.kind])
 
-    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+    def snapshot_xml(self, dom: DomainCore, node: Node) -> bytes:
+        """The snapshot XML, built once per metadata generation: a snapshot id is never
+        reused and every metadata change bumps the generation, so (node, generation)
+        names one text (stat gives its exact size on every call)."""
+        view = dom.view()
+        self.snapshot(node, view)
+        cached = self._xml_cache.get(node)
+        if cached is not None and cached[0] == view.generation:
+            self._xml_cache.move_to_end(node)
+            return cached[1]
+        data = document(dom.snapshot_xml(node.snap))
+        self._xml_cache[node] = (view.generation, data)
+        if len(self._xml_cache) > XML_CACHE_SIZE:
+            self._xml_cache.popitem(last=False)
+        return data
+
+    def attributes(self, node: Node, view: MetadataView | None = None) -> pyfuse3.EntryAttributes:
+        """The node's attributes now; `view` saves re-reading metadata across a listing."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self.inodes.inode(node)
         entry.generation = 0
@@ -338,12 +357,12 @@ class SnapFS(pyfuse3.Operations):
         entry.st_blksize = 4096
         stamp = self._started_ns
         if node.snap:
-            stamp = self.snapshot(node).creation_time * 1_000_000_000
+            stamp = self.snapshot(node, view).creation_time * 1_000_000_000
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
         if node.kind in DIRECTORIES:
             writable = node.kind is Kind.SNAPSHOTS
             entry.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
-            entry.st_nlink = 2 + sum(1 for _, child in self.entries(node) if child.kind in DIRECTORIES)
+            entry.st_nlink = self.directory_links(node)
             entry.st_size = 0
         elif node.kind in SYMLINKS:
             target = self.symlink_target(node)
@@ -358,6 +377,16 @@ class SnapFS(pyfuse3.Operations):
             entry.st_size = len(self.content(node))
         entry.st_blocks = (entry.st_size + 511) // 512
         return entry
+
+    def directory_links(self, node: Node) -> int:
+        """2 + the number of subdirectories."""
+        if node.kind is Kind.ROOT:
+            return 2 + len(self.store.domain_names())
+        if node.kind is Kind.DOMAIN:
+            return 3
+        if node.kind is Kind.SNAPSHOTS:
+            return 2 + len(self.domain(node).view().snapshots)
+        return 2
 
     # ---- pending description stores -----------------------------------------------------
     async def settled(self, node: Node) -> None:
@@ -491,10 +520,11 @@ class SnapFS(pyfuse3.Operations):
             raise FUSEError(errno.EBADF)
         if start_id == 0:
             handle.entries = [(name.encode("utf-8"), node) for name, node in self.entries(handle.node)]
+        view = self.domain(handle.node).view() if handle.node.kind is Kind.SNAPSHOTS else None
         for index in range(start_id, len(handle.entries)):
             name, node = handle.entries[index]
             try:
-                attrs = self.attributes(node)
+                attrs = self.attributes(node, view)
             except (FUSEError, SnapfsError):
                 continue  # gone since the listing started
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):

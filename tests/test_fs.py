@@ -540,6 +540,23 @@ def test_ls_of_another_domain_during_a_long_merge(slow_fs: FsEnv, tmp_path) -> N
     assert has_pattern(live, 0x78, 0, 256 << 20)
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_during_a_long_operation_lets_it_finish(slow_fs: FsEnv) -> None:
+    fs = slow_fs
+    make_chain(fs, DRIVER_PY, ["a", "b"])
+    cmd = ["bash", "-c", 'echo merge > "$1"', "bash", fs.snap("a", "control")]
+    merge = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    time.sleep(1)
+    assert merge.poll() is None
+    assert fs.mount.signal(signal.SIGTERM) == 0
+    assert merge.wait(timeout=30) == 0
+    assert not os.path.ismount(fs.mnt)
+    assert not os.path.exists(os.path.join(fs.store, "domains/vm1/journal.json"))
+    fs.mount.start()
+    assert snapshot_names(fs) == ["b"]
+    assert live_has(fs, 0x10, 0) and live_has(fs, 0x11, CLUSTER)
+
+
 # ---- the mount's lifecycle -------------------------------------------------------------------
 def run_mount_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "snapfs.mount", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
