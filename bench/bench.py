@@ -1,0 +1,401 @@
+"""snapfs benchmarks: each figure printed beside the bare qemu-img work it needs.
+
+    .venv/bin/python bench/bench.py                 # everything (~10 minutes)
+    .venv/bin/python bench/bench.py create merge    # some sections
+
+Sections: create, scale, ls, merge, reads, concurrency. Every figure is a median of
+several runs; ratios are taken against bare qemu-img run by this same process, in the
+same run, on the same disk. Nothing here asserts: the goals are printed beside the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+
+import trio
+
+import snapfs
+from snapfs.domain import StoreCore
+from snapfs.store import SnapshotRecord, write_json
+
+PYTHON = sys.executable
+SNAPFS = os.path.join(os.path.dirname(PYTHON), "snapfs")
+GiB = 1 << 30
+MiB = 1 << 20
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def report(figure: str, value: str, ratio: str = "", goal: str = "") -> None:
+    ROWS.append((figure, value, ratio, goal))
+    print(f"{figure:<58} {value:>12} {ratio:>9} {goal}", flush=True)
+
+
+def median_ms(fn: Callable[[], object], runs: int, setup: Callable[[], object] | None = None) -> float:
+    times = []
+    for _ in range(runs):
+        if setup:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def qemu_io_write(path: str, pattern: int, offset: int, length: int) -> None:
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {length}", path], check=True, capture_output=True
+    )
+
+
+def new_domain(root: str, disks: int = 2, size: int = GiB) -> snapfs.Domain:
+    store = snapfs.open_store(os.path.join(root, "store"))
+    specs = []
+    for i in range(disks):
+        base = os.path.join(root, f"base{i}.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", base, str(size))
+        specs.append((f"vd{chr(ord('a') + i)}", base, "qcow2"))
+    return store.define("vm1", specs)
+
+
+@contextlib.contextmanager
+def mounted(store: str, mnt: str) -> Iterator[subprocess.Popen]:
+    os.makedirs(mnt, exist_ok=True)
+    proc = subprocess.Popen([PYTHON, "-m", "snapfs.mount", store, mnt, "--foreground"])
+    deadline = time.monotonic() + 60
+    while not os.path.ismount(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the mount did not come up")
+        time.sleep(0.02)
+    try:
+        yield proc
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], check=False)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bare_create_ms(root: str, disks: int, runs: int) -> float:
+    base = os.path.join(root, "bare-base.qcow2")
+    if not os.path.exists(base):
+        qemu_img("create", "-q", "-f", "qcow2", base, str(GiB))
+    targets = [os.path.join(root, f"bare{i}.qcow2") for i in range(disks)]
+
+    def create() -> None:
+        for t in targets:
+            qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", base, "-F", "qcow2", t, str(GiB))
+
+    return median_ms(create, runs)
+
+
+# ---- 1. create ------------------------------------------------------------------------
+def section_create(root: str, runs: int = 15) -> None:
+    dom = new_domain(root)
+    bare = bare_create_ms(root, 2, runs)
+    report("bare qemu-img create x2 disks (ms)", f"{bare:.1f}")
+    counter = iter(range(10**6))
+    api = median_ms(
+        lambda: dom.snapshot_create_xml(f"<domainsnapshot><name>api{next(counter)}</name></domainsnapshot>"), runs
+    )
+    report("create through the API (ms)", f"{api:.1f}", f"{api / bare:.2f}x", "goal <= 1.5x")
+    cli = median_ms(
+        lambda: subprocess.run(
+            [SNAPFS, "--store", os.path.join(root, "store"), "snapshot-create-as", "vm1", f"cli{next(counter)}"],
+            check=True,
+            capture_output=True,
+        ),
+        runs,
+    )
+    report("create through the CLI, incl. Python start-up (ms)", f"{cli:.1f}", f"{cli / bare:.2f}x", "(informative)")
+    mnt = os.path.join(root, "mnt")
+    with mounted(os.path.join(root, "store"), mnt):
+        snaps = os.path.join(mnt, "vm1", "snapshots")
+        fs = median_ms(lambda: os.mkdir(os.path.join(snaps, f"fs{next(counter)}")), runs)
+    report("mkdir of a snapshot through the mount (ms)", f"{fs:.1f}", f"{fs / bare:.2f}x", "goal <= 1.5x")
+
+
+# ---- 2. scale: create with 10 vs 10,000 existing -----------------------------------------
+def synthesize(root: str, count: int, shape: str) -> tuple[str, str]:
+    """A store whose domain already has `count` snapshots, written directly (no fsync) so
+    the set-up takes seconds: a wide tree (every snapshot a child of the first) or a deep
+    chain. Layer files are real qcow2 overlays with the right backing links."""
+    store_root = os.path.join(root, f"store-{shape}-{count}")
+    base = os.path.join(root, "scale-base.qcow2")
+    if not os.path.exists(base):
+        qemu_img("create", "-q", "-f", "qcow2", base, str(GiB))
+    core = StoreCore(store_root)
+    trio.run(core.define, "vm1", [("vda", base, "qcow2")])
+    files = core.domain("vm1").files
+    layers = files.layers_dir("vda")
+    ids = [f"{i:08d}-0000-4000-8000-000000000000" for i in range(count)]
+    now = int(time.time()) - count
+    template = os.path.join(root, "template.qcow2")
+    for i, snap_id in enumerate(ids):
+        parent = None if i == 0 else (ids[0] if shape == "wide" else ids[i - 1])
+        record = SnapshotRecord(snap_id, f"s{i:05d}", parent, now + i)
+        with open(os.path.join(files.snapshots_dir, f"{snap_id}.json"), "w") as f:
+            json.dump(asdict(record), f)
+        layer = os.path.join(layers, f"{snap_id}.qcow2")
+        backing = base if parent is None else f"{parent}.qcow2"
+        if shape == "wide" and i >= 2:
+            shutil.copyfile(template, layer)
+        else:
+            qemu_img(
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                backing,
+                "-F",
+                "qcow2" if parent else "qcow2",
+                layer,
+                str(GiB),
+            )
+            if shape == "wide" and i == 1:
+                shutil.copyfile(layer, template)
+    last = ids[-1]
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        f"{last}.qcow2",
+        "-F",
+        "qcow2",
+        os.path.join(layers, "live.qcow2"),
+        str(GiB),
+    )
+    write_json(files.file("state.json"), {"current": last, "generation": 1})
+    return store_root, os.path.join(root, f"mnt-{shape}-{count}")
+
+
+def create_in_one_process_ms(store_root: str, runs: int) -> float:
+    """Creates through one long-lived core, as the mount does (the metadata is loaded once)."""
+
+    async def main() -> float:
+        dom = StoreCore(store_root).domain("vm1")
+        dom.view()
+        times = []
+        for i in range(runs):
+            start = time.perf_counter()
+            await dom.create(f"bench{i}")
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+
+    return trio.run(main)
+
+
+def section_scale(root: str, runs: int = 15) -> None:
+    results = {}
+    for shape, small, large in (("wide", 10, 10_000), ("deep", 10, 1_000)):
+        for count in (small, large):
+            started = time.perf_counter()
+            store_root, mnt = synthesize(root, count, shape)
+            print(f"  (synthesized {count} {shape} in {time.perf_counter() - started:.0f} s)", flush=True)
+            results[shape, count] = create_in_one_process_ms(store_root, runs)
+            report(f"create with {count} existing, {shape} (ms)", f"{results[shape, count]:.1f}")
+            if shape == "wide" and count == large:
+                section_ls(store_root, mnt)
+        ratio = results[shape, large] / results[shape, small]
+        report(f"create at {large} / at {small} snapshots, {shape}", "", f"{ratio:.2f}x", "goal <= 1.2x")
+
+
+# ---- 3. ls -l of 10,000, mount start-up, memory -----------------------------------------------
+def section_ls(store_root: str, mnt: str) -> None:
+    os.makedirs(mnt, exist_ok=True)
+    start = time.perf_counter()
+    with mounted(store_root, mnt) as proc:
+        report("mount start-up with 10,000 snapshots (ms)", f"{(time.perf_counter() - start) * 1000:.0f}")
+        snaps = os.path.join(mnt, "vm1", "snapshots")
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            out = subprocess.run(["ls", "-l", snaps], check=True, capture_output=True).stdout
+            times.append(time.perf_counter() - t)
+        assert out.count(b"\n") >= 10_000
+        report("ls -l of snapshots/ with 10,000 (s)", f"{statistics.median(times):.2f}", "", "goal < 1 s")
+        with open(f"/proc/{proc.pid}/status") as f:
+            rss = next(line.split()[1] for line in f if line.startswith("VmRSS"))
+        report("daemon resident memory at 10,000 snapshots (MiB)", f"{int(rss) / 1024:.0f}")
+
+
+# ---- 4. merge / discard / revert against bare qemu-img ----------------------------------------
+def section_merge(root: str, size: int = 256 * MiB, runs: int = 3) -> None:
+    """Merge of S whose dependent (the live disk) holds `size` bytes: snapfs commits the
+    dependent into L(S) and renames; bare: `qemu-img commit -d` of the same pair."""
+    merge_times, bare_times, discard_times, rm_times, revert_times, create_times = [], [], [], [], [], []
+    for run in range(runs):
+        sub = os.path.join(root, f"merge{run}")
+        os.makedirs(sub)
+        dom = new_domain(sub, disks=1)
+        live = dom.core.live_path("vda")
+        qemu_io_write(live, 0x11, 0, size)
+        snap = dom.snapshot_create_xml("<domainsnapshot><name>s</name></domainsnapshot>")
+        qemu_io_write(live, 0x22, 0, size)
+        layer = snap.layer_paths()["vda"]
+        # bare: the same two files, copied
+        bare_dir = os.path.join(sub, "bare")
+        os.makedirs(bare_dir)
+        shutil.copy(layer, os.path.join(bare_dir, os.path.basename(layer)))
+        bare_top = os.path.join(bare_dir, "live.qcow2")
+        shutil.copy(live, bare_top)
+        subprocess.run(["sync"], check=True)
+        t = time.perf_counter()
+        qemu_img("commit", "-q", "-f", "qcow2", "-d", bare_top)
+        bare_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        snap.deactivate(snapfs.DeactivateFlags.MERGE)
+        merge_times.append(time.perf_counter() - t)
+        # discard of a leaf holding `size` bytes vs rm
+        snap2 = dom.snapshot_create_xml("<domainsnapshot><name>t</name></domainsnapshot>")
+        dom.create_with_snapshot(snap2)
+        qemu_io_write(live, 0x33, 0, size)
+        leaf = dom.snapshot_create_xml("<domainsnapshot><name>leaf</name></domainsnapshot>")
+        t = time.perf_counter()
+        dom.create_with_snapshot(snap2)
+        revert_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        qemu_img(
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            os.path.basename(layer),
+            "-F",
+            "qcow2",
+            os.path.join(bare_dir, "revert.qcow2"),
+            str(GiB),
+        )
+        create_times.append(time.perf_counter() - t)
+        copy = os.path.join(bare_dir, "leafcopy.qcow2")
+        shutil.copy(leaf.layer_paths()["vda"], copy)
+        t = time.perf_counter()
+        leaf.deactivate(snapfs.DeactivateFlags.DISCARD)
+        discard_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        os.unlink(copy)
+        rm_times.append(time.perf_counter() - t)
+        shutil.rmtree(sub)
+    merge, bare = statistics.median(merge_times), statistics.median(bare_times)
+    report(f"bare qemu-img commit -d of {size // MiB} MiB (s)", f"{bare:.2f}")
+    report(
+        f"merge (one dependent, {size // MiB} MiB) through the API (s)",
+        f"{merge:.2f}",
+        f"{merge / bare:.2f}x",
+        "goal <= 1.2x",
+    )
+    rev, cr = statistics.median(revert_times) * 1000, statistics.median(create_times) * 1000
+    report("revert through the API (ms) / bare qemu-img create", f"{rev:.1f}", f"{rev / cr:.2f}x", "goal <= 1.2x")
+    dis, rm = statistics.median(discard_times) * 1000, statistics.median(rm_times) * 1000
+    report(
+        f"discard of a {size // MiB} MiB leaf (ms) / bare rm",
+        f"{dis:.1f}",
+        f"{dis / max(rm, 0.01):.1f}x",
+        "goal <= 1.2x",
+    )
+
+
+# ---- 5. 1,000 x cat xml and stat through the mount -----------------------------------------------
+def section_reads(root: str) -> None:
+    dom = new_domain(root)
+    for i in range(20):
+        dom.snapshot_create_xml(f"<domainsnapshot><name>s{i}</name></domainsnapshot>")
+    mnt = os.path.join(root, "mnt")
+    with mounted(os.path.join(root, "store"), mnt):
+        snaps = os.path.join(mnt, "vm1", "snapshots")
+        paths = [os.path.join(snaps, f"s{i % 20}", "xml") for i in range(1000)]
+        t = time.perf_counter()
+        for p in paths:
+            with open(p, "rb") as f:
+                f.read()
+        report("1,000 x cat xml through the mount (s)", f"{time.perf_counter() - t:.2f}", "", "goal < 1 s")
+        t = time.perf_counter()
+        for p in paths:
+            os.stat(p)
+        report("1,000 x stat through the mount (s)", f"{time.perf_counter() - t:.2f}", "", "goal < 1 s")
+
+
+# ---- 6. concurrency: ls of one domain during a merge on another --------------------------------
+def section_concurrency(root: str, size: int = 512 * MiB) -> None:
+    store = snapfs.open_store(os.path.join(root, "store"))
+    bases = []
+    for name in ("busy", "idle"):
+        base = os.path.join(root, f"{name}.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", base, str(GiB))
+        bases.append(store.define(name, [("vda", base, "qcow2")]))
+    busy, idle = bases
+    for i in range(20):
+        idle.snapshot_create_xml(f"<domainsnapshot><name>s{i}</name></domainsnapshot>")
+    live = busy.core.live_path("vda")
+    qemu_io_write(live, 0x11, 0, size)
+    busy.snapshot_create_xml("<domainsnapshot><name>big</name></domainsnapshot>")
+    qemu_io_write(live, 0x22, 0, size)
+    mnt = os.path.join(root, "mnt")
+    with mounted(os.path.join(root, "store"), mnt):
+        idle_snaps = os.path.join(mnt, "idle", "snapshots")
+
+        def ls_ms() -> float:
+            return median_ms(lambda: subprocess.run(["ls", "-l", idle_snaps], check=True, capture_output=True), 15)
+
+        quiet = ls_ms()
+        merger = threading.Thread(
+            target=lambda: subprocess.run(["bash", "-c", f"echo merge > {mnt}/busy/snapshots/big/control"], check=False)
+        )
+        merger.start()
+        time.sleep(0.2)
+        during = ls_ms()
+        still_merging = merger.is_alive()
+        merger.join()
+    report("ls -l of another domain, quiet (ms)", f"{quiet:.1f}")
+    report(
+        "ls -l of another domain during a merge (ms)",
+        f"{during:.1f}",
+        f"{during / quiet:.2f}x",
+        "goal <= 2x" + ("" if still_merging else " (merge ended before the runs did)"),
+    )
+
+
+SECTIONS = {
+    "create": section_create,
+    "scale": section_scale,
+    "merge": section_merge,
+    "reads": section_reads,
+    "concurrency": section_concurrency,
+}
+
+
+def main(argv: list[str]) -> None:
+    chosen = argv or list(SECTIONS)
+    unknown = [c for c in chosen if c not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    print(f"{'figure':<58} {'value':>12} {'ratio':>9} goal")
+    for name in chosen:
+        with tempfile.TemporaryDirectory(prefix=f"snapfs-bench-{name}-", dir=os.environ.get("BENCH_DIR")) as root:
+            SECTIONS[name](root)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
