@@ -299,7 +299,7 @@ class DomainCore:
             ]
         else:
             # Two or more dependents: each is rebased (safe, on a copy) onto S's parent.
-            for dep in deps[:1]:
+            for dep in deps:
                 steps += [self._rebase_step(d, dep, snap.parent) for d in self.disks]
             steps += [_step("delete", path=self._rel_layer(d, snap_id)) for d in self.disks]
         # Clusters moved by commit or rebase arrive uncompressed (a commit even rewrites the
