@@ -146,17 +146,16 @@ class DomainCore:
         view = self.view()
         snap = self.get(snap_id, view)
         parent = view.snapshots.get(snap.parent) if snap.parent else None
-        record = self.record()
+        layers = {d.target: self.layer_path(d.target, snap.id) for d in self.disks}
         return xml.snapshot_xml(
             name=snap.name,
             description=snap.description,
             state=snap.state,
             creation_time=snap.creation_time,
             parent_name=parent.name if parent else None,
-            domain_name=record.name,
-            domain_uuid=record.uuid,
+            domain=xml.domain_xml_on_layers(self.files.original_xml(), layers),
             compression=snap.compression,
-            disks=[(d.target, self.layer_path(d.target, snap.id)) for d in self.disks],
+            disks=list(layers.items()),
         )
 
     def last_error(self) -> str:

@@ -81,8 +81,7 @@ def snapshot_xml(
     state: str,
     creation_time: int,
     parent_name: str | None,
-    domain_name: str,
-    domain_uuid: str,
+    domain: str,
     compression: str,
     disks: list[tuple[str, str]],
 ) -> str:
@@ -95,9 +94,9 @@ def snapshot_xml(
     _sub(root, "creationdate", iso_utc(creation_time))
     if parent_name is not None:
         _sub(_sub(root, "parent"), "name", parent_name)
-    dom = _sub(root, "domain")
-    _sub(dom, "name", domain_name)
-    _sub(dom, "uuid", domain_uuid)
+    # The whole domain definition (name and uuid first), as libvirt embeds it: its
+    # snapshot-create --redefine refuses a <domain> that is not a full definition.
+    root.append(parse(domain, "stored domain XML"))
     _sub(root, "compression", compression)
     disks_node = _sub(root, "disks")
     for target, layer in disks:
@@ -132,7 +131,11 @@ def parse_domain_xml(text: str | bytes) -> tuple[DomainDef, str]:
     name = (root.findtext("name") or "").strip()
     if not name:
         raise invalid("The domain XML has no <name>.")
-    uuid = (root.findtext("uuid") or "").strip() or str(uuidlib.uuid4())
+    uuid = (root.findtext("uuid") or "").strip()
+    if not uuid:
+        uuid = str(uuidlib.uuid4())
+        root.find("name").addnext(etree.Element("uuid"))
+        root.find("uuid").text = uuid
     disks: list[DiskDef] = []
     skipped: list[str] = []
     for disk in root.findall("./devices/disk"):
@@ -171,13 +174,14 @@ def minimal_domain_xml(name: str, uuid: str, disks: list[DiskDef]) -> str:
     return etree.tostring(root, encoding="unicode")
 
 
-def domain_xml_on_layers(original: str, live_layers: dict[str, str]) -> str:
-    """The domain XML with each snapshotted disk pointing at its live qcow2 layer."""
+def domain_xml_on_layers(original: str, layers: dict[str, str]) -> str:
+    """The domain XML with each snapshotted disk pointing at a qcow2 layer (the live
+    layers for dumpxml; a snapshot's layers inside its snapshot XML)."""
     root = parse(original, "stored domain XML")
     for disk in root.findall("./devices/disk"):
         target = disk.find("target")
         dev = target.get("dev") if target is not None else None
-        if dev not in live_layers:
+        if dev not in layers:
             continue
         driver = disk.find("driver")
         if driver is None:
@@ -187,6 +191,6 @@ def domain_xml_on_layers(original: str, live_layers: dict[str, str]) -> str:
         source = disk.find("source")
         if source is None:
             source = _sub(disk, "source")
-        source.set("file", live_layers[dev])
+        source.set("file", layers[dev])
     etree.indent(root, space="  ")
     return etree.tostring(root, encoding="unicode") + "\n"
