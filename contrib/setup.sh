@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
+packages=(qemu-utils fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libvirt-clients)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

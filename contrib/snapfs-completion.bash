@@ -38,7 +38,7 @@ _snapfs() {
                 && [[ $verb != snapshot-create* && $verb != snapshot-list && $verb != snapshot-current ]]; then
                 COMPREPLY=($(compgen -W "$(snapfs "${store[@]}" snapshot-list "${args[0]}" --name 2>/dev/null)" -- "$cur"))
             elif [[ $verb == snapshot-compress ]] && ((${#args[@]} == 2)); then
-                COMPREPLY=($(compgen -W "gzip zstd none" -- "$cur"))
+                COMPREPLY=($(compgen -W $'gzip\nzstd\nnone' -- "$cur"))
             fi
             ;;
     esac
