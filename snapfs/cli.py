@@ -374,7 +374,34 @@ async def _current(dom: DomainCore, name_only: bool) -> str:
 async def _main(args: argparse.Namespace) -> str:
     store = StoreCore(args.store or default_store_path())
     await store.recover()
-    return await _run_verb(store, args)
+    if not (sys.stderr.isatty() and getattr(args, "domain", None)):
+        return await _run_verb(store, args)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_show_progress, store, args.domain)
+        try:
+            return await _run_verb(store, args)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _show_progress(store: StoreCore, domain: str) -> None:
+    """On a terminal: one line that follows the domain's job file (qemu-img's progress)."""
+    shown = ""
+    try:
+        files = store.domain(domain).files
+        while True:
+            line = files.job().strip()
+            if line != shown:
+                sys.stderr.write(f"\r\033[K{line}")
+                sys.stderr.flush()
+                shown = line
+            await trio.sleep(0.2)
+    except SnapfsError:
+        return
+    finally:
+        if shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
 
 
 def _spell_out_compress(argv: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ except the read-only checks made before a plan is written.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -16,7 +17,7 @@ import re
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import trio
@@ -30,6 +31,7 @@ from .store import LIVE, DiskRecord, DomainFiles, DomainRecord, MetadataView, Sn
 CONTROL_WORDS = ("merge", "merge-force", "discard", "discard-force", "revert", "deactivate")
 MAX_DESCRIPTION_BYTES = 64 * 1024
 MAX_NAME_BYTES = 255
+JOB_UPDATE_SECONDS = 0.25
 BASE_FORMATS = ("qcow2", "raw")
 
 
@@ -91,6 +93,7 @@ class Plan:
     steps: list[dict]
     touched: list[str] = field(default_factory=list)
     result: object = None
+    subject: str = ""
 
 
 def _names(view: MetadataView, ids: list[str]) -> str:
@@ -253,7 +256,7 @@ class DomainCore:
         if kind != "none":
             steps += [self._recompress_step(d, snap.id, snap.parent, kind) for d in self.disks]
         steps.append(_state(snap.id))
-        return Plan(steps, [self.live_path(d.target) for d in self.disks], snap)
+        return Plan(steps, [self.live_path(d.target) for d in self.disks], snap, snap.name)
 
     @staticmethod
     def _default_name(view: MetadataView, now: int) -> str:
@@ -263,9 +266,9 @@ class DomainCore:
         return name
 
     def _plan_revert(self, view: MetadataView, snap_id: str) -> Plan:
-        self.get(snap_id, view)
+        snap = self.get(snap_id, view)
         steps = [self._overlay_step(d, snap_id) for d in self.disks] + [_state(snap_id)]
-        return Plan(steps, [self.live_path(d.target) for d in self.disks])
+        return Plan(steps, [self.live_path(d.target) for d in self.disks], subject=snap.name)
 
     def _plan_discard(self, view: MetadataView, snap_id: str) -> Plan:
         snap = self.get(snap_id, view)
@@ -279,7 +282,7 @@ class DomainCore:
         steps = [_step("meta_delete", id=snap_id)]
         steps += [_step("delete", path=self._rel_layer(d, snap_id)) for d in self.disks]
         steps.append(_state(view.current))
-        return Plan(steps, self._layer_paths([snap_id]))
+        return Plan(steps, self._layer_paths([snap_id]), subject=snap.name)
 
     def _plan_merge(self, view: MetadataView, snap_id: str) -> Plan:
         snap = self.get(snap_id, view)
@@ -313,7 +316,7 @@ class DomainCore:
         touched = self._layer_paths([snap_id]) + [
             self.files.file(self._rel_dependent(d, dep)) for dep in deps for d in self.disks
         ]
-        return Plan(steps, touched)
+        return Plan(steps, touched, subject=snap.name)
 
     def _plan_discard_force(self, view: MetadataView, snap_id: str) -> Plan:
         snap = self.get(snap_id, view)
@@ -327,7 +330,7 @@ class DomainCore:
         steps += [_step("meta_delete", id=node) for node in reversed(doomed)]
         steps += [_step("delete", path=self._rel_layer(d, node)) for node in doomed for d in self.disks]
         steps.append(_state(snap.parent if live_inside else view.current))
-        return Plan(steps, touched)
+        return Plan(steps, touched, subject=snap.name)
 
     def _plan_deactivate(self, view: MetadataView, snap_id: str) -> Plan:
         snap = self.get(snap_id, view)
@@ -335,7 +338,7 @@ class DomainCore:
             return Plan([])
         steps = [self._rebase_step(d, LIVE_DEPENDENT, snap.parent) for d in self.disks]
         steps.append(_state(snap.parent))
-        return Plan(steps, [self.live_path(d.target) for d in self.disks])
+        return Plan(steps, [self.live_path(d.target) for d in self.disks], subject=snap.name)
 
     def _plan_rename(self, view: MetadataView, snap_id: str, new_name: str) -> Plan:
         snap = self.get(snap_id, view)
@@ -344,19 +347,19 @@ class DomainCore:
             return Plan([])
         if view.by_name(new_name) is not None:
             raise exists(f"Domain {self.name!r} already has a snapshot named {new_name!r}.")
-        return Plan([_meta_write(replace(snap, name=new_name)), _state(view.current)])
+        return Plan([_meta_write(replace(snap, name=new_name)), _state(view.current)], subject=snap.name)
 
     def _plan_description(self, view: MetadataView, snap_id: str, text: str) -> Plan:
         snap = self.get(snap_id, view)
         validate_description(text)
-        return Plan([_meta_write(replace(snap, description=text)), _state(view.current)])
+        return Plan([_meta_write(replace(snap, description=text)), _state(view.current)], subject=snap.name)
 
     def _plan_compression(self, view: MetadataView, snap_id: str, kind: str) -> Plan:
         snap = self.get(snap_id, view)
         kind = validate_compression(kind)
         steps = [self._recompress_step(d, snap_id, snap.parent, kind) for d in self.disks]
         steps += [_meta_write(replace(snap, compression=kind)), _state(view.current)]
-        return Plan(steps, self._layer_paths([snap_id]))
+        return Plan(steps, self._layer_paths([snap_id]), subject=snap.name)
 
     # ---- plan helpers -----------------------------------------------------------------
     def _rel(self, path: str) -> str:
@@ -395,7 +398,7 @@ class DomainCore:
                 _name_changed_snapshots(plan.steps)
                 if plan.steps:
                     self._refuse_if_in_use(plan.touched)
-                    journal = {"operation": operation, "steps": plan.steps, "done": 0}
+                    journal = {"operation": operation, "subject": plan.subject, "steps": plan.steps, "done": 0}
                     await trio.to_thread.run_sync(self.files.write_journal, journal)
                     await self._carry_out(journal, recovering=False)
                 return plan.result
@@ -420,12 +423,37 @@ class DomainCore:
         for index in range(journal["done"], len(steps)):
             point = f"{journal['operation']}:{index}:{steps[index]['do']}"
             _fault_point(point, "before", recovering)
-            await self._run_step(steps[index], recovering)
+            with self._job(journal, index):
+                await self._run_step(steps[index], recovering)
             _fault_point(point, "after", recovering)
             journal["done"] = index + 1
             if journal["done"] < len(steps):
                 await trio.to_thread.run_sync(self.files.write_journal, journal)
         await trio.to_thread.run_sync(self.files.clear_journal)
+        self.files.clear_job()
+
+    @contextlib.contextmanager
+    def _job(self, journal: dict, index: int) -> Iterator[None]:
+        """Keep the domain's job file saying what runs now ("merge s1: step 3 of 7,
+        commit, 42%"), fed by qemu-img's own progress, at most a few times a second."""
+        steps = journal["steps"]
+        head = f"{journal['operation']} {journal.get('subject', '')}".rstrip()
+        head += f": step {index + 1} of {len(steps)}, {steps[index]['do']}"
+        last = [0.0]
+
+        def report(percent: float) -> None:
+            now = time.monotonic()
+            if now - last[0] >= JOB_UPDATE_SECONDS or percent >= 100:
+                last[0] = now
+                self.files.write_job(f"{head}, {percent:.0f}%\n")
+
+        if steps[index]["do"] in ("commit", "rebase", "recompress"):
+            report(0.0)
+        token = qemu.PROGRESS.set(report)
+        try:
+            yield
+        finally:
+            qemu.PROGRESS.reset(token)
 
     async def _run_step(self, step: dict, recovering: bool) -> None:
         path = self.files.file
@@ -458,6 +486,7 @@ class DomainCore:
             return
         await self._carry_out(journal, recovering=True)
         await trio.to_thread.run_sync(self._remove_leftovers)
+        self.files.clear_job()
 
     def _remove_leftovers(self) -> None:
         """Temporary files of the interrupted operation: never anything a layer needs."""

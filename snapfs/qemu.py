@@ -7,12 +7,15 @@ carrying qemu's own message.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import fcntl
 import json
 import os
+import re
 import struct
 import subprocess
+from collections.abc import Callable
 
 import trio
 
@@ -35,7 +38,19 @@ def _error_for(what: str, stderr: bytes) -> SnapfsError:
     return SnapfsError(errno.EIO, f"{what} failed (qemu: {message})")
 
 
+# Set by domain.py around a step: called with qemu-img's percentage (0-100) as long
+# commits, rebases and conversions go. A context variable, so the engine stays unaware.
+PROGRESS: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar(
+    "snapfs_progress", default=None
+)
+_PROGRESS_VERBS = ("commit", "rebase", "convert")
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
 async def _run(program: str, args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> tuple[int, bytes]:
+    report = PROGRESS.get()
+    if report is not None and program == QEMU_IMG and args[0] in _PROGRESS_VERBS:
+        return await _run_reporting(program, [args[0], "-p", *(a for a in args[1:] if a != "-q")], what, ok, report)
     try:
         result = await trio.run_process(
             [program, *args],
@@ -50,6 +65,45 @@ async def _run(program: str, args: list[str], what: str, ok: tuple[int, ...] = (
     if result.returncode not in ok:
         raise _error_for(what, result.stderr)
     return result.returncode, result.stdout
+
+
+async def _run_reporting(
+    program: str, args: list[str], what: str, ok: tuple[int, ...], report: Callable[[float], None]
+) -> tuple[int, bytes]:
+    """Run qemu-img -p, passing each percentage it prints to `report`."""
+    try:
+        proc = await trio.lowlevel.open_process(
+            [program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_ENV
+        )
+    except FileNotFoundError as exc:
+        raise SnapfsError(errno.EIO, f"{what} failed: {program} is not installed") from exc
+    errors = bytearray()
+
+    async def read_progress() -> None:
+        pending = b""
+        async for chunk in proc.stdout:
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            for match in (_PERCENT.search(line) for line in lines):
+                if match:
+                    report(float(match.group(1)))
+
+    async def read_errors() -> None:
+        async for chunk in proc.stderr:
+            errors.extend(chunk)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_progress)
+            nursery.start_soon(read_errors)
+        code = await proc.wait()
+    except BaseException:
+        proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+        raise
+    if code not in ok:
+        raise _error_for(what, bytes(errors))
+    return code, b""
 
 
 async def qemu_img(args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> tuple[int, bytes]:
