@@ -235,3 +235,21 @@ def test_in_use_image_is_refused(cli_domain, tmp_path):
     finally:
         with open(tmp_path / "pid") as f:
             os.kill(int(f.read()), 15)
+
+
+def test_readme_reference_matches_the_help():
+    """README's command-line reference names exactly the verbs `snapfs --help` lists,
+    and every verb's --help carries an example."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    documented = {line.split()[3] for line in block.splitlines() if line.startswith("snapfs [--store DIR] ")}
+    helped = subprocess.run([SNAPFS, "--help"], capture_output=True, text=True, check=True).stdout
+    listed = {
+        line.split()[0]
+        for line in helped.split("positional arguments:")[1].splitlines()[2:]
+        if line.startswith("    ") and not line.startswith("      ")
+    }
+    assert documented == listed
+    for verb in listed:
+        text = subprocess.run([SNAPFS, verb, "--help"], capture_output=True, text=True, check=True).stdout
+        assert f"example:\n  snapfs {verb}" in text or "example:\n  snapfs " in text, verb
