@@ -212,6 +212,7 @@ async def backing_file(path: str) -> str | None:
 # 100 + i, a user refusing to share it locks byte 200 + i, with OFD locks. Bit 1 is WRITE.
 _QEMU_WRITE_LOCK_BYTES = (101, 201)
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _FLOCK = "hhqqi4x"
 
 
@@ -234,10 +235,57 @@ def in_use(path: str) -> bool:
 
 def refuse_if_in_use(path: str) -> None:
     if in_use(path):
-        raise SnapfsError(errno.EBUSY, f"{path} is in use by another process (a running QEMU or qemu-nbd holds it).")
+        raise SnapfsError(
+            errno.EBUSY,
+            f"{path} is in use by another process (a running QEMU, qemu-nbd, or an open snapshot disk image).",
+        )
 
 
 async def top_layer_has_data(path: str) -> bool:
     """Whether the image itself (not its backing chain) holds any cluster."""
     _, out = await qemu_img(["map", "--output=json", "-f", "qcow2", path], f"mapping {path}")
     return any(extent["depth"] == 0 and (extent["data"] or extent["zero"]) for extent in json.loads(out))
+
+
+async def backing_chain(path: str) -> list[tuple[str, str]]:
+    """(file, format) of the image and every backing file, top first: the index is
+    `depth` in `qemu-img map`."""
+    _, out = await qemu_img(["info", "--backing-chain", "--output=json", "-f", "qcow2", path], f"reading {path}")
+    return [(os.path.abspath(i["filename"]), i["format"]) for i in json.loads(out)]
+
+
+async def extent_map(path: str) -> list[dict]:
+    """`qemu-img map --output=json` of the image through its whole chain."""
+    _, out = await qemu_img(["map", "--output=json", "-f", "qcow2", path], f"mapping {path}")
+    return json.loads(out)
+
+
+async def start_nbd_server(image: str, socket_path: str, pid_file: str) -> int:
+    """A read-only qemu-nbd on a unix socket (qemu-nbd --fork returns once it serves)."""
+    await _run(
+        "qemu-nbd",
+        [
+            "--fork",
+            "--read-only",
+            "--persistent",
+            "-f",
+            "qcow2",
+            f"--socket={socket_path}",
+            f"--pid-file={pid_file}",
+            image,
+        ],
+        f"exporting {image}",
+    )
+    with open(pid_file) as f:
+        return int(f.read().strip())
+
+
+def hold_read_locks(fd: int, path: str) -> None:
+    """Take the locks a QEMU reader takes (consistent read, and no writer allowed) on an
+    open image, so qemu-img, qemu and snapfs's own in-use check see it as in use; refuse
+    (EBUSY) if a writer (a commit in progress, a running QEMU) holds it."""
+    for byte in (100, 201):
+        fcntl.fcntl(fd, _F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
+    probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 101, 1, 0)
+    if struct.unpack(_FLOCK, fcntl.fcntl(fd, _F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK:
+        raise SnapfsError(errno.EBUSY, f"{path} is being written by another process; try again when it is done.")
