@@ -137,3 +137,46 @@ def layout_problems(domain) -> list[str]:
         if view.current is not None and view.current not in view.snapshots:
             problems.append(f"current {view.current} is not a snapshot")
     return problems
+
+
+# ---- added for the proof matrix (tests/test_crash.py, test_concurrency.py, test_fuzz.py) ----
+
+DOMAIN_DIR_ENTRIES = {"domain.json", "domain.xml", "state.json", "snapshots", "layers", "lock", "last-error"}
+
+
+def qemu_check_problems(path: str) -> list[str]:
+    """`qemu-img check` of one layer (no repair, no lock taken) and its dirty flag."""
+    args = ["qemu-img", "check", "-U", "-f", "qcow2", "--output=json", path]
+    run = subprocess.run(args, capture_output=True, text=True)
+    if run.returncode != 0:
+        return [f"qemu-img check {path}: status {run.returncode}: {run.stdout.strip()} {run.stderr.strip()}"]
+    info = image_info(path)
+    if info.get("dirty-flag") or info.get("format-specific", {}).get("data", {}).get("corrupt"):
+        return [f"{path}: dirty or corrupt: {info}"]
+    return []
+
+
+def store_integrity_problems(store_root: str, domain_name: str) -> list[str]:
+    """What is wrong with a domain on disk, whatever its content should be: a journal left
+    behind, stray files (temporaries) in the domain or snapshots directory, layer files
+    against the metadata (orphans, missing, backing links: helpers.layout_problems), and
+    `qemu-img check` of every layer. Empty when right."""
+    import snapfs
+
+    problems = []
+    path = os.path.join(store_root, "domains", domain_name)
+    stray = set(os.listdir(path)) - DOMAIN_DIR_ENTRIES
+    if stray:
+        problems.append(f"unexpected files in the domain directory: {sorted(stray)}")
+    domain = snapfs.Store(snapfs.api.StoreCore(store_root)).lookup_domain(domain_name)
+    view = domain.core.view()
+    metas = set(os.listdir(domain.core.files.snapshots_dir))
+    want = {f"{sid}.json" for sid in view.snapshots}
+    if metas != want:
+        problems.append(f"snapshot metadata files: extra {sorted(metas - want)} missing {sorted(want - metas)}")
+    problems += layout_problems(domain)
+    for disk in domain.core.disks:
+        directory = domain.core.files.layers_dir(disk.target)
+        for name in sorted(os.listdir(directory)):
+            problems += qemu_check_problems(os.path.join(directory, name))
+    return problems
