@@ -28,7 +28,7 @@ import stat
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -78,6 +78,12 @@ DIRECTORIES = {Kind.ROOT, Kind.DOMAIN, Kind.SNAPSHOTS, Kind.SNAPSHOT}
 SYMLINKS = {Kind.CURRENT, Kind.PARENT}
 WRITABLE = {Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL}
 XML_CACHE_SIZE = 4096
+RECORD_FIELDS = tuple(f.name for f in fields(SnapshotRecord))
+CONTROL_TEXT = (" ".join(CONTROL_WORDS) + "\n").encode()
+# How long the kernel may keep a node's attributes (never the entry: see attributes()).
+# Every lookup refreshes them, so this only matters for an fstat on a file held open,
+# or a stat of "." in a snapshot directory: those may show attributes up to this old.
+ATTR_TIMEOUT = 1.0
 ACTS_IN_WRITE = {Kind.COMPRESSION: "compression", Kind.CONTROL: "control"}
 
 
@@ -137,6 +143,43 @@ class FileHandle:
 class DirHandle:
     node: Node
     entries: list[tuple[bytes, Node]] = field(default_factory=list)
+
+
+class Now:
+    """One request's reading of the store: each domain is resolved, and its metadata
+    read, at most once per request (a listing or a lookup asks for them many times)."""
+
+    __slots__ = ("store", "known", "_cores", "_views", "_names")
+
+    def __init__(self, store: StoreCore, known: dict[str, DomainCore]) -> None:
+        self.store = store
+        self.known = known  # the filesystem's domains seen so far, by name
+        self._cores: dict[str, DomainCore] = {}
+        self._views: dict[str, MetadataView] = {}
+        self._names: list[str] | None = None
+
+    def domain(self, name: str) -> DomainCore:
+        """The domain if it exists now (ENOENT otherwise). A name seen before needs only
+        the existence check (one stat); a new one goes through the store's checks."""
+        core = self._cores.get(name)
+        if core is None:
+            core = self.known.get(name)
+            if core is None or not core.files.exists():
+                self.known.pop(name, None)
+                core = self.known[name] = self.store.domain(name)
+            self._cores[name] = core
+        return core
+
+    def view(self, name: str) -> MetadataView:
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self.domain(name).view()
+        return view
+
+    def domain_names(self) -> list[str]:
+        if self._names is None:
+            self._names = self.store.domain_names()
+        return self._names
 
 
 class Refusal(Exception):
@@ -207,7 +250,9 @@ class SnapFS(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._started_ns = time.time_ns()
-        self._xml_cache: OrderedDict[Node, tuple[int, bytes]] = OrderedDict()
+        self._xml_cache: OrderedDict[Node, tuple[tuple, bytes]] = OrderedDict()
+        self._domain_xml: dict[str, tuple[tuple, bytes]] = {}
+        self._known: dict[str, DomainCore] = {}
 
     # ---- errors -----------------------------------------------------------------------
     def domain_of(self, key: object, by_handle: bool) -> str:
@@ -232,30 +277,34 @@ class SnapFS(pyfuse3.Operations):
             log.exception("cannot record the refusal in last-error")
 
     # ---- the tree ---------------------------------------------------------------------
+    def now(self) -> Now:
+        return Now(self.store, self._known)
+
     def domain(self, node: Node) -> DomainCore:
         return self.store.domain(node.dom)
 
-    def snapshot(self, node: Node, view: MetadataView | None = None) -> SnapshotRecord:
-        view = view or self.domain(node).view()
-        record = view.snapshots.get(node.snap)
+    @staticmethod
+    def snapshot(node: Node, now: Now) -> SnapshotRecord:
+        record = now.view(node.dom).snapshots.get(node.snap)
         if record is None:
             raise FUSEError(errno.ENOENT)
         return record
 
-    def check(self, node: Node) -> None:
+    def check(self, node: Node, now: Now) -> None:
         """ENOENT unless the node exists now."""
         if node.kind is Kind.ROOT:
             return
         if node.kind in SYMLINKS:
-            if self.symlink_target(node) is None:
+            if self.symlink_target(node, now) is None:
                 raise FUSEError(errno.ENOENT)
         elif node.snap:
-            self.snapshot(node)
+            self.snapshot(node, now)
         else:
-            self.domain(node)
+            now.domain(node.dom)
 
-    def symlink_target(self, node: Node) -> str | None:
-        view = self.domain(node).view()
+    @staticmethod
+    def symlink_target(node: Node, now: Now) -> str | None:
+        view = now.view(node.dom)
         if node.kind is Kind.CURRENT:
             current = view.snapshots.get(view.current) if view.current else None
             return f"snapshots/{current.name}" if current else None
@@ -265,34 +314,38 @@ class SnapFS(pyfuse3.Operations):
         parent = view.snapshots.get(record.parent) if record.parent else None
         return f"../{parent.name}" if parent else None
 
-    def entries(self, node: Node) -> Iterator[tuple[str, Node]]:
+    def entries(self, node: Node, now: Now) -> Iterator[tuple[str, Node]]:
         """The directory's entries as they are now."""
         if node.kind is Kind.ROOT:
-            for name in self.store.domain_names():
+            for name in now.domain_names():
                 yield name, Node(Kind.DOMAIN, name)
         elif node.kind is Kind.DOMAIN:
             for name, kind in DOMAIN_ENTRIES.items():
-                if kind is not Kind.CURRENT or self.symlink_target(node.child(kind)) is not None:
+                if kind is not Kind.CURRENT or self.symlink_target(node.child(kind), now) is not None:
                     yield name, node.child(kind)
         elif node.kind is Kind.SNAPSHOTS:
-            view = self.domain(node).view()
+            view = now.view(node.dom)
             for record in sorted(view.snapshots.values(), key=lambda r: (r.creation_time, r.name)):
                 yield record.name, Node(Kind.SNAPSHOT, node.dom, record.id)
         elif node.kind is Kind.SNAPSHOT:
-            has_parent = self.snapshot(node).parent is not None
+            has_parent = self.snapshot(node, now).parent is not None
             for name, kind in SNAPSHOT_ENTRIES.items():
                 if kind is not Kind.PARENT or has_parent:
                     yield name, node.child(kind)
         else:
             raise FUSEError(errno.ENOTDIR)
 
-    def find(self, parent: Node, name: str) -> Node | None:
+    def find(self, parent: Node, name: str, now: Now) -> Node | None:
         if parent.kind is Kind.ROOT:
-            return Node(Kind.DOMAIN, name) if name in self.store.domain_names() else None
+            try:
+                now.domain(name)
+            except SnapfsError:
+                return None
+            return Node(Kind.DOMAIN, name)
         if parent.kind is Kind.DOMAIN:
             kind = DOMAIN_ENTRIES.get(name)
         elif parent.kind is Kind.SNAPSHOTS:
-            record = self.domain(parent).view().by_name(name)
+            record = now.view(parent.dom).by_name(name)
             return Node(Kind.SNAPSHOT, parent.dom, record.id) if record else None
         elif parent.kind is Kind.SNAPSHOT:
             kind = SNAPSHOT_ENTRIES.get(name)
@@ -301,7 +354,7 @@ class SnapFS(pyfuse3.Operations):
         if kind is None:
             return None
         child = parent.child(kind)
-        if kind in SYMLINKS and self.symlink_target(child) is None:
+        if kind in SYMLINKS and self.symlink_target(child, now) is None:
             return None
         return child
 
@@ -314,58 +367,82 @@ class SnapFS(pyfuse3.Operations):
             return Node(Kind.SNAPSHOT, node.dom, node.snap)
         return Node(Kind.DOMAIN, node.dom)
 
-    def content(self, node: Node) -> bytes:
+    def content(self, node: Node, now: Now) -> bytes:
         """What a read of a regular file returns, computed now (never waits for a lock)."""
-        dom = self.domain(node)
         if node.kind is Kind.DOMAIN_XML:
-            return document(dom.domain_xml())
+            return self.domain_xml(node, now)
         if node.kind is Kind.LAST_ERROR:
-            return document(dom.last_error())
+            return document(now.domain(node.dom).last_error())
         if node.kind is Kind.CONTROL:
-            return text_file(" ".join(CONTROL_WORDS))
+            return CONTROL_TEXT
         if node.kind is Kind.SNAP_XML:
-            return self.snapshot_xml(dom, node)
-        record = self.snapshot(node)
+            return self.snapshot_xml(node, now)
+        record = self.snapshot(node, now)
         values = {Kind.DESCRIPTION: record.description, Kind.STATE: record.state, Kind.COMPRESSION: record.compression}
         return text_file(values[node.kind])
 
-    def snapshot_xml(self, dom: DomainCore, node: Node) -> bytes:
-        """The snapshot XML, built once per metadata generation: a snapshot id is never
-        reused and every metadata change bumps the generation, so (node, generation)
-        names one text (stat gives its exact size on every call)."""
-        view = dom.view()
-        self.snapshot(node, view)
+    def domain_xml(self, node: Node, now: Now) -> bytes:
+        """The domain XML, built once per defined domain: it depends only on domain.xml
+        and the disks, fixed from define to undefine; a domain defined again under the
+        same name has a new epoch."""
+        dom = now.domain(node.dom)
+        key = (dom, now.view(node.dom).epoch)
+        cached = self._domain_xml.get(node.dom)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        data = document(dom.domain_xml())
+        self._domain_xml[node.dom] = (key, data)
+        return data
+
+    def snapshot_xml(self, node: Node, now: Now) -> bytes:
+        """The snapshot XML, built once per content: it depends on the snapshot's record,
+        its parent's name and the domain (fixed for a DomainCore and epoch): that is the
+        cache key, so any change (this snapshot's or its parent's) gives a new text, while
+        a change elsewhere in the domain keeps it. stat gives its exact size on every call."""
+        dom = now.domain(node.dom)
+        view = now.view(node.dom)
+        record = self.snapshot(node, now)
+        parent = view.snapshots.get(record.parent) if record.parent else None
+        key = (dom, view.epoch, *(getattr(record, name) for name in RECORD_FIELDS), parent.name if parent else None)
         cached = self._xml_cache.get(node)
-        if cached is not None and cached[0] == view.generation:
+        if cached is not None and cached[0] == key:
             self._xml_cache.move_to_end(node)
             return cached[1]
         data = document(dom.snapshot_xml(node.snap))
-        self._xml_cache[node] = (view.generation, data)
+        if dom.view() is not view:
+            return data  # changed meanwhile by another process: not known to match the key
+        self._xml_cache[node] = (key, data)
         if len(self._xml_cache) > XML_CACHE_SIZE:
             self._xml_cache.popitem(last=False)
         return data
 
-    def attributes(self, node: Node, view: MetadataView | None = None) -> pyfuse3.EntryAttributes:
-        """The node's attributes now; `view` saves re-reading metadata across a listing."""
+    def attributes(self, node: Node, now: Now) -> pyfuse3.EntryAttributes:
+        """The node's attributes now.
+
+        entry_timeout is 0 for every entry, so every path the kernel resolves is looked
+        up here again, and the lookup's answer carries the attributes as they are now:
+        a stat, ls or cat by path never sees an old answer. attr_timeout is what the
+        kernel may keep between the lookup and the permission check, open and fstat that
+        follow it in the same system call or the next (see ATTR_TIMEOUT)."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self.inodes.inode(node)
         entry.generation = 0
         entry.entry_timeout = 0
-        entry.attr_timeout = 0
+        entry.attr_timeout = ATTR_TIMEOUT
         entry.st_uid = self._uid
         entry.st_gid = self._gid
         entry.st_blksize = 4096
         stamp = self._started_ns
         if node.snap:
-            stamp = self.snapshot(node, view).creation_time * 1_000_000_000
+            stamp = self.snapshot(node, now).creation_time * 1_000_000_000
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
         if node.kind in DIRECTORIES:
             writable = node.kind is Kind.SNAPSHOTS
             entry.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
-            entry.st_nlink = self.directory_links(node)
+            entry.st_nlink = self.directory_links(node, now)
             entry.st_size = 0
         elif node.kind in SYMLINKS:
-            target = self.symlink_target(node)
+            target = self.symlink_target(node, now)
             if target is None:
                 raise FUSEError(errno.ENOENT)
             entry.st_mode = stat.S_IFLNK | 0o777
@@ -374,30 +451,39 @@ class SnapFS(pyfuse3.Operations):
         else:
             entry.st_mode = stat.S_IFREG | (0o644 if node.kind in WRITABLE else 0o444)
             entry.st_nlink = 1
-            entry.st_size = len(self.content(node))
+            entry.st_size = len(self.content(node, now))
         entry.st_blocks = (entry.st_size + 511) // 512
         return entry
 
-    def directory_links(self, node: Node) -> int:
-        """2 + the number of subdirectories."""
+    @staticmethod
+    def directory_links(node: Node, now: Now) -> int:
+        """2 + the number of subdirectories; 1 ("not counted", as btrfs and many FUSE
+        filesystems report) for the mount's root. The root is never looked up, so its
+        attributes come only from getattr, which the kernel asks before every path it
+        resolves here unless it may keep them: with nothing in them that can change, the
+        root's attributes are kept, and no stat can see an old link count."""
         if node.kind is Kind.ROOT:
-            return 2 + len(self.store.domain_names())
+            return 1
         if node.kind is Kind.DOMAIN:
             return 3
         if node.kind is Kind.SNAPSHOTS:
-            return 2 + len(self.domain(node).view().snapshots)
+            return 2 + len(now.view(node.dom).snapshots)
         return 2
 
     # ---- pending description stores -----------------------------------------------------
-    async def settled(self, node: Node) -> None:
-        """Wait for description stores of this snapshot still running after a close().
+    async def settled(self, node: Node) -> bool:
+        """Wait for description stores of this snapshot still running after a close();
+        True if it waited (what was read before is then out of date).
 
         FUSE sends release asynchronously: close() returns before the value is stored,
         so the next cat of description or xml waits for it here (not for the domain lock).
         """
-        if node.kind in (Kind.DESCRIPTION, Kind.SNAP_XML):
+        waited = False
+        if node.kind in (Kind.DESCRIPTION, Kind.SNAP_XML) and self._pending:
             for event in list(self._pending.get((node.dom, node.snap), ())):
                 await event.wait()
+                waited = True
+        return waited
 
     # ---- handles ----------------------------------------------------------------------
     def new_handle(self, handle: FileHandle | DirHandle) -> int:
@@ -416,24 +502,28 @@ class SnapFS(pyfuse3.Operations):
     @handler()
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.inodes.node(parent_inode)
-        self.check(parent)
+        now = self.now()
+        self.check(parent, now)
         if name == b".":
-            return self.attributes(parent)
+            return self.attributes(parent, now)
         if name == b"..":
-            return self.attributes(self.parent_of(parent))
+            return self.attributes(self.parent_of(parent), now)
         text = decode_name(name)
-        child = self.find(parent, text) if text is not None else None
+        child = self.find(parent, text, now) if text is not None else None
         if child is None:
             raise FUSEError(errno.ENOENT)
-        await self.settled(child)
-        return self.attributes(child)
+        if await self.settled(child):
+            now = self.now()
+        return self.attributes(child, now)
 
     @handler()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
-        self.check(node)
-        await self.settled(node)
-        return self.attributes(node)
+        now = self.now()
+        self.check(node, now)
+        if await self.settled(node):
+            now = self.now()
+        return self.attributes(node, now)
 
     @handler()
     async def setattr(
@@ -445,12 +535,12 @@ class SnapFS(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
-        self.check(node)
+        self.check(node, self.now())
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise Refusal(errno.EPERM, "setattr", f"The mode and owner of {self.path(node)} are fixed.")
         if fields.update_size:
             await self.truncate(node, attr.st_size, fh)
-        return self.attributes(node)  # atime/mtime updates (touch) are accepted and ignored
+        return self.attributes(node, self.now())  # atime/mtime updates (touch) are accepted and ignored
 
     async def truncate(self, node: Node, size: int, fh: int | None) -> None:
         if node.kind not in WRITABLE:
@@ -473,7 +563,7 @@ class SnapFS(pyfuse3.Operations):
         node = self.inodes.node(inode)
         if node.kind not in SYMLINKS:
             raise FUSEError(errno.EINVAL)
-        target = self.symlink_target(node)
+        target = self.symlink_target(node, self.now())
         if target is None:
             raise FUSEError(errno.ENOENT)
         return target.encode("utf-8")
@@ -492,7 +582,7 @@ class SnapFS(pyfuse3.Operations):
         parts = [node.dom]
         if node.kind is not Kind.DOMAIN:
             if node.snap:
-                record = self.domain(node).view().snapshots.get(node.snap)
+                record = self.now().view(node.dom).snapshots.get(node.snap)
                 parts += ["snapshots", record.name if record else node.snap]
                 if node.kind is not Kind.SNAPSHOT:
                     parts.append(self._entry_name(SNAPSHOT_ENTRIES, node.kind))
@@ -508,7 +598,7 @@ class SnapFS(pyfuse3.Operations):
     @handler()
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.inodes.node(inode)
-        self.check(node)
+        self.check(node, self.now())
         if node.kind not in DIRECTORIES:
             raise FUSEError(errno.ENOTDIR)
         return self.new_handle(DirHandle(node))
@@ -518,13 +608,13 @@ class SnapFS(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if not isinstance(handle, DirHandle):
             raise FUSEError(errno.EBADF)
+        now = self.now()
         if start_id == 0:
-            handle.entries = [(name.encode("utf-8"), node) for name, node in self.entries(handle.node)]
-        view = self.domain(handle.node).view() if handle.node.kind is Kind.SNAPSHOTS else None
+            handle.entries = [(name.encode("utf-8"), node) for name, node in self.entries(handle.node, now)]
         for index in range(start_id, len(handle.entries)):
             name, node = handle.entries[index]
             try:
-                attrs = self.attributes(node, view)
+                attrs = self.attributes(node, now)
             except (FUSEError, SnapfsError):
                 continue  # gone since the listing started
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
@@ -538,7 +628,7 @@ class SnapFS(pyfuse3.Operations):
     @handler()
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.inodes.node(inode)
-        self.check(node)
+        self.check(node, self.now())
         if node.kind in DIRECTORIES:
             raise FUSEError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
@@ -556,7 +646,7 @@ class SnapFS(pyfuse3.Operations):
         handle = self.file_handle(fh)
         if off == 0:
             await self.settled(handle.node)
-            handle.content = self.content(handle.node)
+            handle.content = self.content(handle.node, self.now())
         return handle.content[off : off + size]
 
     @handler(by_handle=True)
@@ -667,7 +757,7 @@ class SnapFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.node(parent_inode)
-        self.check(parent)
+        self.check(parent, self.now())
         if parent.kind is not Kind.SNAPSHOTS:
             raise Refusal(
                 errno.EACCES,
@@ -678,14 +768,15 @@ class SnapFS(pyfuse3.Operations):
         if text is None:
             raise Refusal(errno.EINVAL, "create", f"A snapshot name must be UTF-8: {name!r}.")
         record = await self.domain(parent).create(name=text)
-        return self.attributes(Node(Kind.SNAPSHOT, parent.dom, record.id))
+        return self.attributes(Node(Kind.SNAPSHOT, parent.dom, record.id), self.now())
 
     @handler()
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.inodes.node(parent_inode)
-        self.check(parent)
+        now = self.now()
+        self.check(parent, now)
         text = decode_name(name)
-        child = self.find(parent, text) if text is not None else None
+        child = self.find(parent, text, now) if text is not None else None
         if child is None:
             raise FUSEError(errno.ENOENT)
         if parent.kind is not Kind.SNAPSHOTS:
@@ -709,9 +800,10 @@ class SnapFS(pyfuse3.Operations):
     ) -> None:
         old_parent = self.inodes.node(parent_inode_old)
         new_parent = self.inodes.node(parent_inode_new)
-        self.check(old_parent)
+        now = self.now()
+        self.check(old_parent, now)
         old_text, new_text = decode_name(name_old), decode_name(name_new)
-        source = self.find(old_parent, old_text) if old_text is not None else None
+        source = self.find(old_parent, old_text, now) if old_text is not None else None
         if source is None:
             raise FUSEError(errno.ENOENT)
         if flags & pyfuse3.RENAME_EXCHANGE:

@@ -22,6 +22,7 @@ import fcntl
 import functools
 import json
 import os
+import stat
 import threading
 import time
 import uuid
@@ -158,6 +159,8 @@ class DomainFiles:
         self._cache: MetadataView | None = None
         self._seen: tuple[bytes, MetadataView] | None = None  # state.json's bytes and their view
         self._cache_lock = threading.Lock()
+        self._state_path = os.path.join(path, "state.json")
+        self._domain_json = os.path.join(path, "domain.json")
 
     # paths
     def file(self, name: str) -> str:
@@ -175,7 +178,10 @@ class DomainFiles:
         return os.path.join(self.layers_dir(target), f"{snap_id}.qcow2")
 
     def exists(self) -> bool:
-        return os.path.isfile(self.file("domain.json"))
+        try:
+            return stat.S_ISREG(os.stat(self._domain_json).st_mode)
+        except OSError:
+            return False
 
     # domain definition
     def record(self) -> DomainRecord:
@@ -200,7 +206,7 @@ class DomainFiles:
     def _state_bytes(self) -> bytes | None:
         """state.json as bytes (None when absent): a few syscalls, no parsing."""
         try:
-            fd = os.open(self.file("state.json"), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._state_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
