@@ -26,7 +26,17 @@ from . import layers, qemu, xml
 from .engine import QemuImgEngine
 from .errors import DependentsError, SnapfsError, busy, exists, invalid, io_error, not_found
 from .layers import LIVE_DEPENDENT
-from .store import LIVE, DiskRecord, DomainFiles, DomainRecord, MetadataView, SnapshotRecord, StoreFiles, write_json
+from .store import (
+    LIVE,
+    DirSyncs,
+    DiskRecord,
+    DomainFiles,
+    DomainRecord,
+    MetadataView,
+    SnapshotRecord,
+    StoreFiles,
+    write_json,
+)
 
 CONTROL_WORDS = ("merge", "merge-force", "discard", "discard-force", "revert", "deactivate")
 MAX_DESCRIPTION_BYTES = 64 * 1024
@@ -419,16 +429,22 @@ class DomainCore:
                 qemu.refuse_if_in_use(path)
 
     async def _carry_out(self, journal: dict, recovering: bool) -> None:
+        """Run the steps from journal["done"] on. Progress is recorded (after an fsync of
+        every directory the unrecorded steps changed) only where re-running the steps
+        since the last record could be wrong: see _must_record."""
         steps = journal["steps"]
+        syncs = DirSyncs()
         for index in range(journal["done"], len(steps)):
+            if _must_record(steps, journal["done"], index):
+                await trio.to_thread.run_sync(syncs.flush)
+                journal["done"] = index
+                await trio.to_thread.run_sync(self.files.write_journal, journal)
             point = f"{journal['operation']}:{index}:{steps[index]['do']}"
             _fault_point(point, "before", recovering)
             with self._job(journal, index):
-                await self._run_step(steps[index], recovering)
+                await self._run_step(steps[index], recovering, syncs)
             _fault_point(point, "after", recovering)
-            journal["done"] = index + 1
-            if journal["done"] < len(steps):
-                await trio.to_thread.run_sync(self.files.write_journal, journal)
+        await trio.to_thread.run_sync(syncs.flush)
         await trio.to_thread.run_sync(self.files.clear_journal)
         self.files.clear_job()
 
@@ -455,13 +471,13 @@ class DomainCore:
         finally:
             qemu.PROGRESS.reset(token)
 
-    async def _run_step(self, step: dict, recovering: bool) -> None:
+    async def _run_step(self, step: dict, recovering: bool, syncs: DirSyncs) -> None:
         path = self.files.file
         do = step["do"]
         if do == "overlay":
-            await self.engine.overlay(path(step["dst"]), step["backing"], step["fmt"], step["size"])
+            await self.engine.overlay(path(step["dst"]), step["backing"], step["fmt"], step["size"], syncs)
         elif do == "rename":
-            await self.engine.rename(path(step["src"]), path(step["dst"]))
+            await self.engine.rename(path(step["src"]), path(step["dst"]), syncs)
         elif do == "commit":
             await self.engine.commit(path(step["top"]), path(step["into"]), repair_first=recovering)
         elif do == "rebase":
@@ -469,13 +485,13 @@ class DomainCore:
         elif do == "recompress":
             await self.engine.recompress(path(step["layer"]), step["kind"], step["backing"], step["fmt"])
         elif do == "delete":
-            await self.engine.delete(path(step["path"]))
+            await self.engine.delete(path(step["path"]), syncs)
         elif do == "meta_write":
-            await trio.to_thread.run_sync(self.files.write_snapshot, SnapshotRecord.from_json(step["record"]))
+            await trio.to_thread.run_sync(self.files.write_snapshot, SnapshotRecord.from_json(step["record"]), syncs)
         elif do == "meta_delete":
-            await trio.to_thread.run_sync(self.files.delete_snapshot, step["id"])
+            await trio.to_thread.run_sync(self.files.delete_snapshot, step["id"], syncs)
         elif do == "state":
-            await trio.to_thread.run_sync(self.files.write_state, step["current"], step.get("changed"))
+            await trio.to_thread.run_sync(self.files.write_state, step["current"], step.get("changed"), syncs)
         else:
             raise io_error(f"The journal of domain {self.name!r} has an unknown step {do!r}.")
 
@@ -525,6 +541,55 @@ def _fault_point(point: str, when: str, recovering: bool) -> None:
             f.write(point + "\n")
     if os.environ.get("SNAPFS_CRASH_AT") == f"{point}:{when}":
         os._exit(CRASH_EXIT_STATUS)
+
+
+# Steps that only rename, create or delete whole files by name, and the names they use.
+_LIGHT_STEPS = {"overlay": ("dst",), "rename": ("src", "dst"), "delete": ("path",), "meta_write": (), "meta_delete": ()}
+
+
+def _step_names(step: dict) -> set[str]:
+    """The names (layer paths, snapshot metadata files) a light step reads or writes."""
+    if step["do"] == "meta_write":
+        return {"meta:" + step["record"]["id"]}
+    if step["do"] == "meta_delete":
+        return {"meta:" + step["id"]}
+    return {step[key] for key in _LIGHT_STEPS[step["do"]]}
+
+
+def _must_record(steps: list[dict], done: int, index: int) -> bool:
+    """Whether progress must be recorded (done = index) before step `index` runs.
+
+    After a crash, recovery re-runs every step from the recorded `done`, so steps
+    done..index-1 must be safe to run again once step `index` has run or half-run. They
+    are when they and step `index` are light steps on pairwise different names: such a
+    step's re-run depends on its own names only (rename: src gone and dst there, nothing
+    to do; delete: nothing to do; meta_write/meta_delete: the same file written or
+    removed again; overlay: a fresh empty overlay again, and nothing wrote into the
+    first one). Recorded first, as before every step until now:
+    - a commit, rebase or recompress, and the step after one: they read and write layer
+      data along backing chains;
+    - a step using a name an unrecorded step used: e.g. create's new overlay at live after
+      the rename of live to the snapshot's layer (re-running that rename would move the
+      new, empty live over the snapshot's layer);
+    - the state step, when an overlay is unrecorded: once state.json shows the result the
+      live disk may be used, and a re-run overlay would drop what was written to it.
+    """
+    if index == done:
+        return False
+    window = steps[done : index + 1]
+    if any(step["do"] not in _LIGHT_STEPS for step in window[:-1]):
+        return True
+    if steps[index]["do"] == "state":
+        return any(step["do"] == "overlay" for step in window[:-1])
+    if steps[index]["do"] not in _LIGHT_STEPS:
+        return True
+    seen: set[str] = set()
+    for step in window:
+        names = _step_names(step)
+        if names & seen:
+            return True
+        seen |= names
+    return False
 
 
 def _name_changed_snapshots(steps: list[dict]) -> None:

@@ -14,33 +14,46 @@ import trio
 
 from . import qemu
 from .errors import io_error
-from .store import fsync_dir, fsync_file, unlink_if_present
+from .store import DirSyncs, fsync_file, sync_dir_of, unlink_if_present
 
 
 async def _in_thread(fn, *args) -> None:
     await trio.to_thread.run_sync(fn, *args)
 
 
-async def _install(tmp: str, dst: str) -> None:
-    """fsync tmp, rename it over dst, fsync the directory."""
-    await _in_thread(fsync_file, tmp)
-    await _in_thread(os.rename, tmp, dst)
-    await _in_thread(fsync_dir, os.path.dirname(dst))
+def _install_now(tmp: str, dst: str, syncs: DirSyncs | None) -> None:
+    fsync_file(tmp)
+    os.rename(tmp, dst)
+    sync_dir_of(dst, syncs)
+
+
+async def _install(tmp: str, dst: str, syncs: DirSyncs | None = None) -> None:
+    """fsync tmp, rename it over dst, fsync the directory (now, or at syncs.flush())."""
+    await _in_thread(_install_now, tmp, dst, syncs)
+
+
+def _move(src: str, dst: str, syncs: DirSyncs | None) -> None:
+    if os.path.exists(src):
+        _install_now(src, dst, syncs)
+    elif not os.path.exists(dst):
+        raise io_error(f"Layer {src} is missing, so it cannot be moved to {dst}.")
 
 
 class QemuImgEngine:
-    async def overlay(self, dst: str, backing: str, backing_fmt: str, size: int) -> None:
+    """Every step method may be given a DirSyncs: the directory fsync that makes its
+    rename or unlink durable is then left to the caller's next syncs.flush()."""
+
+    async def overlay(
+        self, dst: str, backing: str, backing_fmt: str, size: int, syncs: DirSyncs | None = None
+    ) -> None:
         """An empty overlay at dst on `backing`, replacing whatever dst was."""
         tmp = dst + ".new"
         await _in_thread(unlink_if_present, tmp)
         await qemu.create_overlay(tmp, backing, backing_fmt, size)
-        await _install(tmp, dst)
+        await _install(tmp, dst, syncs)
 
-    async def rename(self, src: str, dst: str) -> None:
-        if os.path.exists(src):
-            await _install(src, dst)
-        elif not os.path.exists(dst):
-            raise io_error(f"Layer {src} is missing, so it cannot be moved to {dst}.")
+    async def rename(self, src: str, dst: str, syncs: DirSyncs | None = None) -> None:
+        await _in_thread(_move, src, dst, syncs)
 
     async def commit(self, top: str, into: str, repair_first: bool = False) -> None:
         """Write top's clusters into its backing file `into` (top is left as it was).
@@ -88,6 +101,10 @@ class QemuImgEngine:
             raise
         await _install(tmp, layer)
 
-    async def delete(self, path: str) -> None:
-        await _in_thread(unlink_if_present, path)
-        await _in_thread(fsync_dir, os.path.dirname(path))
+    async def delete(self, path: str, syncs: DirSyncs | None = None) -> None:
+        await _in_thread(_delete, path, syncs)
+
+
+def _delete(path: str, syncs: DirSyncs | None) -> None:
+    unlink_if_present(path)
+    sync_dir_of(path, syncs)

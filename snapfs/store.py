@@ -62,18 +62,47 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes) -> None:
+class DirSyncs:
+    """Directories whose entries a journalled operation changed and has not fsynced yet.
+
+    A step's rename is durable once its directory is fsynced; the journal only needs that
+    before it records the step as done (and before it is cleared). So the steps between
+    two journal writes leave their directories here, and flush() fsyncs each once, just
+    before the journal is written: on ext4 the first fsync commits them all, the others
+    find nothing to do. Files themselves are still fsynced before they are renamed into
+    place, so a path never holds a half-written file."""
+
+    def __init__(self) -> None:
+        self.dirs: set[str] = set()
+
+    def add(self, directory: str) -> None:
+        self.dirs.add(directory)
+
+    def flush(self) -> None:
+        while self.dirs:
+            fsync_dir(self.dirs.pop())
+
+
+def sync_dir_of(path: str, syncs: DirSyncs | None) -> None:
+    """fsync path's directory now, or leave it to syncs.flush()."""
+    if syncs is None:
+        fsync_dir(os.path.dirname(path))
+    else:
+        syncs.add(os.path.dirname(path))
+
+
+def atomic_write(path: str, data: bytes, syncs: DirSyncs | None = None) -> None:
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    sync_dir_of(path, syncs)
 
 
-def write_json(path: str, obj: object) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+def write_json(path: str, obj: object, syncs: DirSyncs | None = None) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode(), syncs)
 
 
 def read_json(path: str) -> dict:
@@ -275,14 +304,17 @@ class DomainFiles:
         except FileNotFoundError:
             snapshots.pop(snap_id, None)
 
-    def write_snapshot(self, record: SnapshotRecord) -> None:
-        write_json(self._snapshot_file(record.id), asdict(record))
+    def write_snapshot(self, record: SnapshotRecord, syncs: DirSyncs | None = None) -> None:
+        write_json(self._snapshot_file(record.id), asdict(record), syncs)
 
-    def delete_snapshot(self, snap_id: str) -> None:
-        unlink_if_present(self._snapshot_file(snap_id))
-        fsync_dir(self.snapshots_dir)
+    def delete_snapshot(self, snap_id: str, syncs: DirSyncs | None = None) -> None:
+        path = self._snapshot_file(snap_id)
+        unlink_if_present(path)
+        sync_dir_of(path, syncs)
 
-    def write_state(self, current: str | None, changed: list[str] | None = None) -> None:
+    def write_state(
+        self, current: str | None, changed: list[str] | None = None, syncs: DirSyncs | None = None
+    ) -> None:
         """Record current and bump the generation: the last write of every change.
 
         `changed` names the snapshot files the change wrote or deleted, so a reader one
@@ -292,7 +324,7 @@ class DomainFiles:
         state: dict = {"current": current, "epoch": epoch, "generation": previous["generation"] + 1}
         if changed is not None:
             state["changed"] = sorted(set(changed))
-        write_json(self.file("state.json"), state)
+        write_json(self.file("state.json"), state, syncs)
 
     def current(self) -> str | None:
         return self._state()["current"]
