@@ -16,6 +16,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -114,8 +115,18 @@ async def _terminate_on_signal() -> None:
             return
 
 
+def raise_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: qemu-img (started from here) opens every
+    layer of a chain, and chains may be MAX_CHAIN_SNAPSHOTS deep."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+
 def serve() -> int:
     """Run the loop until a signal or an unmount, then unmount cleanly."""
+    raise_file_limit()
     code = 0
     try:
         trio.run(_serve)
