@@ -519,10 +519,17 @@ class DomainCore:
                 os.unlink(entry.path)
 
     async def recover(self) -> None:
+        """Finish an operation a crash interrupted. A journal whose lock is held belongs
+        to an operation still running in a live process (a crashed process's flock is
+        gone), so that domain is left to it instead of being waited for."""
         if self.files.read_journal() is None:
             return
-        async with self.files.locked():
-            await self._finish_journal()
+        try:
+            async with self.files.locked(wait=0):
+                await self._finish_journal()
+        except SnapfsError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
 
 
 CRASH_EXIT_STATUS = 86

@@ -200,7 +200,9 @@ async def check_and_repair(path: str) -> None:
 
 async def is_dirty(path: str) -> bool:
     data = await info(path, "qcow2")
-    return bool(data.get("format-specific", {}).get("data", {}).get("dirty-flag"))
+    # qemu-img 7.2 reports it at the top level; older ones under format-specific data
+    nested = data.get("format-specific", {}).get("data", {}).get("dirty-flag")
+    return bool(data.get("dirty-flag", nested))
 
 
 async def backing_file(path: str) -> str | None:

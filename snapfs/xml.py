@@ -21,7 +21,10 @@ _DOCTYPE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
 def parse(text: str | bytes, what: str) -> etree._Element:
-    data = text.encode() if isinstance(text, str) else bytes(text)
+    try:
+        data = text.encode() if isinstance(text, str) else bytes(text)
+    except UnicodeEncodeError:
+        raise invalid(f"The {what} is not valid Unicode text.") from None
     if len(data) > MAX_XML_BYTES:
         raise invalid(f"The {what} is larger than {MAX_XML_BYTES} bytes.")
     if _DOCTYPE.search(data):

@@ -8,7 +8,6 @@ core suite and is not needed here.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import signal
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 import trio
+from helpers import file_digest, has_pattern, make_image, tree_fingerprint, write_pattern  # noqa: F401
 
 from snapfs.domain import StoreCore
 
@@ -33,52 +33,8 @@ BASH_ENV = {**os.environ, "LC_ALL": "C"}
 STRERROR = {os.strerror(code): code for code in errno.errorcode}
 
 
-# ---- images and patterns --------------------------------------------------------------
-def make_image(path: str, fmt: str, size: int = DISK_SIZE) -> str:
-    args = ["qemu-img", "create", "-q", "-f", fmt]
-    if fmt == "qcow2":
-        args += ["-o", f"cluster_size={CLUSTER}"]
-    subprocess.run([*args, path, str(size)], check=True)
-    return path
-
-
-def qemu_io(path: str, command: str, fmt: str = "qcow2", readonly: bool = False) -> str:
-    args = ["qemu-io", "-f", fmt, *(["-r"] if readonly else []), "-c", command, path]
-    run = subprocess.run(args, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return run.stdout
-
-
-def write_pattern(path: str, pattern: int, offset: int, length: int = CLUSTER, fmt: str = "qcow2") -> None:
-    out = qemu_io(path, f"write -P {pattern:#x} {offset} {length}", fmt)
-    assert "error" not in out.lower(), out
-
-
-def has_pattern(path: str, pattern: int, offset: int, length: int = CLUSTER, fmt: str = "qcow2") -> bool:
-    """Whether the image (through its backing chain) reads `pattern` at offset..offset+length."""
-    args = ["qemu-io", "-f", fmt, "-r", "-c", f"read -P {pattern:#x} {offset} {length}", path]
-    run = subprocess.run(args, capture_output=True, text=True)
-    if "Pattern verification failed" in run.stdout:
-        return False
-    assert run.returncode == 0 and "error" not in run.stdout.lower(), run.stdout + run.stderr
-    return True
-
-
-def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def fingerprint(root: str) -> dict[str, str]:
-    """Every file of the store with its checksum (but lock and last-error files)."""
-    found = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            if name in ("lock", "store.lock", "last-error"):
-                continue
-            path = os.path.join(dirpath, name)
-            found[os.path.relpath(path, root)] = file_digest(path)
-    return found
+# ---- images and patterns: shared with the core tests -----------------------------------
+fingerprint = tree_fingerprint
 
 
 # ---- the store --------------------------------------------------------------------------

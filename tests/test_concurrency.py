@@ -326,12 +326,6 @@ def _wait_for(predicate, what: str, timeout: float = 15) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: every CLI command first runs StoreCore.recover() over all domains, which waits "
-    "for the lock of any domain whose journal exists (an operation running now, not a crash) and "
-    "then fails with 'Another operation holds domain A' (reported to the core owner)",
-)
 @pytest.mark.timeout(120)
 def test_domains_do_not_wait_for_each_other_cli(tmp_path):
     root = str(tmp_path / "store")
