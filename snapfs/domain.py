@@ -114,9 +114,10 @@ def _names(view: MetadataView, ids: list[str]) -> str:
 class DomainCore:
     """One domain's snapshot operations (async) and readings (sync, lock-free)."""
 
-    def __init__(self, files: DomainFiles, engine: QemuImgEngine) -> None:
+    def __init__(self, files: DomainFiles, engine: QemuImgEngine, definition: tuple[int, int] | None = None) -> None:
         self.files = files
         self.engine = engine
+        self.definition = definition
         self.name = files.name
         self._record: DomainRecord | None = None
 
@@ -664,12 +665,13 @@ class StoreCore:
         except SnapfsError:
             raise not_found(f"There is no domain named {name!r}.") from None
         files = self.files.domain(name)
-        if not files.exists():
+        definition = files.definition_id()
+        if definition is None:
             self._domains.pop(name, None)
             raise not_found(f"There is no domain named {name!r}.")
         core = self._domains.get(name)
-        if core is None:
-            core = self._domains[name] = DomainCore(files, self.engine)
+        if core is None or core.definition != definition:
+            core = self._domains[name] = DomainCore(files, self.engine, definition)
         return core
 
     async def recover(self) -> None:

@@ -206,6 +206,15 @@ class DomainFiles:
         """L(S) for a snapshot id, or A for LIVE."""
         return os.path.join(self.layers_dir(target), f"{snap_id}.qcow2")
 
+    def definition_id(self) -> tuple[int, int] | None:
+        """Identity of this definition (domain.json is written once, at define), or None
+        when the domain does not exist: tells a domain redefined under the same name."""
+        try:
+            st = os.stat(self._domain_json)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
     def exists(self) -> bool:
         try:
             return stat.S_ISREG(os.stat(self._domain_json).st_mode)

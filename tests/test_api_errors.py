@@ -13,11 +13,13 @@ import sys
 import time
 
 import pytest
+import trio
 from conftest import DOMAIN_NAME, domain_xml
 from helpers import CLUSTER, MiB, make_image, read_raw, tree_fingerprint, write_pattern
 
 import snapfs
 from snapfs import DeactivateFlags, DependentsError, SnapfsError
+from snapfs.domain import StoreCore
 
 
 def refused(store_path: str, call, errnos: int | tuple[int, ...], *words: str) -> SnapfsError:
@@ -382,3 +384,21 @@ def test_last_error_holds_the_latest_refusal(store_path, tree, domain):
     # The refusal line is visible to a second opener of the store.
     again = snapfs.open_store(store_path).lookup_domain(DOMAIN_NAME)
     assert again.last_error() == domain.last_error()
+
+
+def test_a_domain_redefined_under_the_same_name_is_seen_anew(tmp_path):
+    """A long-lived core (as in a mount) notices an undefine + define by another process."""
+    first = make_image(str(tmp_path / "first.qcow2"), "qcow2")
+    second = make_image(str(tmp_path / "second.qcow2"), "qcow2")
+
+    async def scenario() -> None:
+        mounted = StoreCore(str(tmp_path / "store"))
+        await mounted.define("vm", [("vda", first, "qcow2")])
+        assert mounted.domain("vm").record().disks[0].base == first
+        other = StoreCore(str(tmp_path / "store"))
+        await other.undefine("vm")
+        await other.define("vm", [("vdb", second, "qcow2")])
+        disk = mounted.domain("vm").record().disks[0]
+        assert (disk.target, disk.base) == ("vdb", second)
+
+    trio.run(scenario)
