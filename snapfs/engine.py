@@ -9,6 +9,7 @@ A second engine (QMP, for running VMs) is meant to offer the same verbs.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -39,13 +40,27 @@ def _move(src: str, dst: str, syncs: DirSyncs | None) -> None:
         raise io_error(f"Layer {src} is missing, so it cannot be moved to {dst}.")
 
 
+async def _replace_checked(layer: str, suffix: str, build: Callable[[str], Awaitable[None]], verb: str) -> None:
+    """Build a new version of `layer` beside it, prove with qemu-img compare that it reads
+    the same, then rename it over the layer; on any failure the layer is left as it was."""
+    tmp = layer + suffix
+    await _in_thread(unlink_if_present, tmp)
+    try:
+        await build(tmp)
+        if not await qemu.same_content(tmp, layer):
+            raise io_error(f"{verb} {layer} changed its content; the layer was left as it was.")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await _in_thread(unlink_if_present, tmp)
+        raise
+    await _install(tmp, layer)
+
+
 class QemuImgEngine:
     """Every step method may be given a DirSyncs: the directory fsync that makes its
     rename or unlink durable is then left to the caller's next syncs.flush()."""
 
-    async def overlay(
-        self, dst: str, backing: str, backing_fmt: str, size: int, syncs: DirSyncs | None = None
-    ) -> None:
+    async def overlay(self, dst: str, backing: str, backing_fmt: str, size: int, syncs: DirSyncs | None = None) -> None:
         """An empty overlay at dst on `backing`, replacing whatever dst was."""
         tmp = dst + ".new"
         await _in_thread(unlink_if_present, tmp)
@@ -74,32 +89,20 @@ class QemuImgEngine:
         rebase killed midway can leave the layer on the new backing without its data."""
         if await qemu.backing_file(layer) == backing:
             return
-        tmp = layer + ".rebase"
-        await _in_thread(unlink_if_present, tmp)
-        try:
+
+        async def build(tmp: str) -> None:
             await trio.run_process(["cp", "--reflink=auto", "--sparse=always", layer, tmp])
             await qemu.rebase_safe(tmp, backing, backing_fmt)
-            if not await qemu.same_content(tmp, layer):
-                raise io_error(f"Rebasing {layer} changed its content; the layer was left as it was.")
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await _in_thread(unlink_if_present, tmp)
-            raise
-        await _install(tmp, layer)
+
+        await _replace_checked(layer, ".rebase", build, "Rebasing")
 
     async def recompress(self, layer: str, compression: str, backing: str, backing_fmt: str) -> None:
         """Rewrite the frozen `layer` compressed with zlib/zstd (or not), content unchanged."""
-        tmp = layer + ".compress"
-        await _in_thread(unlink_if_present, tmp)
-        await qemu.convert_layer(layer, tmp, backing, backing_fmt, compression)
-        try:
-            if not await qemu.same_content(tmp, layer):
-                raise io_error(f"Recompressing {layer} changed its content; the layer was left as it was.")
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await _in_thread(unlink_if_present, tmp)
-            raise
-        await _install(tmp, layer)
+
+        async def build(tmp: str) -> None:
+            await qemu.convert_layer(layer, tmp, backing, backing_fmt, compression)
+
+        await _replace_checked(layer, ".compress", build, "Recompressing")
 
     async def delete(self, path: str, syncs: DirSyncs | None = None) -> None:
         await _in_thread(_delete, path, syncs)
