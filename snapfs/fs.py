@@ -19,9 +19,11 @@ O_TRUNC without a write, at release.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import enum
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -36,7 +38,8 @@ import trio
 
 from .domain import CONTROL_WORDS, MAX_DESCRIPTION_BYTES, DomainCore, StoreCore
 from .errors import DependentsError, SnapfsError
-from .store import MetadataView, SnapshotRecord
+from .image import SnapshotImage, changed_extents
+from .store import DiskRecord, MetadataView, SnapshotRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,11 @@ class Kind(enum.Enum):
     PARENT = "parent"
     COMPRESSION = "compression"
     CONTROL = "control"
+    DISKS = "disks"  # /<dom>/snapshots/<name>/disks/
+    RAW = "disk image"  # .../disks/<target>.raw
+    CHANGES = "changed extents"  # .../disks/<target>.changes
+    LIVE_DISKS = "live disks"  # /<dom>/disks/
+    LIVE_DISK = "live disk"  # /<dom>/disks/<target> -> the live layer
 
 
 DOMAIN_ENTRIES = {
@@ -65,6 +73,7 @@ DOMAIN_ENTRIES = {
     "current": Kind.CURRENT,
     "last-error": Kind.LAST_ERROR,
     "snapshots": Kind.SNAPSHOTS,
+    "disks": Kind.LIVE_DISKS,
 }
 SNAPSHOT_ENTRIES = {
     "xml": Kind.SNAP_XML,
@@ -73,11 +82,15 @@ SNAPSHOT_ENTRIES = {
     "parent": Kind.PARENT,
     "compression": Kind.COMPRESSION,
     "control": Kind.CONTROL,
+    "disks": Kind.DISKS,
 }
-DIRECTORIES = {Kind.ROOT, Kind.DOMAIN, Kind.SNAPSHOTS, Kind.SNAPSHOT}
-SYMLINKS = {Kind.CURRENT, Kind.PARENT}
+DISK_SUFFIXES = {".raw": Kind.RAW, ".changes": Kind.CHANGES}
+DIRECTORIES = {Kind.ROOT, Kind.DOMAIN, Kind.SNAPSHOTS, Kind.SNAPSHOT, Kind.DISKS, Kind.LIVE_DISKS}
+SYMLINKS = {Kind.CURRENT, Kind.PARENT, Kind.LIVE_DISK}
+DISK_FILES = {Kind.RAW, Kind.CHANGES, Kind.LIVE_DISK}
 WRITABLE = {Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL}
 XML_CACHE_SIZE = 4096
+CHANGES_CACHE_SIZE = 4096
 RECORD_FIELDS = tuple(f.name for f in fields(SnapshotRecord))
 CONTROL_TEXT = (" ".join(CONTROL_WORDS) + "\n").encode()
 # How long the kernel may keep a node's attributes (never the entry: see attributes()).
@@ -85,6 +98,22 @@ CONTROL_TEXT = (" ".join(CONTROL_WORDS) + "\n").encode()
 # or a stat of "." in a snapshot directory: those may show attributes up to this old.
 ATTR_TIMEOUT = 1.0
 ACTS_IN_WRITE = {Kind.COMPRESSION: "compression", Kind.CONTROL: "control"}
+# A .raw is read with direct_io: each read(2) reaches read() here in requests of up to
+# 1 MiB (max_pages: libfuse asks for 256 pages, the kernel's limit), straight into the
+# reader's buffer. Measured on a 1 GiB image, half data, 4 MiB reads, 2 cores: 2.1-2.8
+# GB/s; through the page cache it was 0.4-0.5 GB/s (128 KiB readahead requests) and 1.0-1.4
+# GB/s with the bdi's read_ahead_kb raised to 4 MiB (two copies and page-cache
+# bookkeeping per byte). Backup tools read each snapshot once, and the layer files are in
+# the host's page cache anyway, so the FUSE page cache would only hold a second copy.
+#
+# keep_cache is still safe, and is set, for what does go through the page cache (a
+# read-only mmap of a .raw): a .raw's inode is keyed on the snapshot's id, never its name,
+# and the content of a snapshot id never changes while it exists (its chain is frozen:
+# merges, rebases and recompressions keep every surviving snapshot's content, and the core
+# refuses any that would rewrite a file of an open image). A snapshot merged away and a
+# new one made under the same name is a new id, so a new inode with an empty cache:
+# cached pages can never be another snapshot's bytes. Inode numbers are never reused.
+RAW_DIRECT_IO = True
 
 
 @dataclass(frozen=True)
@@ -95,9 +124,10 @@ class Node:
     kind: Kind
     dom: str = ""
     snap: str = ""
+    disk: str = ""  # the target (vda) of a disk's file or link
 
-    def child(self, kind: Kind) -> Node:
-        return Node(kind, self.dom, self.snap)
+    def child(self, kind: Kind, disk: str = "") -> Node:
+        return Node(kind, self.dom, self.snap, disk)
 
 
 ROOT = Node(Kind.ROOT)
@@ -137,6 +167,7 @@ class FileHandle:
     dirty: bool = False  # O_TRUNC, a truncate or a write: the value is to be stored
     unsaved: bool = False  # written since the last store: stored at the next flush (close)
     refused: bool = False  # a write or a store was refused: nothing more is stored
+    image: SnapshotImage | None = None  # a .raw: the open snapshot disk it reads from
 
 
 @dataclass
@@ -149,7 +180,7 @@ class Now:
     """One request's reading of the store: each domain is resolved, and its metadata
     read, at most once per request (a listing or a lookup asks for them many times)."""
 
-    __slots__ = ("store", "known", "_cores", "_views", "_names")
+    __slots__ = ("store", "known", "computed", "_cores", "_views", "_names")
 
     def __init__(self, store: StoreCore, known: dict[str, DomainCore]) -> None:
         self.store = store
@@ -157,6 +188,7 @@ class Now:
         self._cores: dict[str, DomainCore] = {}
         self._views: dict[str, MetadataView] = {}
         self._names: list[str] | None = None
+        self.computed: dict[Node, bytes] = {}  # .changes files computed in this request
 
     def domain(self, name: str) -> DomainCore:
         """The domain if it exists now (ENOENT otherwise). A name seen before needs only
@@ -219,6 +251,27 @@ def handler(by_handle: bool = False) -> Callable[[Callable[..., Awaitable[T]]], 
     return decorate
 
 
+def operation_naming(dom: DomainCore, paths: list[str]) -> str | None:
+    """The unfinished operation of the domain (its journal) whose steps name one of
+    `paths`, or None. The journal is written before the first step of an operation and
+    removed after the last, and names (relative to the domain directory) every file a
+    step writes, renames or deletes; a "backing" is only read."""
+    try:
+        journal = dom.files.read_journal()
+    except (OSError, ValueError):
+        return "operation"  # being replaced right now: some operation is running
+    if not journal:
+        return None
+    wanted = {os.path.realpath(path) for path in paths}
+    for step in journal.get("steps", ()):
+        for key, value in step.items() if isinstance(step, dict) else ():
+            if key == "backing" or not isinstance(value, str):
+                continue
+            if os.path.realpath(os.path.join(dom.files.path, value)) in wanted:
+                return str(journal.get("operation", "operation"))
+    return None
+
+
 def decode_name(name: bytes) -> str | None:
     try:
         return name.decode("utf-8")
@@ -252,6 +305,7 @@ class SnapFS(pyfuse3.Operations):
         self._started_ns = time.time_ns()
         self._xml_cache: OrderedDict[Node, tuple[tuple, bytes]] = OrderedDict()
         self._domain_xml: dict[str, tuple[tuple, bytes]] = {}
+        self._changes: OrderedDict[Node, tuple[tuple, bytes]] = OrderedDict()
         self._known: dict[str, DomainCore] = {}
 
     # ---- errors -----------------------------------------------------------------------
@@ -297,13 +351,27 @@ class SnapFS(pyfuse3.Operations):
         if node.kind in SYMLINKS:
             if self.symlink_target(node, now) is None:
                 raise FUSEError(errno.ENOENT)
-        elif node.snap:
+            return
+        if node.snap:
             self.snapshot(node, now)
         else:
             now.domain(node.dom)
+        if node.disk:
+            self.disk(node, now)
 
     @staticmethod
-    def symlink_target(node: Node, now: Now) -> str | None:
+    def disk(node: Node, now: Now) -> DiskRecord:
+        """The disk a disk file or link is about (ENOENT if the domain has no such disk)."""
+        for disk in now.domain(node.dom).disks:
+            if disk.target == node.disk:
+                return disk
+        raise FUSEError(errno.ENOENT)
+
+    @classmethod
+    def symlink_target(cls, node: Node, now: Now) -> str | None:
+        if node.kind is Kind.LIVE_DISK:
+            cls.disk(node, now)
+            return now.domain(node.dom).live_path(node.disk)  # absolute: qemu-img info works on it
         view = now.view(node.dom)
         if node.kind is Kind.CURRENT:
             current = view.snapshots.get(view.current) if view.current else None
@@ -332,6 +400,14 @@ class SnapFS(pyfuse3.Operations):
             for name, kind in SNAPSHOT_ENTRIES.items():
                 if kind is not Kind.PARENT or has_parent:
                     yield name, node.child(kind)
+        elif node.kind is Kind.DISKS:
+            self.snapshot(node, now)
+            for disk in now.domain(node.dom).disks:
+                for suffix, kind in DISK_SUFFIXES.items():
+                    yield disk.target + suffix, node.child(kind, disk.target)
+        elif node.kind is Kind.LIVE_DISKS:
+            for disk in now.domain(node.dom).disks:
+                yield disk.target, node.child(Kind.LIVE_DISK, disk.target)
         else:
             raise FUSEError(errno.ENOTDIR)
 
@@ -349,6 +425,8 @@ class SnapFS(pyfuse3.Operations):
             return Node(Kind.SNAPSHOT, parent.dom, record.id) if record else None
         elif parent.kind is Kind.SNAPSHOT:
             kind = SNAPSHOT_ENTRIES.get(name)
+        elif parent.kind in (Kind.DISKS, Kind.LIVE_DISKS):
+            return self.find_disk_file(parent, name, now)
         else:
             raise FUSEError(errno.ENOTDIR)
         if kind is None:
@@ -358,11 +436,25 @@ class SnapFS(pyfuse3.Operations):
             return None
         return child
 
+    @staticmethod
+    def find_disk_file(parent: Node, name: str, now: Now) -> Node | None:
+        """<target>.raw / <target>.changes in a snapshot's disks/, <target> in /<dom>/disks/."""
+        targets = {disk.target for disk in now.domain(parent.dom).disks}
+        if parent.kind is Kind.LIVE_DISKS:
+            return parent.child(Kind.LIVE_DISK, name) if name in targets else None
+        target, dot, suffix = name.rpartition(".")
+        kind = DISK_SUFFIXES.get(dot + suffix)
+        return parent.child(kind, target) if kind is not None and target in targets else None
+
     def parent_of(self, node: Node) -> Node:
         if node.kind in (Kind.ROOT, Kind.DOMAIN):
             return ROOT
         if node.kind is Kind.SNAPSHOT:
             return Node(Kind.SNAPSHOTS, node.dom)
+        if node.kind in (Kind.RAW, Kind.CHANGES):
+            return Node(Kind.DISKS, node.dom, node.snap)
+        if node.kind is Kind.LIVE_DISK:
+            return Node(Kind.LIVE_DISKS, node.dom)
         if node.snap:
             return Node(Kind.SNAPSHOT, node.dom, node.snap)
         return Node(Kind.DOMAIN, node.dom)
@@ -377,6 +469,8 @@ class SnapFS(pyfuse3.Operations):
             return CONTROL_TEXT
         if node.kind is Kind.SNAP_XML:
             return self.snapshot_xml(node, now)
+        if node.kind is Kind.CHANGES:
+            return self.cached_changes(node, now)
         record = self.snapshot(node, now)
         values = {Kind.DESCRIPTION: record.description, Kind.STATE: record.state, Kind.COMPRESSION: record.compression}
         return text_file(values[node.kind])
@@ -448,6 +542,11 @@ class SnapFS(pyfuse3.Operations):
             entry.st_mode = stat.S_IFLNK | 0o777
             entry.st_nlink = 1
             entry.st_size = len(target.encode("utf-8"))
+        elif node.kind is Kind.RAW:
+            self.snapshot(node, now)
+            entry.st_mode = stat.S_IFREG | 0o444
+            entry.st_nlink = 1
+            entry.st_size = self.disk(node, now).size  # the virtual size
         else:
             entry.st_mode = stat.S_IFREG | (0o644 if node.kind in WRITABLE else 0o444)
             entry.st_nlink = 1
@@ -465,10 +564,108 @@ class SnapFS(pyfuse3.Operations):
         if node.kind is Kind.ROOT:
             return 1
         if node.kind is Kind.DOMAIN:
-            return 3
+            return 4  # snapshots/ and disks/
         if node.kind is Kind.SNAPSHOTS:
             return 2 + len(now.view(node.dom).snapshots)
+        if node.kind is Kind.SNAPSHOT:
+            return 3  # disks/
         return 2
+
+    async def attrs(self, node: Node, now: Now) -> pyfuse3.EntryAttributes:
+        """attributes(), after computing what its size needs that takes a qemu-img run."""
+        if node.kind is Kind.CHANGES:
+            await self.changes(node, now)
+        return self.attributes(node, now)
+
+    # ---- snapshot disks: changed extents and images ---------------------------------------
+    def cached_changes(self, node: Node, now: Now) -> bytes:
+        """A .changes file's bytes as changes() computed them in this request."""
+        data = now.computed.get(node)
+        if data is None:  # every path that sizes or reads a .changes awaits changes() first
+            raise FUSEError(errno.EIO)
+        return data
+
+    async def changes(self, node: Node, now: Now) -> bytes:
+        """<target>.changes: what L(S) holds against its backing, as JSON lines.
+
+        Computed once per generation of the domain (every change of the metadata bumps
+        it) and cached: a merge of S's parent moves the parent's changes into L(S) and
+        changes S's parent in the same operation, so a new generation covers every way
+        L(S)'s extents can change while S exists."""
+        dom = now.domain(node.dom)
+        view = now.view(node.dom)
+        self.snapshot(node, now)
+        self.disk(node, now)
+        key = (dom, view.epoch, view.generation)
+        cached = self._changes.get(node)
+        if cached is not None and cached[0] == key:
+            self._changes.move_to_end(node)
+            now.computed[node] = cached[1]
+            return cached[1]
+        layer = dom.layer_path(node.disk, node.snap)
+        self.refuse_while_changing(node, dom, [layer], "read")
+        try:
+            extents = await changed_extents(layer)
+        except SnapfsError:
+            self.refuse_if_gone_or_changing(node, dom, [layer], "read")
+            raise
+        data = "".join(json.dumps(extent) + "\n" for extent in extents).encode("ascii")
+        after = self.refuse_if_gone_or_changing(node, dom, [layer], "read")
+        if after.generation == view.generation and after.epoch == view.epoch:
+            self._changes[node] = (key, data)
+            if len(self._changes) > CHANGES_CACHE_SIZE:
+                self._changes.popitem(last=False)
+        now.computed[node] = data
+        return data
+
+    async def open_image(self, node: Node, now: Now) -> SnapshotImage:
+        """The snapshot disk behind a .raw, opened for one file handle.
+
+        Once open, the image holds every file of its chain open and holds QEMU's reader
+        locks on them: the core's in-use check refuses (EBUSY, with a sentence) any
+        operation that would rewrite one of them (a merge or discard of S or of an
+        ancestor, a recompression), and a file renamed over or deleted meanwhile keeps
+        serving the bytes it had. What remains is an operation that had already passed
+        that check when the image was opened: a merge of S that has committed its
+        dependent into L(S) (L(S) then holds S + D) but not yet removed S. Its journal
+        names L(S), so an open that finds an unfinished operation naming a file of its
+        chain is refused (EBUSY) instead of serving bytes that may not be S's."""
+        dom = now.domain(node.dom)
+        self.snapshot(node, now)
+        self.disk(node, now)
+        layer = dom.layer_path(node.disk, node.snap)
+        self.refuse_while_changing(node, dom, [layer], "open")
+        try:
+            image = await SnapshotImage.open(layer)
+        except SnapfsError:
+            self.refuse_if_gone_or_changing(node, dom, [layer], "open")
+            raise
+        try:
+            self.refuse_if_gone_or_changing(node, dom, image.chain, "open")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await image.close()
+            raise
+        return image
+
+    def refuse_if_gone_or_changing(self, node: Node, dom: DomainCore, paths: list[str], what: str) -> MetadataView:
+        """ENOENT if the snapshot is gone now, EBUSY if an unfinished operation names one
+        of `paths`; the fresh view otherwise."""
+        view = dom.view()
+        if node.snap not in view.snapshots:
+            raise FUSEError(errno.ENOENT)
+        self.refuse_while_changing(node, dom, paths, what)
+        return view
+
+    def refuse_while_changing(self, node: Node, dom: DomainCore, paths: list[str], what: str) -> None:
+        operation = operation_naming(dom, paths)
+        if operation is not None:
+            raise Refusal(
+                errno.EBUSY,
+                what,
+                f"{self.path(node)} cannot be {'opened' if what == 'open' else 'read'} while the unfinished "
+                f"{operation} changes its files; try again when it is done.",
+            )
 
     # ---- pending description stores -----------------------------------------------------
     async def settled(self, node: Node) -> bool:
@@ -484,6 +681,14 @@ class SnapFS(pyfuse3.Operations):
                 await event.wait()
                 waited = True
         return waited
+
+    async def close_images(self) -> None:
+        """Close every open snapshot image (at unmount): stops their qemu-nbd servers."""
+        for handle in list(self._handles.values()):
+            if isinstance(handle, FileHandle) and handle.image is not None:
+                image, handle.image = handle.image, None
+                with contextlib.suppress(Exception):
+                    await image.close()
 
     # ---- handles ----------------------------------------------------------------------
     def new_handle(self, handle: FileHandle | DirHandle) -> int:
@@ -505,16 +710,16 @@ class SnapFS(pyfuse3.Operations):
         now = self.now()
         self.check(parent, now)
         if name == b".":
-            return self.attributes(parent, now)
+            return await self.attrs(parent, now)
         if name == b"..":
-            return self.attributes(self.parent_of(parent), now)
+            return await self.attrs(self.parent_of(parent), now)
         text = decode_name(name)
         child = self.find(parent, text, now) if text is not None else None
         if child is None:
             raise FUSEError(errno.ENOENT)
         if await self.settled(child):
             now = self.now()
-        return self.attributes(child, now)
+        return await self.attrs(child, now)
 
     @handler()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -523,7 +728,7 @@ class SnapFS(pyfuse3.Operations):
         self.check(node, now)
         if await self.settled(node):
             now = self.now()
-        return self.attributes(node, now)
+        return await self.attrs(node, now)
 
     @handler()
     async def setattr(
@@ -540,7 +745,7 @@ class SnapFS(pyfuse3.Operations):
             raise Refusal(errno.EPERM, "setattr", f"The mode and owner of {self.path(node)} are fixed.")
         if fields.update_size:
             await self.truncate(node, attr.st_size, fh)
-        return self.attributes(node, self.now())  # atime/mtime updates (touch) are accepted and ignored
+        return await self.attrs(node, self.now())  # atime/mtime updates (touch) are accepted and ignored
 
     async def truncate(self, node: Node, size: int, fh: int | None) -> None:
         if node.kind not in WRITABLE:
@@ -584,10 +789,14 @@ class SnapFS(pyfuse3.Operations):
             if node.snap:
                 record = self.now().view(node.dom).snapshots.get(node.snap)
                 parts += ["snapshots", record.name if record else node.snap]
-                if node.kind is not Kind.SNAPSHOT:
+                if node.kind in (Kind.RAW, Kind.CHANGES):
+                    parts += ["disks", node.disk + (".raw" if node.kind is Kind.RAW else ".changes")]
+                elif node.kind is not Kind.SNAPSHOT:
                     parts.append(self._entry_name(SNAPSHOT_ENTRIES, node.kind))
             else:
-                parts.append(self._entry_name(DOMAIN_ENTRIES, node.kind))
+                parts.append(self._entry_name(DOMAIN_ENTRIES, Kind.LIVE_DISKS if node.disk else node.kind))
+                if node.disk:
+                    parts.append(node.disk)
         return "/" + "/".join(parts)
 
     @staticmethod
@@ -614,8 +823,8 @@ class SnapFS(pyfuse3.Operations):
         for index in range(start_id, len(handle.entries)):
             name, node = handle.entries[index]
             try:
-                attrs = self.attributes(node, now)
-            except (FUSEError, SnapfsError):
+                attrs = await self.attrs(node, now)
+            except (FUSEError, SnapfsError, Refusal):
                 continue  # gone since the listing started
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
@@ -638,15 +847,28 @@ class SnapFS(pyfuse3.Operations):
         handle = FileHandle(node, writable)
         if writable and flags & os.O_TRUNC and node.kind is Kind.DESCRIPTION:
             handle.dirty = True
+        if node.kind is Kind.RAW:
+            handle.image = await self.open_image(node, self.now())
+            return pyfuse3.FileInfo(fh=self.new_handle(handle), direct_io=RAW_DIRECT_IO, keep_cache=True)
         fh = self.new_handle(handle)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     @handler(by_handle=True)
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.file_handle(fh)
+        if handle.image is not None:
+            try:
+                return await handle.image.read(off, size)
+            except OSError as exc:
+                raise Refusal(
+                    errno.EIO, "read", f"Reading {self.path(handle.node)} at {off} failed: {exc.strerror or exc}."
+                ) from None
         if off == 0:
             await self.settled(handle.node)
-            handle.content = self.content(handle.node, self.now())
+            now = self.now()
+            if handle.node.kind is Kind.CHANGES:
+                await self.changes(handle.node, now)
+            handle.content = self.content(handle.node, now)
         return handle.content[off : off + size]
 
     @handler(by_handle=True)
@@ -716,6 +938,10 @@ class SnapFS(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         """Store what is still unstored, e.g. `: > description` (O_TRUNC, no write)."""
         handle = self._handles.pop(fh, None)
+        if isinstance(handle, FileHandle) and handle.image is not None:
+            image, handle.image = handle.image, None
+            with trio.CancelScope(shield=True):
+                await image.close()  # releases its files and QEMU locks: merges may go on
         if isinstance(handle, FileHandle) and handle.dirty and not handle.refused:
             await self.store_description(handle)
 

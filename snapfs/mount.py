@@ -31,6 +31,14 @@ from .fs import SnapFS
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Large reads: the kernel caps a request at max_pages, which libfuse 3 negotiates as 256
+# pages (1 MiB, also the kernel's fs.fuse.max_pages_limit), and at max_read, unlimited by
+# default. So a .raw read with a buffer of 1 MiB or more arrives as 1 MiB requests
+# (direct_io, see fs.RAW_DIRECT_IO; measured). The max_read=N mount option cannot be
+# passed through pyfuse3: libfuse refuses it unless init() sets conn->max_read too, which
+# pyfuse3 does not expose ("init() and fuse_session_new() requested different maximum
+# read size"); nor can pyfuse3 raise max_readahead.
+_operations: SnapFS | None = None  # the mounted filesystem, for the cleanup at the end
 
 
 class MountError(Exception):
@@ -91,7 +99,8 @@ def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
     """Mount (pyfuse3.init) after recovery; requests queue in the kernel until serve()."""
     path = check_mountpoint(mountpoint)
     recover(store_root)
-    operations = SnapFS(open_store(store_root))
+    global _operations
+    operations = _operations = SnapFS(open_store(store_root))
     try:
         pyfuse3.init(operations, path, mount_options(allow_other))
     except RuntimeError as exc:
@@ -105,6 +114,9 @@ async def _serve() -> None:
             await pyfuse3.main()
         finally:
             nursery.cancel_scope.cancel()
+            if _operations is not None:
+                with trio.CancelScope(shield=True):
+                    await _operations.close_images()  # their qemu-nbd servers outlive us otherwise
 
 
 async def _terminate_on_signal() -> None:
