@@ -200,6 +200,24 @@ def cli_worker(ledger: Ledger, who: str, deadline: float) -> None:
             ledger.fail(f"{who} {op} {target}: status {run.returncode}: {run.stderr.strip()}")
 
 
+def control_write(path: str, word: str) -> None:
+    """One write(2) of the word, as the shell's `echo word > control` does.
+
+    Never `with open(path, "w") as f: f.write(word)`: when the write fails, Python's
+    close() sends the same bytes again (BufferedWriter.close flushes once more after
+    TextIOWrapper.close's flush failed) and raises the first error. The mount acts on
+    each write, so a `discard` refused with EBUSY (something depended on the snapshot)
+    could be carried out by the re-sent write once the dependent was gone, while the
+    worker logged a refusal: a snapshot "missing" with nobody reporting its removal
+    (tests/test_consistency.py shows it step by step)."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        data = (word + "\n").encode()
+        assert os.write(fd, data) == len(data)
+    finally:
+        os.close(fd)
+
+
 @guarded
 def fs_worker(ledger: Ledger, mnt: str, who: str, deadline: float) -> None:
     rng = random.Random(who)
@@ -216,8 +234,7 @@ def fs_worker(ledger: Ledger, mnt: str, who: str, deadline: float) -> None:
             elif op == "rmdir":
                 os.rmdir(os.path.join(snaps, target))
             else:
-                with open(os.path.join(snaps, target, "control"), "w") as f:
-                    f.write(op + "\n")
+                control_write(os.path.join(snaps, target, "control"), op)
         except OSError as exc:
             ledger.event(who, op, target, f"{errno.errorcode.get(exc.errno, exc.errno)}")
             if exc.errno in FS_RACES[op if op in FS_RACES else "control"]:
