@@ -4,8 +4,12 @@ A thin adapter in the manner of borg's vfs.py and s3ql's fs.py: every snapshot r
 in domain.py. This module only knows the shape of the tree, which file is writable, how
 bytes arriving through write() become a call, and which errno the kernel gets.
 
-    /<dom>/xml, current -> snapshots/<name>, last-error, snapshots/
+    /<dom>/xml, current -> snapshots/<name>, last-error, snapshots/, disks/<target> -> live layer
     /<dom>/snapshots/<name>/xml, description, state, parent -> ../<p>, compression, control
+    /<dom>/snapshots/<name>/disks/<target>.raw, <target>.changes   (for backup tools)
+
+A .raw is served by a SnapshotImage (image.py) opened per file handle and closed on
+release; a .changes is computed with qemu-img map once per generation of the domain.
 
 Nothing is cached by the kernel: every entry and attribute has a zero timeout and every
 file is opened with direct_io, so the next cat/ls/stat shows what the store holds now.
