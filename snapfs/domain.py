@@ -175,6 +175,10 @@ class DomainCore:
     def last_error(self) -> str:
         return self.files.last_error()
 
+    def job(self) -> str:
+        """What a long operation on this domain is doing now (any process), or ''."""
+        return self.files.job()
+
     def record_error(self, operation: str, message: str) -> None:
         self.files.record_error(operation, message)
 

@@ -4,7 +4,7 @@ A thin adapter in the manner of borg's vfs.py and s3ql's fs.py: every snapshot r
 in domain.py. This module only knows the shape of the tree, which file is writable, how
 bytes arriving through write() become a call, and which errno the kernel gets.
 
-    /<dom>/xml, current -> snapshots/<name>, last-error, snapshots/, disks/<target> -> live layer
+    /<dom>/xml, current -> snapshots/<name>, last-error, job, snapshots/, disks/<target> -> live layer
     /<dom>/snapshots/<name>/xml, description, state, parent -> ../<p>, compression, control
     /<dom>/snapshots/<name>/disks/<target>.raw, <target>.changes   (for backup tools)
 
@@ -57,6 +57,7 @@ class Kind(enum.Enum):
     DOMAIN_XML = "xml"
     CURRENT = "current"
     LAST_ERROR = "last-error"
+    JOB = "job"
     SNAPSHOTS = "snapshots"
     SNAPSHOT = "snapshot"
     SNAP_XML = "snapshot xml"
@@ -76,6 +77,7 @@ DOMAIN_ENTRIES = {
     "xml": Kind.DOMAIN_XML,
     "current": Kind.CURRENT,
     "last-error": Kind.LAST_ERROR,
+    "job": Kind.JOB,
     "snapshots": Kind.SNAPSHOTS,
     "disks": Kind.LIVE_DISKS,
 }
@@ -469,6 +471,8 @@ class SnapFS(pyfuse3.Operations):
             return self.domain_xml(node, now)
         if node.kind is Kind.LAST_ERROR:
             return document(now.domain(node.dom).last_error())
+        if node.kind is Kind.JOB:
+            return document(now.domain(node.dom).job())
         if node.kind is Kind.CONTROL:
             return CONTROL_TEXT
         if node.kind is Kind.SNAP_XML:

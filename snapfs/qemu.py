@@ -263,13 +263,13 @@ async def extent_map(path: str) -> list[dict]:
 
 
 async def start_nbd_server(image: str, socket_path: str, pid_file: str) -> int:
-    """A read-only qemu-nbd on a unix socket (qemu-nbd --fork returns once it serves)."""
+    """A read-only qemu-nbd on a unix socket (qemu-nbd --fork returns once it serves). Not
+    --persistent: it exits when its one client disconnects, so a killed mount leaves none."""
     await _run(
         "qemu-nbd",
         [
             "--fork",
             "--read-only",
-            "--persistent",
             "-f",
             "qcow2",
             f"--socket={socket_path}",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 
+import pytest
+from fsfixtures import Mount
 from helpers import make_image, write_pattern
 
 SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
@@ -31,6 +34,45 @@ def domain_with_merge(tmp_path) -> str:
     subprocess.run([SNAPFS, "--store", store, "snapshot-create-as", "vm1", "s"], check=True, capture_output=True)
     write_pattern(live, 0x22, 0, 8 << 20)
     return store
+
+
+def watch_merge(tmp_path, store: str, job: str) -> tuple[str, subprocess.CompletedProcess]:
+    """Run a (slowed) CLI merge of s and return the first job line read from `job`."""
+    env = {**os.environ, "SNAPFS_QEMU_IMG": slow_qemu_img(tmp_path)}
+    merge = subprocess.Popen(
+        [SNAPFS, "--store", store, "snapshot-deactivate", "vm1", "s", "--merge"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    seen = ""
+    deadline = time.monotonic() + 30
+    while merge.poll() is None and time.monotonic() < deadline and not seen:
+        with contextlib.suppress(FileNotFoundError):
+            with open(job) as f:
+                seen = f.read()
+        time.sleep(0.05)
+    out, err = merge.communicate(timeout=60)
+    return seen, subprocess.CompletedProcess(merge.args, merge.returncode, out, err)
+
+
+@pytest.mark.timeout(120)
+def test_job_file_through_the_mount(tmp_path):
+    store = domain_with_merge(tmp_path)
+    mount = Mount(store, str(tmp_path / "mnt")).start()
+    try:
+        job = os.path.join(mount.path, "vm1", "job")
+        with open(job) as f:
+            assert f.read() == "", "idle: the job file is empty"
+        seen, run = watch_merge(tmp_path, store, job)
+        assert run.returncode == 0, run.stderr
+        assert seen.startswith("merge s: step 1 of ") and seen.endswith("%\n"), seen
+        with open(job) as f:
+            assert f.read() == ""
+        assert os.stat(job).st_size == 0
+    finally:
+        mount.stop()
 
 
 def test_job_file_during_a_merge_and_quiet_off_a_terminal(tmp_path):
