@@ -173,6 +173,7 @@ class FileHandle:
     dirty: bool = False  # O_TRUNC, a truncate or a write: the value is to be stored
     unsaved: bool = False  # written since the last store: stored at the next flush (close)
     refused: bool = False  # a write or a store was refused: nothing more is stored
+    refused_errno: int = 0  # control/compression: a write was refused; later writes get the same
     image: SnapshotImage | None = None  # a .raw: the open snapshot disk it reads from
 
 
@@ -893,6 +894,18 @@ class SnapFS(pyfuse3.Operations):
                 raise
             return len(buf)
         operation = ACTS_IN_WRITE[node.kind]
+        if handle.refused_errno:
+            # Python's buffered close() sends a refused write again: acting on it would
+            # do what the caller is told was refused. One refusal per open, like sysfs.
+            raise FUSEError(handle.refused_errno)
+        try:
+            await self.act_on_word(handle, node, operation, buf)
+        except (FUSEError, SnapfsError, Refusal) as exc:
+            handle.refused_errno = exc.errno
+            raise
+        return len(buf)  # the offset is ignored: each write is one value (sysfs)
+
+    async def act_on_word(self, handle: FileHandle, node: Node, operation: str, buf: bytes) -> None:
         try:
             word = buf.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -907,7 +920,6 @@ class SnapFS(pyfuse3.Operations):
                 await dom.set_compression(node.snap, word)
         except DependentsError as exc:
             raise FUSEError(errno.EBUSY) from exc
-        return len(buf)  # the offset is ignored: each write is one value (sysfs)
 
     def add_description(self, handle: FileHandle, buf: bytes) -> None:
         """Accumulate a description; refuse at write time what could never be stored."""

@@ -12,9 +12,8 @@ each request exactly as asked; the worker's model of "refused means not done" di
 hold for a buffered Python write. The worker now writes once, as `echo` does.
 
 test_buffered_close_resends_a_refused_control_write replays that sequence step by step
-(with the domain lock instead of a dependent, to make the timing exact). If the mount is
-ever made to refuse a write re-sent on a handle whose write was refused, that test is
-where the new contract goes.
+(with the domain lock instead of a dependent, to make the timing exact): the mount now
+refuses every write on a handle after a refused one, so the re-sent bytes do nothing.
 
 The rest pins the metadata view cache (store.DomainFiles.view) that every plan is made
 from under the domain lock: a cache one generation behind re-reads only the snapshot
@@ -136,7 +135,9 @@ def test_a_refused_single_write_changes_nothing(mounted, write):
 @pytest.mark.timeout(60)
 def test_buffered_close_resends_a_refused_control_write(mounted):
     """The sequence behind the report: `with open(control, "w") as f: f.write("discard\\n")`
-    gets EBUSY from close(), yet s2 is discarded, by the bytes close() sent again."""
+    gets EBUSY from close(), and close() sends the bytes again. The mount refuses every
+    write after a refused one on the same handle, so s2 is NOT discarded: what the caller
+    is told (refused) is what happened."""
     root, mount = mounted
     control = os.path.join(mount.path, DOM, "snapshots", "s2", "control")
     outcome: list[BaseException | None] = []
@@ -163,7 +164,7 @@ def test_buffered_close_resends_a_refused_control_write(mounted):
     assert not writer.is_alive()
     [error] = outcome
     assert isinstance(error, OSError) and error.errno == errno.EBUSY, error  # close() reports the first write
-    assert names(root) == {"s1"}  # ... but the second one did the discard
+    assert names(root) == {"s1", "s2"}  # ... and the re-sent bytes were refused too
 
 
 # ---- the metadata view cache ---------------------------------------------------------------
