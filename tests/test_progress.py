@@ -78,23 +78,9 @@ def test_job_file_through_the_mount(tmp_path):
 def test_job_file_during_a_merge_and_quiet_off_a_terminal(tmp_path):
     store = domain_with_merge(tmp_path)
     job = os.path.join(store, "domains", "vm1", "job")
-    env = {**os.environ, "SNAPFS_QEMU_IMG": slow_qemu_img(tmp_path)}
-    merge = subprocess.Popen(
-        [SNAPFS, "--store", store, "snapshot-deactivate", "vm1", "s", "--merge"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    seen = ""
-    deadline = time.monotonic() + 30
-    while merge.poll() is None and time.monotonic() < deadline and not seen:
-        if os.path.exists(job):
-            with open(job) as f:
-                seen = f.read()
-        time.sleep(0.05)
-    out, err = merge.communicate(timeout=60)
-    assert merge.returncode == 0, err
+    seen, run = watch_merge(tmp_path, store, job)
+    assert run.returncode == 0, run.stderr
+    err = run.stderr
     assert seen.startswith("merge s: step 1 of ") and "commit" in seen and seen.endswith("%\n"), seen
     assert err == "", "no progress line when stderr is not a terminal"
     assert not os.path.exists(job), "the job file is removed when the operation ends"
