@@ -165,7 +165,7 @@ def synthesize(root: str, count: int, shape: str) -> tuple[str, str]:
                 "-b",
                 backing,
                 "-F",
-                "qcow2" if parent else "qcow2",
+                "qcow2",
                 layer,
                 str(GiB),
             )
