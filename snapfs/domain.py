@@ -114,7 +114,7 @@ def _names(view: MetadataView, ids: list[str]) -> str:
 class DomainCore:
     """One domain's snapshot operations (async) and readings (sync, lock-free)."""
 
-    def __init__(self, files: DomainFiles, engine: QemuImgEngine, definition: tuple[int, int] | None = None) -> None:
+    def __init__(self, files: DomainFiles, engine: QemuImgEngine, definition: tuple[int, ...] | None = None) -> None:
         self.files = files
         self.engine = engine
         self.definition = definition

@@ -206,14 +206,15 @@ class DomainFiles:
         """L(S) for a snapshot id, or A for LIVE."""
         return os.path.join(self.layers_dir(target), f"{snap_id}.qcow2")
 
-    def definition_id(self) -> tuple[int, int] | None:
+    def definition_id(self) -> tuple[int, ...] | None:
         """Identity of this definition (domain.json is written once, at define), or None
-        when the domain does not exist: tells a domain redefined under the same name."""
+        when the domain does not exist: tells a domain redefined under the same name. The
+        inode number alone is not enough: a file system reuses a freed one at once."""
         try:
             st = os.stat(self._domain_json)
         except OSError:
             return None
-        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) if stat.S_ISREG(st.st_mode) else None
 
     def exists(self) -> bool:
         try:
