@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import os
 import re
 import shutil
@@ -42,6 +43,8 @@ CONTROL_WORDS = ("merge", "merge-force", "discard", "discard-force", "revert", "
 MAX_DESCRIPTION_BYTES = 64 * 1024
 MAX_NAME_BYTES = 255
 JOB_UPDATE_SECONDS = 0.25
+IN_USE_WAIT_SECONDS = float(os.environ.get("SNAPFS_IN_USE_WAIT", "1"))
+STEP_BUSY_WAIT_SECONDS = 10.0
 BASE_FORMATS = ("qcow2", "raw")
 
 
@@ -414,10 +417,17 @@ class DomainCore:
                 plan = planner(self.view())
                 _name_changed_snapshots(plan.steps)
                 if plan.steps:
-                    self._refuse_if_in_use(plan.touched)
+                    await self._refuse_if_in_use(plan.touched)
                     journal = {"operation": operation, "subject": plan.subject, "steps": plan.steps, "done": 0}
                     await trio.to_thread.run_sync(self.files.write_journal, journal)
-                    await self._carry_out(journal, recovering=False)
+                    try:
+                        await self._carry_out(journal, recovering=False)
+                    except SnapfsError as exc:
+                        raise SnapfsError(
+                            exc.errno,
+                            f"{operation} stopped part-way ({exc.message.rstrip('.')}); it is recorded and will be "
+                            f"finished by the next operation on domain {self.name!r}.",
+                        ) from exc
                 return plan.result
         except SnapfsError as exc:
             self.record_error(operation, exc.message)
@@ -428,12 +438,11 @@ class DomainCore:
             raise io_error(message) from exc
 
     @staticmethod
-    def _refuse_if_in_use(paths: list[str]) -> None:
-        """Refuse (EBUSY) before changing anything if a running QEMU, qemu-nbd or a
-        qemu-img reader holds a layer the plan would write, move or delete."""
-        for path in dict.fromkeys(paths):
-            if os.path.exists(path):
-                qemu.refuse_if_in_use(path)
+    async def _refuse_if_in_use(paths: list[str]) -> None:
+        """Refuse (EBUSY) before changing anything if a running QEMU, qemu-nbd or a reader
+        holds a layer the plan would write, move or delete. A reader that holds one for
+        a moment (a qemu-img map behind a .changes file) is waited for, briefly."""
+        await _patiently(lambda: _check_not_in_use(paths), IN_USE_WAIT_SECONDS)
 
     async def _carry_out(self, journal: dict, recovering: bool) -> None:
         """Run the steps from journal["done"] on. Progress is recorded (after an fsync of
@@ -449,7 +458,10 @@ class DomainCore:
             point = f"{journal['operation']}:{index}:{steps[index]['do']}"
             _fault_point(point, "before", recovering)
             with self._job(journal, index):
-                await self._run_step(steps[index], recovering, syncs)
+                # A qemu-img reader (a .changes map, an image being opened) may hold a
+                # layer for a moment; qemu-img fails at open then, before writing anything.
+                step = functools.partial(self._run_step, steps[index], recovering, syncs)
+                await _patiently(step, STEP_BUSY_WAIT_SECONDS)
             _fault_point(point, "after", recovering)
         await trio.to_thread.run_sync(syncs.flush)
         await trio.to_thread.run_sync(self.files.clear_journal)
@@ -535,6 +547,27 @@ class DomainCore:
         except SnapfsError as exc:
             if exc.errno != errno.EBUSY:
                 raise
+
+
+async def _patiently(attempt: Callable[[], Awaitable[None] | None], seconds: float) -> None:
+    """Run attempt(), again while it fails with EBUSY, for at most `seconds`."""
+    deadline = trio.current_time() + seconds
+    while True:
+        try:
+            result = attempt()
+            if result is not None:
+                await result
+            return
+        except SnapfsError as exc:
+            if exc.errno != errno.EBUSY or trio.current_time() >= deadline:
+                raise
+        await trio.sleep(0.05)
+
+
+def _check_not_in_use(paths: list[str]) -> None:
+    for path in dict.fromkeys(paths):
+        if os.path.exists(path):
+            qemu.refuse_if_in_use(path)
 
 
 CRASH_EXIT_STATUS = 86
