@@ -128,9 +128,6 @@ async def virtual_size(path: str, fmt: str) -> int:
     return int((await info(path, fmt))["virtual-size"])
 
 
-async def create_image(path: str, fmt: str, size: int) -> None:
-    await qemu_img(["create", "-q", "-f", fmt, path, str(size)], f"creating {path}")
-
 
 async def create_overlay(path: str, backing: str, backing_fmt: str, size: int) -> None:
     """An empty qcow2 on `backing`. With -u and the size given, the chain is not opened."""
@@ -152,13 +149,6 @@ async def rebase_safe(path: str, backing: str, backing_fmt: str) -> None:
         f"rebasing {path}",
     )
 
-
-async def rebase_unsafe(path: str, backing: str, backing_fmt: str) -> None:
-    """Rewrite only the backing link in the header."""
-    await qemu_img(
-        ["rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path],
-        f"relinking {path}",
-    )
 
 
 async def same_content(a: str, b: str) -> bool:
