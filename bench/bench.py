@@ -56,6 +56,11 @@ def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
 
 
+def qemu_img_overlay(path: str, backing: str) -> None:
+    """An empty 1 GiB qcow2 overlay on a qcow2 backing, without opening the chain."""
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", path, str(GiB))
+
+
 def qemu_io_write(path: str, pattern: int, offset: int, length: int) -> None:
     subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {length}", path], check=True, capture_output=True
@@ -99,7 +104,7 @@ def bare_create_ms(root: str, disks: int, runs: int) -> float:
 
     def create() -> None:
         for t in targets:
-            qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", base, "-F", "qcow2", t, str(GiB))
+            qemu_img_overlay(t, base)
 
     return median_ms(create, runs)
 
@@ -156,35 +161,11 @@ def synthesize(root: str, count: int, shape: str) -> tuple[str, str]:
         if shape == "wide" and i >= 2:
             shutil.copyfile(template, layer)
         else:
-            qemu_img(
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-u",
-                "-b",
-                backing,
-                "-F",
-                "qcow2",
-                layer,
-                str(GiB),
-            )
+            qemu_img_overlay(layer, backing)
             if shape == "wide" and i == 1:
                 shutil.copyfile(layer, template)
     last = ids[-1]
-    qemu_img(
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        f"{last}.qcow2",
-        "-F",
-        "qcow2",
-        os.path.join(layers, "live.qcow2"),
-        str(GiB),
-    )
+    qemu_img_overlay(os.path.join(layers, "live.qcow2"), f"{last}.qcow2")
     write_json(files.file("state.json"), {"current": last, "generation": 1})
     return store_root, os.path.join(root, f"mnt-{shape}-{count}")
 
@@ -275,19 +256,7 @@ def section_merge(root: str, size: int = 256 * MiB, runs: int = 3) -> None:
         dom.create_with_snapshot(snap2)
         revert_times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        qemu_img(
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            os.path.basename(layer),
-            "-F",
-            "qcow2",
-            os.path.join(bare_dir, "revert.qcow2"),
-            str(GiB),
-        )
+        qemu_img_overlay(os.path.join(bare_dir, "revert.qcow2"), os.path.basename(layer))
         create_times.append(time.perf_counter() - t)
         copy = os.path.join(bare_dir, "leafcopy.qcow2")
         shutil.copy(leaf.layer_paths()["vda"], copy)
