@@ -365,42 +365,51 @@ def read_through(path: str, buffer_size: int = 4 * MiB) -> int:
         buffer.close()
 
 
-def section_backup(root: str, size: int = GiB, runs: int = 5) -> None:
-    """A 1 GiB snapshot, half of it data (16 x 32 MiB written with qemu-io, one every 64
-    MiB), read whole through the mount's .raw, against `qemu-img convert -O raw` of its
-    layer to a file in the same directory (qemu-img's default cache mode: no fsync; the
-    read through the mount writes nothing either). Both read the layer from the page
-    cache (one warm-up run each); throughput is virtual bytes per second."""
+def section_backup(root: str, size: int = GiB, runs: int = 7) -> None:
+    """A 1 GiB snapshot read whole through the mount's .raw, against `qemu-img convert -O
+    raw` of its layer to a file in the same directory (qemu-img's default cache mode: no
+    fsync; the read through the mount writes nothing either), for two images: half data
+    (16 x 32 MiB, one every 64 MiB: convert skips the holes, the mount must hand every
+    byte to the reader) and all data. Both read the layer from the page cache. The machine's
+    speed drifts by 2x within a minute, so each read is timed right after a convert and
+    the ratio is the median of those pairs; throughput is virtual bytes per second."""
+    for label, written in (("half data", 32 * MiB), ("all data", 64 * MiB)):
+        _backup_pairs(os.path.join(root, label.replace(" ", "-")), label, size, written, runs)
+
+
+def _backup_pairs(root: str, label: str, size: int, written: int, runs: int) -> None:
+    os.makedirs(root)
     dom = new_domain(root, disks=1, size=size)
     live = dom.core.live_path("vda")
-    for i in range(16):
-        qemu_io_write(live, i + 1, i * 64 * MiB, 32 * MiB)
+    for i in range(size // (64 * MiB)):
+        qemu_io_write(live, i % 250 + 1, i * 64 * MiB, written)
     layer = dom.snapshot_create_xml("<domainsnapshot><name>big</name></domainsnapshot>").layer_paths()["vda"]
     out = os.path.join(root, "convert.raw")
 
     def convert() -> None:
-        qemu_img("convert", "-f", "qcow2", "-O", "raw", layer, out)
-
-    def drop_output() -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(out)
+        qemu_img("convert", "-f", "qcow2", "-O", "raw", layer, out)
 
-    drop_output()
-    convert()
-    convert_ms = median_ms(convert, runs, setup=drop_output)
-    drop_output()
+    os.sync()  # the layer was just written: let its writeback end before anything is timed
     mnt = os.path.join(root, "mnt")
+    convert_times, read_times, ratios = [], [], []
     with mounted(os.path.join(root, "store"), mnt):
         raw = os.path.join(mnt, "vm1", "snapshots", "big", "disks", "vda.raw")
+        convert()  # warm-ups
         assert read_through(raw) == size
-        read_ms = median_ms(lambda: read_through(raw), runs)
-    convert_rate = size / MiB / (convert_ms / 1000)
-    read_rate = size / MiB / (read_ms / 1000)
-    report("qemu-img convert -O raw of a 1 GiB snapshot (MiB/s)", f"{convert_rate:.0f}")
+        for _ in range(runs):
+            convert_times.append(median_ms(convert, 1))
+            read_times.append(median_ms(lambda: read_through(raw), 1))
+            ratios.append(convert_times[-1] / read_times[-1])
+    os.unlink(out)
+    convert_rate = size / MiB / (statistics.median(convert_times) / 1000)
+    read_rate = size / MiB / (statistics.median(read_times) / 1000)
+    report(f"qemu-img convert -O raw, 1 GiB snapshot, {label} (MiB/s)", f"{convert_rate:.0f}")
     report(
-        "read of its disks/vda.raw through the mount (MiB/s)",
+        f"read of its disks/vda.raw through the mount, {label} (MiB/s)",
         f"{read_rate:.0f}",
-        f"{read_rate / convert_rate:.2f}x",
+        f"{statistics.median(ratios):.2f}x",
         "goal >= 0.8x",
     )
 
