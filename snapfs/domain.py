@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import trio
 
-from . import layers, qemu, xml
+from . import layers, notify, qemu, xml
 from .engine import QemuImgEngine
 from .errors import DependentsError, SnapfsError, busy, exists, invalid, io_error, not_found
 from .layers import LIVE_DEPENDENT
@@ -117,12 +117,19 @@ def _names(view: MetadataView, ids: list[str]) -> str:
 class DomainCore:
     """One domain's snapshot operations (async) and readings (sync, lock-free)."""
 
-    def __init__(self, files: DomainFiles, engine: QemuImgEngine, definition: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        files: DomainFiles,
+        engine: QemuImgEngine,
+        definition: tuple[int, ...] | None = None,
+        changed: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.files = files
         self.engine = engine
         self.definition = definition
         self.name = files.name
         self._record: DomainRecord | None = None
+        self._changed = changed  # told the domain's name after every change, lock released
 
     # ---- readings -------------------------------------------------------------------
     def record(self) -> DomainRecord:
@@ -409,8 +416,10 @@ class DomainCore:
 
     # ---- carrying out -----------------------------------------------------------------
     async def _operate(self, operation: str, planner: Callable[[MetadataView], Plan]):
+        changed = False  # set before anything is written: a failure part-way is news too
         try:
             async with self.files.locked():
+                changed = self.files.read_journal() is not None
                 await self._finish_journal()
                 if operation == "create":
                     _refuse_deep_chain(self.view(), self.name)
@@ -419,6 +428,7 @@ class DomainCore:
                 if plan.steps:
                     await self._refuse_if_in_use(plan.touched)
                     journal = {"operation": operation, "subject": plan.subject, "steps": plan.steps, "done": 0}
+                    changed = True
                     await trio.to_thread.run_sync(self.files.write_journal, journal)
                     try:
                         await self._carry_out(journal, recovering=False)
@@ -436,6 +446,16 @@ class DomainCore:
             message = f"{operation} failed unexpectedly: {exc}"
             self.record_error(operation, message)
             raise io_error(message) from exc
+        finally:
+            if changed:
+                await self.tell_changed()
+
+    async def tell_changed(self) -> None:
+        """Tell the mounts (this process's and the others) that the domain changed; never
+        with the lock held (a mount may be serving a request that waits for it)."""
+        if self._changed is not None:
+            with trio.CancelScope(shield=True):
+                await self._changed(self.name)
 
     @staticmethod
     async def _refuse_if_in_use(paths: list[str]) -> None:
@@ -547,6 +567,8 @@ class DomainCore:
         except SnapfsError as exc:
             if exc.errno != errno.EBUSY:
                 raise
+        finally:
+            await self.tell_changed()
 
 
 async def _patiently(attempt: Callable[[], Awaitable[None] | None], seconds: float) -> None:
@@ -692,6 +714,9 @@ class StoreCore:
         self.root = self.files.root
         self.engine = engine or QemuImgEngine()
         self._domains: dict[str, DomainCore] = {}
+        # In a mount: its own handler of changes, and its registration (not told twice).
+        self.mount_handler: Callable[[str], Awaitable[None]] | None = None
+        self.mount_token: str | None = None
 
     def domain_names(self) -> list[str]:
         return self.files.domain_names()
@@ -708,8 +733,15 @@ class StoreCore:
             raise not_found(f"There is no domain named {name!r}.")
         core = self._domains.get(name)
         if core is None or core.definition != definition:
-            core = self._domains[name] = DomainCore(files, self.engine, definition)
+            core = self._domains[name] = DomainCore(files, self.engine, definition, self.changed)
         return core
+
+    async def changed(self, name: str) -> None:
+        """Domain `name` changed (or was defined or undefined): every mount drops what its
+        kernel holds for it before this returns."""
+        if self.mount_handler is not None:
+            await self.mount_handler(name)
+        await notify.tell_mounts(self.root, name, exclude=self.mount_token)
 
     async def recover(self) -> None:
         for name in self.domain_names():
@@ -743,6 +775,7 @@ class StoreCore:
                 name, uuid, [xml.DiskDef(r.target, r.base, r.format) for r in records]
             )
             await self._write_domain(DomainRecord(name, uuid, records), text)
+        await self.changed(name)
         return self.domain(name), messages
 
     async def define_xml(self, text: str | bytes) -> tuple[DomainCore, list[str]]:
@@ -792,6 +825,9 @@ class StoreCore:
             if core.files.exists():
                 core.record_error("undefine", exc.message)
             raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.changed(name)
         self._domains.pop(name, None)
 
     @staticmethod

@@ -11,8 +11,12 @@ bytes arriving through write() become a call, and which errno the kernel gets.
 A .raw is served by a SnapshotImage (image.py) opened per file handle and closed on
 release; a .changes is computed with qemu-img map once per generation of the domain.
 
-Nothing is cached by the kernel: every entry and attribute has a zero timeout and every
-file is opened with direct_io, so the next cat/ls/stat shows what the store holds now.
+The kernel keeps entries and attributes (CACHE_SECONDS) and drops them the moment they
+may have changed: every change of a domain, made here or by any other process, reaches
+domain_changed() (through the core, or notify.py for other processes) before the call
+that made it returns, and the kernel is told to forget every entry and attribute of that
+domain it was given. Files are opened with direct_io, so content is never cached; a .raw
+(whose content never changes) is the one exception, see RAW_DIRECT_IO.
 
 Writes: `control` and `compression` act in write() itself (one value per write, offset
 ignored). `description` collects what is written since open and is stored on the close()
@@ -32,7 +36,7 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -40,6 +44,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from . import notify
 from .domain import CONTROL_WORDS, MAX_DESCRIPTION_BYTES, DomainCore, StoreCore
 from .errors import DependentsError, SnapfsError
 from .image import SnapshotImage, changed_extents
@@ -99,10 +104,13 @@ XML_CACHE_SIZE = 4096
 CHANGES_CACHE_SIZE = 4096
 RECORD_FIELDS = tuple(f.name for f in fields(SnapshotRecord))
 CONTROL_TEXT = (" ".join(CONTROL_WORDS) + "\n").encode()
-# How long the kernel may keep a node's attributes (never the entry: see attributes()).
-# Every lookup refreshes them, so this only matters for an fstat on a file held open,
-# or a stat of "." in a snapshot directory: those may show attributes up to this old.
-ATTR_TIMEOUT = 1.0
+# How long the kernel may keep an entry or attributes. Every change is invalidated
+# explicitly (domain_changed), so this bounds only what no process announced: a change
+# by a process killed before it could tell the mounts, or an edit of the store by hand.
+CACHE_SECONDS = 5.0
+# Files whose size changes without a change of the domain's metadata (progress, the
+# latest refusal): their attributes are never kept.
+VOLATILE = {Kind.JOB, Kind.LAST_ERROR}
 ACTS_IN_WRITE = {Kind.COMPRESSION: "compression", Kind.CONTROL: "control"}
 # A .raw is read with direct_io: each read(2) reaches read() here in requests of up to
 # 1 MiB (max_pages: libfuse asks for 256 pages, the kernel's limit), straight into the
@@ -187,11 +195,12 @@ class Now:
     """One request's reading of the store: each domain is resolved, and its metadata
     read, at most once per request (a listing or a lookup asks for them many times)."""
 
-    __slots__ = ("store", "known", "computed", "_cores", "_views", "_names")
+    __slots__ = ("store", "known", "computed", "epoch", "_cores", "_views", "_names")
 
-    def __init__(self, store: StoreCore, known: dict[str, DomainCore]) -> None:
+    def __init__(self, store: StoreCore, known: dict[str, DomainCore], epoch: int) -> None:
         self.store = store
         self.known = known  # the filesystem's domains seen so far, by name
+        self.epoch = epoch  # the filesystem's count of changes heard of when this began
         self._cores: dict[str, DomainCore] = {}
         self._views: dict[str, MetadataView] = {}
         self._names: list[str] | None = None
@@ -219,6 +228,27 @@ class Now:
         if self._names is None:
             self._names = self.store.domain_names()
         return self._names
+
+
+def _invalidate(inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
+    """Tell the kernel to forget attributes and entries (in a worker thread: it may wait)."""
+    for inode in inodes:
+        with contextlib.suppress(OSError):  # ENOENT: the kernel has forgotten it already
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+    for parent_inode, name in entries:
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_entry(parent_inode, name)
+
+
+@contextlib.contextmanager
+def notify_without_waiting() -> Iterator[None]:
+    """For a request during which the kernel holds a lock of one of our directories or
+    of the node itself: see SnapFS.domain_changed and notify.DO_NOT_WAIT."""
+    token = notify.DO_NOT_WAIT.set(True)
+    try:
+        yield
+    finally:
+        notify.DO_NOT_WAIT.reset(token)
 
 
 class Refusal(Exception):
@@ -314,6 +344,10 @@ class SnapFS(pyfuse3.Operations):
         self._domain_xml: dict[str, tuple[tuple, bytes]] = {}
         self._changes: OrderedDict[Node, tuple[tuple, bytes]] = OrderedDict()
         self._known: dict[str, DomainCore] = {}
+        self._epoch = 0  # changes heard of (domain_changed calls)
+        self._kernel_entries: defaultdict[str, set[tuple[int, bytes]]] = defaultdict(set)
+        self._kernel_inodes: defaultdict[str, set[int]] = defaultdict(set)
+        store.mount_handler = self.domain_changed
 
     # ---- errors -----------------------------------------------------------------------
     def domain_of(self, key: object, by_handle: bool) -> str:
@@ -339,7 +373,33 @@ class SnapFS(pyfuse3.Operations):
 
     # ---- the tree ---------------------------------------------------------------------
     def now(self) -> Now:
-        return Now(self.store, self._known)
+        return Now(self.store, self._known, self._epoch)
+
+    # ---- what the kernel keeps ------------------------------------------------------------
+    def kernel_entry(self, parent: Node, name: bytes, child: Node, entry: pyfuse3.EntryAttributes) -> None:
+        """Note an entry handed to the kernel with a timeout, so a change can drop it."""
+        if entry.entry_timeout:
+            self._kernel_entries[child.dom].add((self.inodes.inode(parent), name))
+
+    async def domain_changed(self, dom: str) -> None:
+        """Make the kernel forget every entry and attribute it was given for domain
+        `dom`, before returning. An answer being computed meanwhile from what was read
+        before is given without timeouts (the epoch moved, see attributes()).
+
+        Attributes are invalidated in a thread (the kernel's call may wait). An entry's
+        invalidation waits for requests the kernel is serving in its directory, so it is
+        queued instead (pyfuse3 does it right after) when this runs inside a request for
+        which the kernel holds such a lock itself (notify.DO_NOT_WAIT): mkdir, rmdir and
+        rename change only the entry the kernel updates itself, setattr none."""
+        self._epoch += 1
+        inodes = self._kernel_inodes.pop(dom, set())
+        entries = self._kernel_entries.pop(dom, set())
+        if notify.DO_NOT_WAIT.get():
+            for parent_inode, name in entries:
+                pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
+            entries = set()
+        if inodes or entries:
+            await trio.to_thread.run_sync(_invalidate, inodes, entries)
 
     def domain(self, node: Node) -> DomainCore:
         return self.store.domain(node.dom)
@@ -520,18 +580,19 @@ class SnapFS(pyfuse3.Operations):
         return data
 
     def attributes(self, node: Node, now: Now) -> pyfuse3.EntryAttributes:
-        """The node's attributes now.
-
-        entry_timeout is 0 for every entry, so every path the kernel resolves is looked
-        up here again, and the lookup's answer carries the attributes as they are now:
-        a stat, ls or cat by path never sees an old answer. attr_timeout is what the
-        kernel may keep between the lookup and the permission check, open and fstat that
-        follow it in the same system call or the next (see ATTR_TIMEOUT)."""
+        """The node's attributes now, for the kernel to keep CACHE_SECONDS (noted, so that
+        domain_changed can make it forget them) unless a change was heard of since `now`
+        read the store: an answer that may be out of date is given with no timeout."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self.inodes.inode(node)
         entry.generation = 0
-        entry.entry_timeout = 0
-        entry.attr_timeout = ATTR_TIMEOUT
+        if now.epoch == self._epoch:
+            entry.entry_timeout = CACHE_SECONDS
+            entry.attr_timeout = 0 if node.kind in VOLATILE else CACHE_SECONDS
+            if node.dom:
+                self._kernel_inodes[node.dom].add(entry.st_ino)
+        else:  # a change was heard of since `now` read the store: may be out of date
+            entry.entry_timeout = entry.attr_timeout = 0
         entry.st_uid = self._uid
         entry.st_gid = self._gid
         entry.st_blksize = 4096
@@ -728,7 +789,9 @@ class SnapFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)
         if await self.settled(child):
             now = self.now()
-        return await self.attrs(child, now)
+        entry = await self.attrs(child, now)
+        self.kernel_entry(parent, name, child, entry)
+        return entry
 
     @handler()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -753,7 +816,8 @@ class SnapFS(pyfuse3.Operations):
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise Refusal(errno.EPERM, "setattr", f"The mode and owner of {self.path(node)} are fixed.")
         if fields.update_size:
-            await self.truncate(node, attr.st_size, fh)
+            with notify_without_waiting():
+                await self.truncate(node, attr.st_size, fh)
         return await self.attrs(node, self.now())  # atime/mtime updates (touch) are accepted and ignored
 
     async def truncate(self, node: Node, size: int, fh: int | None) -> None:
@@ -837,6 +901,7 @@ class SnapFS(pyfuse3.Operations):
                 continue  # gone since the listing started
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
+            self.kernel_entry(handle.node, name, node, attrs)
 
     @handler(by_handle=True)
     async def releasedir(self, fh: int) -> None:
@@ -1013,8 +1078,12 @@ class SnapFS(pyfuse3.Operations):
         text = decode_name(name)
         if text is None:
             raise Refusal(errno.EINVAL, "create", f"A snapshot name must be UTF-8: {name!r}.")
-        record = await self.domain(parent).create(name=text)
-        return self.attributes(Node(Kind.SNAPSHOT, parent.dom, record.id), self.now())
+        with notify_without_waiting():
+            record = await self.domain(parent).create(name=text)
+        node = Node(Kind.SNAPSHOT, parent.dom, record.id)
+        entry = self.attributes(node, self.now())
+        self.kernel_entry(parent, name, node, entry)
+        return entry
 
     @handler()
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -1030,7 +1099,8 @@ class SnapFS(pyfuse3.Operations):
                 errno.EACCES, "rmdir", f"Only snapshots can be removed (rmdir = discard), not {self.path(child)}."
             )
         try:
-            await self.domain(parent).discard(child.snap)
+            with notify_without_waiting():
+                await self.domain(parent).discard(child.snap)
         except DependentsError as exc:
             raise FUSEError(errno.ENOTEMPTY) from exc
 
@@ -1062,7 +1132,9 @@ class SnapFS(pyfuse3.Operations):
             raise Refusal(errno.EINVAL, "rename", f"A snapshot name must be UTF-8: {name_new!r}.")
         if new_text == old_text:
             return
-        await self.domain(old_parent).rename(source.snap, new_text)  # EEXIST: never replaces
+        with notify_without_waiting():
+            await self.domain(old_parent).rename(source.snap, new_text)  # EEXIST: never replaces
+        self._kernel_entries[source.dom].add((parent_inode_new, name_new))  # the kernel moved it there
 
     # ---- everything else is refused -------------------------------------------------------
     @handler()

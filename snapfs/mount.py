@@ -27,6 +27,7 @@ import trio
 from .domain import StoreCore
 from .errors import SnapfsError
 from .fs import SnapFS
+from .notify import MountListener
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # pyfuse3 does not expose ("init() and fuse_session_new() requested different maximum
 # read size"); nor can pyfuse3 raise max_readahead.
 _operations: SnapFS | None = None  # the mounted filesystem, for the cleanup at the end
+_listener: MountListener | None = None  # where other processes tell us of their changes
 
 
 class MountError(Exception):
@@ -99,17 +101,25 @@ def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
     """Mount (pyfuse3.init) after recovery; requests queue in the kernel until serve()."""
     path = check_mountpoint(mountpoint)
     recover(store_root)
-    global _operations
+    global _operations, _listener
     operations = _operations = SnapFS(open_store(store_root))
+    try:
+        _listener = MountListener(operations.store.root)
+    except OSError as exc:
+        raise MountError(f"Cannot register the mount in store {store_root}: {exc.strerror}.") from None
+    operations.store.mount_token = _listener.token
     try:
         pyfuse3.init(operations, path, mount_options(allow_other))
     except RuntimeError as exc:
+        _listener.close()
         raise MountError(f"Cannot mount on {path}: {exc}.") from None
 
 
 async def _serve() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        if _listener is not None and _operations is not None:
+            nursery.start_soon(_listener.serve, _operations.domain_changed)
         try:
             await pyfuse3.main()
         finally:
@@ -146,6 +156,8 @@ def serve() -> int:
         log.exception("the filesystem loop failed")
         code = 1
     finally:
+        if _listener is not None:
+            _listener.close()
         pyfuse3.close(unmount=True)
     return code
 
