@@ -1,0 +1,179 @@
+"""The kernel's caches (fs.py CACHE_SECONDS, notify.py): the mount lets the kernel keep
+entries and attributes, and every change made by another process reaches it before that
+process's call returns. Each check first walks the whole tree, so that everything is in
+the kernel's caches, then changes the store from a command line process, then reads
+through the mount at once: names against the core's metadata, and every file's st_size
+against the length of its content (content is never cached, so a size kept from before
+the change shows up as a mismatch).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+from fsfixtures import (  # noqa: F401  (fixtures are used by name)
+    PYTHON,
+    REPO,
+    FsEnv,
+    Mount,
+    core_call,
+    fs_fixture,
+)
+
+from snapfs.domain import StoreCore
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def cli(fs: FsEnv, *args: str) -> None:
+    run = subprocess.run(
+        [PYTHON, "-m", "snapfs.cli", "--store", fs.store, *args], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def prime(root: str) -> int:
+    """lstat (and readlink) everything under root: the kernel now holds it all."""
+    count = 0
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            os.lstat(path)
+            if os.path.islink(path):
+                os.readlink(path)
+            count += 1
+    return count
+
+
+def assert_mount_agrees(fs: FsEnv, dom: str = "vm1") -> None:
+    """What the mount shows of `dom`, read right now, against the store's metadata."""
+    core = StoreCore(fs.store)
+    view = core.domain(dom).view()
+    snapshots = fs.p(f"{dom}/snapshots")
+    names = sorted(r.name for r in view.snapshots.values())
+    assert sorted(os.listdir(snapshots)) == names
+    assert os.stat(snapshots).st_nlink == 2 + len(names)
+    for record in view.snapshots.values():
+        directory = os.path.join(snapshots, record.name)
+        for entry in ("xml", "description", "state", "compression", "control"):
+            path = os.path.join(directory, entry)
+            with open(path, "rb") as f:
+                assert os.stat(path).st_size == len(f.read()), f"stale size of {path}"
+        parent = view.snapshots.get(record.parent) if record.parent else None
+        link = os.path.join(directory, "parent")
+        if parent is None:
+            assert not os.path.lexists(link)
+        else:
+            assert os.readlink(link) == f"../{parent.name}"
+            assert os.lstat(link).st_size == len(f"../{parent.name}")
+    current = fs.p(f"{dom}/current")
+    if view.current:
+        target = f"snapshots/{view.snapshots[view.current].name}"
+        assert os.readlink(current) == target
+        assert os.lstat(current).st_size == len(target)
+    else:
+        assert not os.path.lexists(current)
+
+
+def test_every_change_from_the_command_line_is_seen_at_once(fs: FsEnv) -> None:
+    steps = [
+        ("snapshot-create-as", "vm1", "a"),
+        ("snapshot-create-as", "vm1", "b"),
+        ("snapshot-create-as", "vm1", "c"),
+        ("snapshot-desc", "vm1", "b", "a description long enough to change the size of xml"),
+        ("snapshot-rename", "vm1", "a", "first-one"),  # b's parent link and xml change
+        ("snapshot-revert", "vm1", "first-one"),
+        ("snapshot-create-as", "vm1", "branch"),
+        ("snapshot-compress", "vm1", "c", "gzip"),
+        ("snapshot-deactivate", "vm1", "b", "--merge"),  # c is re-parented to first-one
+        ("snapshot-delete", "vm1", "branch"),
+        ("snapshot-deactivate", "vm1", "first-one", "--deleteforce"),  # every snapshot goes
+    ]
+    for step in steps:
+        assert prime(fs.mnt) > 10
+        cli(fs, *step)
+        assert_mount_agrees(fs)
+
+
+def test_define_and_undefine_are_seen_at_once(fs: FsEnv, tmp_path) -> None:
+    prime(fs.mnt)
+    cli(fs, "snapshot-create-as", "vm2", "s")
+    prime(fs.mnt)
+    cli(fs, "undefine", "vm2", "--remove-snapshots")
+    assert sorted(os.listdir(fs.mnt)) == ["vm1"]
+    assert not os.path.exists(fs.p("vm2"))
+    assert not os.path.exists(fs.p("vm2/snapshots/s/xml"))
+    image = tmp_path / "images" / "vm2.qcow2"
+    cli(fs, "define", "--name", "vm2", "--disk", f"vda={image}")
+    assert sorted(os.listdir(fs.p("vm2/snapshots"))) == []
+    assert_mount_agrees(fs, "vm2")
+
+
+def test_the_kernel_keeps_what_nobody_announced(fs: FsEnv) -> None:
+    """Proof that the caches are live, and that the announcement is what refreshes them:
+    a change made with the announcement switched off is not seen by a stat (the size
+    kept by the kernel), and is seen once it is announced."""
+    cli(fs, "snapshot-create-as", "vm1", "a")
+    path = fs.snap("a", "description")
+    prime(fs.mnt)
+    assert os.stat(path).st_size == 0
+    silent = """
+from snapfs import notify
+async def say_nothing(*args, **kwargs):
+    pass
+notify.tell_mounts = say_nothing
+dom = store.domain("vm1")
+await dom.set_description(dom.view().by_name("a").id, "twelve chars")
+"""
+    run = core_call(fs.store, silent)
+    assert run.returncode == 0, run.stderr
+    assert os.stat(path).st_size == 0, "the kernel did not keep the attributes"
+    run = core_call(fs.store, 'from snapfs import notify\nawait notify.tell_mounts(store.root, "vm1")')
+    assert run.returncode == 0, run.stderr
+    assert os.stat(path).st_size == len("twelve chars\n")
+
+
+def test_a_dead_mount_does_not_hold_up_changes(fs: FsEnv, tmp_path) -> None:
+    second = Mount(fs.store, str(tmp_path / "mnt2")).start()
+    run_dir = os.path.join(fs.store, "run")
+    try:
+        assert len(os.listdir(run_dir)) == 2
+        assert second.proc is not None
+        second.proc.send_signal(signal.SIGKILL)
+        second.proc.wait(timeout=10)
+    finally:
+        second.stop()
+    assert len(os.listdir(run_dir)) == 2  # killed: it could not remove its registration
+    prime(fs.mnt)
+    cli(fs, "snapshot-create-as", "vm1", "after")
+    assert len(os.listdir(run_dir)) == 1, "the dead mount's registration was not removed"
+    assert_mount_agrees(fs)
+
+
+def test_a_change_made_through_one_mount_reaches_another(fs: FsEnv, tmp_path) -> None:
+    second = Mount(fs.store, str(tmp_path / "mnt2")).start()
+    try:
+        os.mkdir(fs.snap("a"))
+        os.mkdir(fs.snap("b"))
+        prime(second.path)
+        with open(fs.snap("a", "description"), "w") as f:
+            f.write("written through the first mount")  # stored at close, which waits for the second
+        path = os.path.join(second.path, "vm1/snapshots/a/description")
+        with open(path, "rb") as f:
+            assert os.stat(path).st_size == len(f.read()) > 0
+        with open(fs.snap("b", "control"), "w") as f:
+            f.write("merge")
+        assert not os.path.exists(os.path.join(second.path, "vm1/snapshots/b"))
+    finally:
+        second.stop()
+
+
+def test_a_clean_unmount_removes_its_registration(fs: FsEnv, tmp_path) -> None:
+    run_dir = os.path.join(fs.store, "run")
+    second = Mount(fs.store, str(tmp_path / "mnt2")).start()
+    assert len(os.listdir(run_dir)) == 2
+    assert second.stop() == 0
+    assert len(os.listdir(run_dir)) == 1
