@@ -128,7 +128,6 @@ async def virtual_size(path: str, fmt: str) -> int:
     return int((await info(path, fmt))["virtual-size"])
 
 
-
 async def create_overlay(path: str, backing: str, backing_fmt: str, size: int) -> None:
     """An empty qcow2 on `backing`. With -u and the size given, the chain is not opened."""
     await qemu_img(
@@ -148,7 +147,6 @@ async def rebase_safe(path: str, backing: str, backing_fmt: str) -> None:
         ["rebase", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path],
         f"rebasing {path}",
     )
-
 
 
 async def same_content(a: str, b: str) -> bool:

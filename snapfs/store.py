@@ -322,9 +322,7 @@ class DomainFiles:
         unlink_if_present(path)
         sync_dir_of(path, syncs)
 
-    def write_state(
-        self, current: str | None, changed: list[str] | None = None, syncs: DirSyncs | None = None
-    ) -> None:
+    def write_state(self, current: str | None, changed: list[str] | None = None, syncs: DirSyncs | None = None) -> None:
         """Record current and bump the generation: the last write of every change.
 
         `changed` names the snapshot files the change wrote or deleted, so a reader one
