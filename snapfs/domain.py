@@ -467,25 +467,38 @@ class DomainCore:
     async def _carry_out(self, journal: dict, recovering: bool) -> None:
         """Run the steps from journal["done"] on. Progress is recorded (after an fsync of
         every directory the unrecorded steps changed) only where re-running the steps
-        since the last record could be wrong: see _must_record."""
+        since the last record could be wrong: see _must_record. Overlays that need no
+        record between them (one per disk, in a create or a revert) run side by side."""
         steps = journal["steps"]
         syncs = DirSyncs()
-        for index in range(journal["done"], len(steps)):
+        index = journal["done"]
+        while index < len(steps):
             if _must_record(steps, journal["done"], index):
                 await trio.to_thread.run_sync(syncs.flush)
                 journal["done"] = index
                 await trio.to_thread.run_sync(self.files.write_journal, journal)
-            point = f"{journal['operation']}:{index}:{steps[index]['do']}"
-            _fault_point(point, "before", recovering)
-            with self._job(journal, index):
-                # A qemu-img reader (a .changes map, an image being opened) may hold a
-                # layer for a moment; qemu-img fails at open then, before writing anything.
-                step = functools.partial(self._run_step, steps[index], recovering, syncs)
-                await _patiently(step, STEP_BUSY_WAIT_SECONDS)
-            _fault_point(point, "after", recovering)
+            group = _side_by_side(steps, journal["done"], index)
+            if len(group) == 1:
+                await self._run_recorded_step(journal, index, recovering, syncs)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for member in group:
+                        nursery.start_soon(self._run_recorded_step, journal, member, recovering, syncs)
+            index = group[-1] + 1
         await trio.to_thread.run_sync(syncs.flush)
         await trio.to_thread.run_sync(self.files.clear_journal)
         self.files.clear_job()
+
+    async def _run_recorded_step(self, journal: dict, index: int, recovering: bool, syncs: DirSyncs) -> None:
+        steps = journal["steps"]
+        point = f"{journal['operation']}:{index}:{steps[index]['do']}"
+        _fault_point(point, "before", recovering)
+        with self._job(journal, index):
+            # A qemu-img reader (a .changes map, an image being opened) may hold a
+            # layer for a moment; qemu-img fails at open then, before writing anything.
+            step = functools.partial(self._run_step, steps[index], recovering, syncs)
+            await _patiently(step, STEP_BUSY_WAIT_SECONDS)
+        _fault_point(point, "after", recovering)
 
     @contextlib.contextmanager
     def _job(self, journal: dict, index: int) -> Iterator[None]:
@@ -682,6 +695,20 @@ def _must_record(steps: list[dict], done: int, index: int) -> bool:
             return True
         seen |= names
     return False
+
+
+def _side_by_side(steps: list[dict], done: int, index: int) -> list[int]:
+    """Step `index` and the overlays right after it that may run at the same time: a run
+    of overlay steps with no record needed between them (so on pairwise different files,
+    each depending only on its own name: a crash part-way re-runs them all)."""
+    group = [index]
+    if steps[index]["do"] != "overlay":
+        return group
+    for following in range(index + 1, len(steps)):
+        if steps[following]["do"] != "overlay" or _must_record(steps, done, following):
+            break
+        group.append(following)
+    return group
 
 
 def _name_changed_snapshots(steps: list[dict]) -> None:

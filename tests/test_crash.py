@@ -495,7 +495,9 @@ def discover(case: Case, template: Template, directory: str) -> list[str]:
     with open(trace) as f:
         points = [line.strip() for line in f if line.strip()]
     assert points and all(p.startswith(case.operation + ":") for p in points), points
-    assert [int(p.split(":")[1]) for p in points] == list(range(len(points))), points
+    # every step once; overlays that need no record between them run side by side, so
+    # their points may come in either order
+    assert sorted(int(p.split(":")[1]) for p in points) == list(range(len(points))), points
     kinds = {p.split(":")[2] for p in points}
     assert case.kinds <= kinds, f"the plan has steps {kinds}, not the expected {case.kinds}"
     want = case.after(template.model)
