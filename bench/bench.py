@@ -203,27 +203,43 @@ def section_scale(root: str, runs: int = 15) -> None:
 
 # ---- 3. ls -l of 10,000, mount start-up, memory -----------------------------------------------
 def section_ls(store_root: str, mnt: str) -> None:
+    """ls -l of 10,000 snapshots: once right after the mount starts (the daemon reads the
+    metadata for the first time), then three times each right after a change made through
+    the API (a description), which makes the kernel forget everything it held for the
+    domain: the figure is what a user sees after any change, not a warm kernel cache."""
     os.makedirs(mnt, exist_ok=True)
     start = time.perf_counter()
     with mounted(store_root, mnt) as proc:
         report("mount start-up with 10,000 snapshots (ms)", f"{(time.perf_counter() - start) * 1000:.0f}")
         snaps = os.path.join(mnt, "vm1", "snapshots")
-        times = []
-        for _ in range(3):
+        dom = snapfs.open_store(store_root).lookup_domain("vm1")
+        first = dom.snapshot_lookup_by_name("s00000")
+
+        def ls_l() -> float:
             t = time.perf_counter()
             out = subprocess.run(["ls", "-l", snaps], check=True, capture_output=True).stdout
-            times.append(time.perf_counter() - t)
-        assert out.count(b"\n") >= 10_000
-        report("ls -l of snapshots/ with 10,000 (s)", f"{statistics.median(times):.2f}", "", "goal < 1 s")
+            assert out.count(b"\n") >= 10_000
+            return time.perf_counter() - t
+
+        report("ls -l of snapshots/ with 10,000, first after mounting (s)", f"{ls_l():.2f}")
+        times = []
+        for i in range(3):
+            first.set_description(f"changed {i}")
+            times.append(ls_l())
+        report(
+            "ls -l of snapshots/ with 10,000, after a change (s)", f"{statistics.median(times):.2f}", "", "goal < 1 s"
+        )
         with open(f"/proc/{proc.pid}/status") as f:
             rss = next(line.split()[1] for line in f if line.startswith("VmRSS"))
         report("daemon resident memory at 10,000 snapshots (MiB)", f"{int(rss) / 1024:.0f}")
 
 
 # ---- 4. merge / discard / revert against bare qemu-img ----------------------------------------
-def section_merge(root: str, size: int = 256 * MiB, runs: int = 3) -> None:
+def section_merge(root: str, size: int = 256 * MiB, runs: int = 5) -> None:
     """Merge of S whose dependent (the live disk) holds `size` bytes: snapfs commits the
-    dependent into L(S) and renames; bare: `qemu-img commit -d` of the same pair."""
+    dependent into L(S) and renames; bare: `qemu-img commit -d` of the same pair. Every
+    timed call starts after a sync, so neither side is paying for the other's writeback
+    (or skipping it: deleting a file whose data was never written out frees nothing)."""
     merge_times, bare_times, discard_times, rm_times, revert_times, create_times = [], [], [], [], [], []
     for run in range(runs):
         sub = os.path.join(root, f"merge{run}")
@@ -244,6 +260,7 @@ def section_merge(root: str, size: int = 256 * MiB, runs: int = 3) -> None:
         t = time.perf_counter()
         qemu_img("commit", "-q", "-f", "qcow2", "-d", bare_top)
         bare_times.append(time.perf_counter() - t)
+        os.sync()
         t = time.perf_counter()
         snap.deactivate(snapfs.DeactivateFlags.MERGE)
         merge_times.append(time.perf_counter() - t)
@@ -252,17 +269,21 @@ def section_merge(root: str, size: int = 256 * MiB, runs: int = 3) -> None:
         dom.create_with_snapshot(snap2)
         qemu_io_write(live, 0x33, 0, size)
         leaf = dom.snapshot_create_xml("<domainsnapshot><name>leaf</name></domainsnapshot>")
+        os.sync()
         t = time.perf_counter()
         dom.create_with_snapshot(snap2)
         revert_times.append(time.perf_counter() - t)
+        os.sync()
         t = time.perf_counter()
         qemu_img_overlay(os.path.join(bare_dir, "revert.qcow2"), os.path.basename(layer))
         create_times.append(time.perf_counter() - t)
         copy = os.path.join(bare_dir, "leafcopy.qcow2")
         shutil.copy(leaf.layer_paths()["vda"], copy)
+        os.sync()
         t = time.perf_counter()
         leaf.deactivate(snapfs.DeactivateFlags.DISCARD)
         discard_times.append(time.perf_counter() - t)
+        os.sync()
         t = time.perf_counter()
         os.unlink(copy)
         rm_times.append(time.perf_counter() - t)

@@ -66,9 +66,12 @@ def file_digest(path: str) -> str:
 
 
 def tree_fingerprint(root: str) -> dict[str, str]:
-    """Every file under root with its checksum: compare before and after a refusal."""
+    """Every file under root with its checksum: compare before and after a refusal.
+    Locks, last-error and run/ (the registrations of running mounts) are not data."""
     found = {}
     for dirpath, _, names in os.walk(root):
+        if os.path.relpath(dirpath, root).split(os.sep)[0] == "run":
+            continue
         for name in names:
             path = os.path.join(dirpath, name)
             if name in ("lock", "last-error", "store.lock"):
