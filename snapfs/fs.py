@@ -189,6 +189,7 @@ class FileHandle:
 class DirHandle:
     node: Node
     entries: list[tuple[bytes, Node]] = field(default_factory=list)
+    epoch: int = 0  # the filesystem's epoch when the entries were read
 
 
 class Now:
@@ -345,6 +346,8 @@ class SnapFS(pyfuse3.Operations):
         self._changes: OrderedDict[Node, tuple[tuple, bytes]] = OrderedDict()
         self._known: dict[str, DomainCore] = {}
         self._epoch = 0  # changes heard of (domain_changed calls)
+        self._invalidating = trio.CapacityLimiter(4)  # never the threads that store I/O needs
+        self.cache_seconds = CACHE_SECONDS  # 0 when changes cannot be heard of (mount.py)
         self._kernel_entries: defaultdict[str, set[tuple[int, bytes]]] = defaultdict(set)
         self._kernel_inodes: defaultdict[str, set[int]] = defaultdict(set)
         store.mount_handler = self.domain_changed
@@ -390,7 +393,9 @@ class SnapFS(pyfuse3.Operations):
         invalidation waits for requests the kernel is serving in its directory, so it is
         queued instead (pyfuse3 does it right after) when this runs inside a request for
         which the kernel holds such a lock itself (notify.DO_NOT_WAIT): mkdir, rmdir and
-        rename change only the entry the kernel updates itself, setattr none."""
+        rename change only the entry the kernel updates itself. No handler that runs while
+        the kernel holds a directory lock (lookup, readdir, mkdir, rmdir, rename) may wait
+        for another request's change to be announced (see lookup)."""
         self._epoch += 1
         inodes = self._kernel_inodes.pop(dom, set())
         entries = self._kernel_entries.pop(dom, set())
@@ -399,7 +404,7 @@ class SnapFS(pyfuse3.Operations):
                 pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
             entries = set()
         if inodes or entries:
-            await trio.to_thread.run_sync(_invalidate, inodes, entries)
+            await trio.to_thread.run_sync(_invalidate, inodes, entries, limiter=self._invalidating)
 
     def domain(self, node: Node) -> DomainCore:
         return self.store.domain(node.dom)
@@ -586,9 +591,9 @@ class SnapFS(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self.inodes.inode(node)
         entry.generation = 0
-        if now.epoch == self._epoch:
-            entry.entry_timeout = CACHE_SECONDS
-            entry.attr_timeout = 0 if node.kind in VOLATILE else CACHE_SECONDS
+        if now.epoch == self._epoch and self.cache_seconds:
+            entry.entry_timeout = self.cache_seconds
+            entry.attr_timeout = 0 if node.kind in VOLATILE else self.cache_seconds
             if node.dom:
                 self._kernel_inodes[node.dom].add(entry.st_ino)
         else:  # a change was heard of since `now` read the store: may be out of date
@@ -738,15 +743,20 @@ class SnapFS(pyfuse3.Operations):
             )
 
     # ---- pending description stores -----------------------------------------------------
+    def storing(self, node: Node) -> bool:
+        """Whether a description store that changes what `node` shows is still running."""
+        return node.kind in (Kind.DESCRIPTION, Kind.SNAP_XML) and bool(self._pending.get((node.dom, node.snap)))
+
     async def settled(self, node: Node) -> bool:
         """Wait for description stores of this snapshot still running after a close();
         True if it waited (what was read before is then out of date).
 
         FUSE sends release asynchronously: close() returns before the value is stored,
         so the next cat of description or xml waits for it here (not for the domain lock).
+        Never called from lookup (see there).
         """
         waited = False
-        if node.kind in (Kind.DESCRIPTION, Kind.SNAP_XML) and self._pending:
+        if self.storing(node):
             for event in list(self._pending.get((node.dom, node.snap), ())):
                 await event.wait()
                 waited = True
@@ -787,10 +797,15 @@ class SnapFS(pyfuse3.Operations):
         child = self.find(parent, text, now) if text is not None else None
         if child is None:
             raise FUSEError(errno.ENOENT)
-        if await self.settled(child):
-            now = self.now()
         entry = await self.attrs(child, now)
-        self.kernel_entry(parent, name, child, entry)
+        if self.storing(child):
+            # Never wait here: the kernel holds the directory's lock during a lookup, and
+            # the store ends by making the kernel drop entries of that directory. The
+            # answer is given without timeouts instead: the getattr or open that follows
+            # waits for the store (settled) and sees its result.
+            entry.entry_timeout = entry.attr_timeout = 0
+        else:
+            self.kernel_entry(parent, name, child, entry)
         return entry
 
     @handler()
@@ -816,8 +831,7 @@ class SnapFS(pyfuse3.Operations):
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise Refusal(errno.EPERM, "setattr", f"The mode and owner of {self.path(node)} are fixed.")
         if fields.update_size:
-            with notify_without_waiting():
-                await self.truncate(node, attr.st_size, fh)
+            await self.truncate(node, attr.st_size, fh)
         return await self.attrs(node, self.now())  # atime/mtime updates (touch) are accepted and ignored
 
     async def truncate(self, node: Node, size: int, fh: int | None) -> None:
@@ -893,6 +907,9 @@ class SnapFS(pyfuse3.Operations):
         now = self.now()
         if start_id == 0:
             handle.entries = [(name.encode("utf-8"), node) for name, node in self.entries(handle.node, now)]
+            handle.epoch = now.epoch
+        else:  # the names were read at the first call: answers may be kept only if nothing changed since
+            now.epoch = handle.epoch
         for index in range(start_id, len(handle.entries)):
             name, node = handle.entries[index]
             try:
@@ -1132,9 +1149,11 @@ class SnapFS(pyfuse3.Operations):
             raise Refusal(errno.EINVAL, "rename", f"A snapshot name must be UTF-8: {name_new!r}.")
         if new_text == old_text:
             return
+        # Noted first: the kernel moves the entry there once this returns, and a change
+        # heard of while the rename awaits must drop it too.
+        self._kernel_entries[source.dom].add((parent_inode_new, name_new))
         with notify_without_waiting():
             await self.domain(old_parent).rename(source.snap, new_text)  # EEXIST: never replaces
-        self._kernel_entries[source.dom].add((parent_inode_new, name_new))  # the kernel moved it there
 
     # ---- everything else is refused -------------------------------------------------------
     @handler()

@@ -105,14 +105,22 @@ def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
     operations = _operations = SnapFS(open_store(store_root))
     try:
         _listener = MountListener(operations.store.root)
+        operations.store.mount_token = _listener.token
     except OSError as exc:
-        raise MountError(f"Cannot register the mount in store {store_root}: {exc.strerror}.") from None
-    operations.store.mount_token = _listener.token
+        # Nobody could tell this mount of a change: the kernel may keep nothing, so every
+        # path is looked up again (slower, never stale).
+        log.warning("cannot register in %s/run (%s): serving without kernel caches", store_root, exc.strerror)
+        operations.cache_seconds = 0
     try:
         pyfuse3.init(operations, path, mount_options(allow_other))
     except RuntimeError as exc:
-        _listener.close()
+        _unregister()
         raise MountError(f"Cannot mount on {path}: {exc}.") from None
+
+
+def _unregister() -> None:
+    if _listener is not None:
+        _listener.close()
 
 
 async def _serve() -> None:
@@ -123,6 +131,8 @@ async def _serve() -> None:
         try:
             await pyfuse3.main()
         finally:
+            if _listener is not None:
+                _listener.unregister()  # first: whoever tells us of a change from now on need not wait
             nursery.cancel_scope.cancel()
             if _operations is not None:
                 with trio.CancelScope(shield=True):
@@ -156,8 +166,7 @@ def serve() -> int:
         log.exception("the filesystem loop failed")
         code = 1
     finally:
-        if _listener is not None:
-            _listener.close()
+        _unregister()
         pyfuse3.close(unmount=True)
     return code
 

@@ -9,14 +9,19 @@ unless told not to wait, waits for the mount's answer, which comes only after th
 kernel has dropped what it held for that domain. So when a command returns, every
 mount's next stat, ls or cat sees what it did.
 
-A registration left by a mount that died is removed by the first process that finds
-nobody listening on it.
+A live mount holds an flock on its registration file; a registration whose socket does
+not answer and whose lock nobody holds belongs to a mount that died, and is removed by
+the first process that finds it. (Abstract sockets live in one network namespace: a
+process in another one cannot reach the mount, logs that, and leaves it registered.)
+Telling never fails the change that was made: problems are logged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
+import fcntl
 import logging
 import os
 import socket
@@ -28,7 +33,7 @@ import trio
 log = logging.getLogger(__name__)
 
 RUN_DIR = "run"
-ANSWER_TIMEOUT = 2.0  # a mount that answers later is logged and not waited for
+ANSWER_TIMEOUT = 5.0  # for all mounts together; one that answers later is logged and not waited for
 MAX_MESSAGE = 4096
 _SOCKET_PREFIX = b"\0snapfs-mount-"
 
@@ -53,15 +58,28 @@ class MountListener:
         self.token = uuid.uuid4().hex
         self._registration = os.path.join(run_dir(store_root), self.token)
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._socket.bind(_address(self.token))
-        self._socket.listen(64)
-        os.makedirs(run_dir(store_root), mode=0o755, exist_ok=True)
-        with open(self._registration, "x"):
-            pass
+        self._lock_fd = -1
+        try:
+            self._socket.bind(_address(self.token))
+            self._socket.listen(64)
+            _make_run_dir(run_dir(store_root))
+            self._lock_fd = os.open(self._registration, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # held while the mount lives
+        except BaseException:
+            self.close()
+            raise
+
+    def unregister(self) -> None:
+        """Nobody needs to tell this mount anything any more (idempotent)."""
+        if self._lock_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._registration)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._registration)
+        """Unregister and close the socket (once serve() has ended)."""
+        self.unregister()
         self._socket.close()
 
     async def serve(self, domain_changed: Callable[[str], Awaitable[None]]) -> None:
@@ -69,7 +87,12 @@ class MountListener:
         listener = trio.socket.from_stdlib_socket(self._socket)
         async with trio.open_nursery() as nursery:
             while True:
-                connection, _ = await listener.accept()
+                try:
+                    connection, _ = await listener.accept()
+                except OSError as exc:  # EMFILE and the like: never let it end the mount
+                    log.warning("accepting a change notice failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
                 nursery.start_soon(self._answer, connection, domain_changed)
 
     @staticmethod
@@ -87,32 +110,67 @@ class MountListener:
 
 
 async def tell_mounts(store_root: str, domain: str, exclude: str | None = None) -> None:
-    """Tell every registered mount (but `exclude`) that `domain` changed; wait for each
-    answer unless DO_NOT_WAIT is set."""
+    """Tell every registered mount (but `exclude`) that `domain` changed, all at once;
+    wait for their answers (ANSWER_TIMEOUT in all) unless DO_NOT_WAIT is set. Never raises."""
     try:
-        tokens = os.listdir(run_dir(store_root))
-    except FileNotFoundError:
+        tokens = [t for t in os.listdir(run_dir(store_root)) if t != exclude and "." not in t]
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("cannot list the mounts of %s: %s", store_root, exc)
+        return
+    if not tokens:
         return
     wait = not DO_NOT_WAIT.get()
-    for token in tokens:
-        if token != exclude and "." not in token:
-            await _tell(store_root, token, domain, wait)
+    with trio.move_on_after(ANSWER_TIMEOUT) as scope:
+        async with trio.open_nursery() as nursery:
+            for token in tokens:
+                nursery.start_soon(_tell, store_root, token, domain, wait)
+    if scope.cancelled_caught:
+        log.warning(
+            "a mount of %s did not confirm in %.0f s that it dropped its caches for %s",
+            store_root,
+            ANSWER_TIMEOUT,
+            domain,
+        )
 
 
 async def _tell(store_root: str, token: str, domain: str, wait: bool) -> None:
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with sock:
-        try:
-            with trio.fail_after(ANSWER_TIMEOUT):
-                await sock.connect(_address(token))
-                await sock.send(domain.encode("utf-8") + b"\n")
-                if wait:
-                    await _read_line(sock)
-        except (ConnectionRefusedError, FileNotFoundError):
-            with contextlib.suppress(FileNotFoundError, PermissionError):
-                os.unlink(os.path.join(run_dir(store_root), token))  # its mount is gone
-        except (OSError, trio.TooSlowError) as exc:
-            log.warning("mount %s did not confirm that it dropped its caches for %s: %s", token, domain, exc)
+    try:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with sock:
+            await sock.connect(_address(token))
+            await sock.send(domain.encode("utf-8") + b"\n")
+            if wait:
+                await _read_line(sock)
+    except ConnectionRefusedError:
+        _remove_if_dead(os.path.join(run_dir(store_root), token))
+    except OSError as exc:
+        log.warning("mount %s did not confirm that it dropped its caches for %s: %s", token, domain, exc)
+
+
+def _remove_if_dead(registration: str) -> None:
+    """Remove a registration nobody answers on, unless its mount still holds its lock
+    (a live mount in another network namespace)."""
+    try:
+        fd = os.open(registration, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(registration)
+    except OSError:
+        pass  # held (alive), gone already, or not ours to remove
+    finally:
+        os.close(fd)
+
+
+def _make_run_dir(path: str) -> None:
+    """run/, writable by the store's owner only, readable by all (whatever the umask)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o755)
 
 
 async def _read_line(sock: trio.socket.SocketType) -> bytes:

@@ -9,9 +9,14 @@ the change shows up as a mismatch).
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
+import platform
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
 from fsfixtures import (  # noqa: F401  (fixtures are used by name)
@@ -26,6 +31,7 @@ from fsfixtures import (  # noqa: F401  (fixtures are used by name)
 from snapfs.domain import StoreCore
 
 pytestmark = pytest.mark.timeout(240)
+SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[platform.machine()]
 
 
 def cli(fs: FsEnv, *args: str) -> None:
@@ -177,3 +183,80 @@ def test_a_clean_unmount_removes_its_registration(fs: FsEnv, tmp_path) -> None:
     assert len(os.listdir(run_dir)) == 2
     assert second.stop() == 0
     assert len(os.listdir(run_dir)) == 1
+
+
+def test_a_lookup_during_a_pending_description_store_does_not_deadlock(fs: FsEnv) -> None:
+    """`: > description` is stored at release, after close() returned; a lookup that
+    arrives meanwhile must not wait for the store while the kernel holds the directory
+    (the store ends by making the kernel drop entries of that directory)."""
+    cli(fs, "snapshot-create-as", "vm1", "a")
+    cli(fs, "snapshot-desc", "vm1", "a", "some words")
+    snap = fs.snap("a")
+    prime(snap)
+    lock = os.open(os.path.join(fs.store, "domains", "vm1", "lock"), os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the store at release now waits for the domain lock
+    try:
+        os.close(os.open(os.path.join(snap, "description"), os.O_WRONLY | os.O_TRUNC))
+        time.sleep(0.3)
+        found: dict[str, object] = {}
+
+        def stat_xml() -> None:
+            try:
+                found["size"] = os.stat(os.path.join(snap, "xml")).st_size
+            except OSError as exc:
+                found["error"] = exc
+
+        reader = threading.Thread(target=stat_xml, daemon=True)
+        reader.start()
+        time.sleep(0.5)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+    reader.join(20)
+    assert not reader.is_alive(), "stat hung: the lookup and the store wait for each other"
+    assert "error" not in found, found
+    with open(os.path.join(snap, "xml"), "rb") as f:
+        text = f.read()
+    assert b"some words" not in text
+    assert os.stat(os.path.join(snap, "xml")).st_size == len(text)
+    assert os.stat(os.path.join(snap, "description")).st_size == 0
+
+
+def test_a_listing_that_spans_a_change_keeps_no_old_name(fs: FsEnv) -> None:
+    """A listing read in several getdents calls, with a rename from another process in
+    between: the rest of the listing may show the old name, but the kernel must not
+    keep it once the rename has returned."""
+    run = core_call(fs.store, 'd = store.domain("vm2")\nfor i in range(80):\n    await d.create(name=f"s{i:03d}")')
+    assert run.returncode == 0, run.stderr
+    directory = fs.p("vm2/snapshots")
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(1024)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert libc.syscall(SYS_GETDENTS64, fd, buffer, len(buffer)) > 0  # the first batch only
+        cli(fs, "snapshot-rename", "vm2", "s079", "renamed")
+        while libc.syscall(SYS_GETDENTS64, fd, buffer, len(buffer)) > 0:
+            pass
+    finally:
+        os.close(fd)
+    assert not os.path.exists(os.path.join(directory, "s079"))
+    assert os.path.isdir(os.path.join(directory, "renamed"))
+
+
+def test_a_mount_out_of_reach_stays_registered(fs: FsEnv) -> None:
+    """A command in another network namespace cannot reach the mount's socket: it must
+    not take the live mount for a dead one and remove its registration."""
+    run_dir = os.path.join(fs.store, "run")
+    assert len(os.listdir(run_dir)) == 1
+    run = subprocess.run(
+        ["unshare", "-n", PYTHON, "-m", "snapfs.cli", "--store", fs.store, "snapshot-create-as", "vm1", "elsewhere"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert len(os.listdir(run_dir)) == 1, "the live mount's registration was removed"
+    prime(fs.mnt)
+    cli(fs, "snapshot-rename", "vm1", "elsewhere", "back-home")
+    assert_mount_agrees(fs)
