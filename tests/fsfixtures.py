@@ -82,6 +82,7 @@ class Mount:
         self.log_path = mountpoint.rstrip("/") + ".log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.unmount_errors: list[str] = []
 
     def start(self) -> Mount:
         os.makedirs(self.path, exist_ok=True)
@@ -109,9 +110,17 @@ class Mount:
             return ""
 
     def stop(self) -> int | None:
-        """fusermount3 -u, then wait; kill if it does not end; lazy unmount as a last resort."""
-        if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-u", self.path], capture_output=True)
+        """fusermount3 -u, then wait; kill if it does not end; lazy unmount as a last resort.
+        An unmount refused as busy is tried again for a moment: a process forked by another
+        test thread can hold a copy of a descriptor opened in the mount until its exec."""
+        for _ in range(25):
+            if not os.path.ismount(self.path):
+                break
+            run = subprocess.run(["fusermount3", "-u", self.path], capture_output=True, text=True)
+            if run.returncode == 0:
+                break
+            self.unmount_errors.append(run.stderr.strip())
+            time.sleep(0.2)
         code = None
         if self.proc is not None:
             try:

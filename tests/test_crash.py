@@ -546,6 +546,8 @@ def stop_mount(mount) -> list[str]:
     os.path.ismount does not see), is a problem, and is cleared."""
     code = mount.stop()
     problems = [] if code == 0 else [f"the mount daemon ended with status {code}: {mount.log()[-2000:]}"]
+    if code != 0 and mount.unmount_errors:
+        problems.append(f"fusermount3 -u said: {mount.unmount_errors[-1]}")
     try:
         os.stat(mount.path)
     except OSError as exc:
