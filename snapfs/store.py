@@ -179,6 +179,22 @@ class MetadataView:
         return list(self._children.get(snap_id, ()))
 
 
+def _carry_name_index(old: MetadataView, new: MetadataView, changed: list[str]) -> None:
+    """Give `new` the name index of `old` updated for the changed ids, if `old` had built
+    one: copying a dict of 10,000 names costs a tenth of building it again."""
+    names = old.__dict__.get("_by_name")
+    if names is None:
+        return
+    names = dict(names)
+    for snap_id in changed:
+        before, after = old.snapshots.get(snap_id), new.snapshots.get(snap_id)
+        if before is not None and names.get(before.name) is before:
+            del names[before.name]
+        if after is not None:
+            names[after.name] = after
+    new.__dict__["_by_name"] = names  # what cached_property itself would store
+
+
 class DomainFiles:
     """Paths and metadata I/O of one domain directory. Knows no snapshot rule."""
 
@@ -290,7 +306,9 @@ class DomainFiles:
                 snapshots = dict(cached.snapshots)
                 for snap_id in state["changed"]:
                     self._reload_one(snapshots, snap_id)
-                cached = self._cache = MetadataView(generation, state["current"], snapshots, epoch)
+                view = MetadataView(generation, state["current"], snapshots, epoch)
+                _carry_name_index(cached, view, state["changed"])
+                cached = self._cache = view
             else:
                 cached = self._cache = MetadataView(generation, state["current"], self._load_all(), epoch)
             if raw is not None:
