@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import trio
@@ -493,33 +493,51 @@ class DomainCore:
         steps = journal["steps"]
         point = f"{journal['operation']}:{index}:{steps[index]['do']}"
         _fault_point(point, "before", recovering)
-        with self._job(journal, index):
+        async with self._job(journal, index):
             # A qemu-img reader (a .changes map, an image being opened) may hold a
             # layer for a moment; qemu-img fails at open then, before writing anything.
             step = functools.partial(self._run_step, steps[index], recovering, syncs)
             await _patiently(step, STEP_BUSY_WAIT_SECONDS)
         _fault_point(point, "after", recovering)
 
-    @contextlib.contextmanager
-    def _job(self, journal: dict, index: int) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _job(self, journal: dict, index: int) -> AsyncIterator[None]:
         """Keep the domain's job file saying what runs now ("merge s1: step 3 of 7,
-        commit, 42%"), fed by qemu-img's own progress, at most a few times a second."""
+        commit, 42%"), fed by qemu-img's own progress, at most a few times a second.
+
+        The file is written in a worker thread by a task of its own: while a commit
+        writes gigabytes, a rename on the same filesystem can wait tens of milliseconds,
+        and the progress callback runs in the event loop."""
         steps = journal["steps"]
+        if steps[index]["do"] not in ("commit", "rebase", "recompress"):
+            yield  # light steps report nothing
+            return
         head = f"{journal['operation']} {journal.get('subject', '')}".rstrip()
         head += f": step {index + 1} of {len(steps)}, {steps[index]['do']}"
-        last = [0.0]
+        latest = [0.0]
+        changed = trio.Event()
 
         def report(percent: float) -> None:
-            now = time.monotonic()
-            if now - last[0] >= JOB_UPDATE_SECONDS or percent >= 100:
-                last[0] = now
-                self.files.write_job(f"{head}, {percent:.0f}%\n")
+            latest[0] = percent
+            changed.set()
 
-        if steps[index]["do"] in ("commit", "rebase", "recompress"):
-            report(0.0)
+        async def keep_writing() -> None:
+            nonlocal changed
+            while True:
+                await changed.wait()
+                changed = trio.Event()
+                await trio.to_thread.run_sync(self.files.write_job, f"{head}, {latest[0]:.0f}%\n")
+                await trio.sleep(JOB_UPDATE_SECONDS)
+
         token = qemu.PROGRESS.set(report)
         try:
-            yield
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_writing)
+                report(0.0)
+                try:
+                    yield
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
             qemu.PROGRESS.reset(token)
 
