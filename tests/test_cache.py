@@ -14,6 +14,7 @@ import fcntl
 import os
 import platform
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -259,4 +260,26 @@ def test_a_mount_out_of_reach_stays_registered(fs: FsEnv) -> None:
     assert len(os.listdir(run_dir)) == 1, "the live mount's registration was removed"
     prime(fs.mnt)
     cli(fs, "snapshot-rename", "vm1", "elsewhere", "back-home")
+    assert_mount_agrees(fs)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"", b"\xff\xfe not utf-8\n", b"no-such-domain\n", b"x" * 10_000, b"vm1"],
+    ids=["nothing", "not-utf8", "unknown-domain", "too-long", "no-newline"],
+)
+def test_garbage_on_the_mount_socket_changes_nothing(fs: FsEnv, message: bytes) -> None:
+    """Anyone on the host can reach a mount's socket: whatever arrives, the mount stays up,
+    answers nothing it should not, and keeps serving and hearing of real changes."""
+    (token,) = os.listdir(os.path.join(fs.store, "run"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(b"\0snapfs-mount-" + token.encode())
+        sock.sendall(message)
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.recv(100)
+    assert answer == (b"ok\n" if message == b"no-such-domain\n" else b"")
+    assert fs.mount.proc is not None and fs.mount.proc.poll() is None
+    prime(fs.mnt)
+    cli(fs, "snapshot-create-as", "vm1", "still-heard")
     assert_mount_agrees(fs)
