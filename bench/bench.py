@@ -27,7 +27,7 @@ import trio
 
 import snapfs
 from snapfs.domain import StoreCore
-from snapfs.store import SnapshotRecord, write_json
+from snapfs.store import SnapshotRecord, fsync_file, write_json
 
 PYTHON = sys.executable
 SNAPFS = os.path.join(os.path.dirname(PYTHON), "snapfs")
@@ -64,14 +64,6 @@ def qemu_img_overlay(path: str, backing: str) -> None:
 def pair_ratio(times: list[float], bare_times: list[float]) -> float:
     """The median of the ratios of runs made one right after the other."""
     return statistics.median(t / max(b, 1e-6) for t, b in zip(times, bare_times, strict=True))
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def qemu_io_write(path: str, pattern: int, offset: int, length: int) -> None:
@@ -295,7 +287,7 @@ def section_merge(root: str, size: int = 256 * MiB, runs: int = 5) -> None:
         t = time.perf_counter()
         qemu_img("commit", "-q", "-f", "qcow2", "-d", bare_top)
         bare_times.append(time.perf_counter() - t)
-        fsync_path(os.path.join(bare_dir, os.path.basename(layer)))  # what a merge must also do
+        fsync_file(os.path.join(bare_dir, os.path.basename(layer)))  # what a merge must also do
         durable_times.append(time.perf_counter() - t)
         os.unlink(bare_top)  # the merge leaves one file: the committed top's space is freed
         same_end_times.append(time.perf_counter() - t)
