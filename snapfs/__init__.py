@@ -1,16 +1,36 @@
-"""snapfs: virtual-machine disk snapshots as files, commands and a Python API."""
+"""snapfs: virtual-machine disk snapshots as files, commands and a Python API.
 
-from .api import Domain, Snapshot, Store, open_store
-from .domain import CONTROL_WORDS, DeactivateFlags
+The API's names load on first use, so importing a pure module (snapfs.rules) does not
+pull in trio or qemu.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 from .errors import DependentsError, SnapfsError
+from .rules import CONTROL_WORDS, DeactivateFlags
+
+_API_NAMES = ("Domain", "Snapshot", "Store", "open_store")
 
 __all__ = [
     "CONTROL_WORDS",
     "DeactivateFlags",
     "DependentsError",
-    "Domain",
+    "Domain",  # noqa: F822 (loaded lazily by __getattr__)
     "SnapfsError",
-    "Snapshot",
-    "Store",
-    "open_store",
+    "Snapshot",  # noqa: F822
+    "Store",  # noqa: F822
+    "open_store",  # noqa: F822
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _API_NAMES:
+        return getattr(importlib.import_module(".api", __name__), name)
+    try:
+        return importlib.import_module(f".{name}", __name__)  # snapfs.api and the like
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -350,7 +350,7 @@ class SnapFS(pyfuse3.Operations):
         self.cache_seconds = CACHE_SECONDS  # 0 when changes cannot be heard of (mount.py)
         self._kernel_entries: defaultdict[str, set[tuple[int, bytes]]] = defaultdict(set)
         self._kernel_inodes: defaultdict[str, set[int]] = defaultdict(set)
-        store.mount_handler = self.domain_changed
+        store.subscribe(self.domain_changed)
 
     # ---- errors -----------------------------------------------------------------------
     def domain_of(self, key: object, by_handle: bool) -> str:

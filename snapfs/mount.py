@@ -105,7 +105,7 @@ def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
     operations = _operations = SnapFS(open_store(store_root))
     try:
         _listener = MountListener(operations.store.root)
-        operations.store.mount_token = _listener.token
+        operations.store.announcer.exclude_token = _listener.token
     except OSError as exc:
         # Nobody could tell this mount of a change: the kernel may keep nothing, so every
         # path is looked up again (slower, never stale).

@@ -109,6 +109,19 @@ class MountListener:
                 log.exception("dropping the kernel's caches after a change failed")
 
 
+class Announcer:
+    """A store's subscriber (catalog.StoreCore.subscribe) that tells the registered mounts
+    of every change, except the one whose token is `exclude_token`: the mount of this
+    process, which has its own subscription and needs no telling through a socket."""
+
+    def __init__(self, store_root: str, exclude_token: str | None = None) -> None:
+        self.store_root = store_root
+        self.exclude_token = exclude_token
+
+    async def __call__(self, domain: str) -> None:
+        await tell_mounts(self.store_root, domain, exclude=self.exclude_token)
+
+
 async def tell_mounts(store_root: str, domain: str, exclude: str | None = None) -> None:
     """Tell every registered mount (but `exclude`) that `domain` changed, all at once;
     wait for their answers (ANSWER_TIMEOUT in all) unless DO_NOT_WAIT is set. Never raises."""

@@ -7,7 +7,6 @@ carrying qemu's own message.
 
 from __future__ import annotations
 
-import contextvars
 import errno
 import fcntl
 import json
@@ -15,10 +14,11 @@ import os
 import re
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
+from .durable import unlink_if_present
 from .errors import SnapfsError
 
 QEMU_IMG = os.environ.get("SNAPFS_QEMU_IMG", "qemu-img")
@@ -38,17 +38,16 @@ def _error_for(what: str, stderr: bytes) -> SnapfsError:
     return SnapfsError(errno.EIO, f"{what} failed (qemu: {message})")
 
 
-# Set by domain.py around a step: called with qemu-img's percentage (0-100) as long
-# commits, rebases and conversions go. A context variable, so the engine stays unaware.
-PROGRESS: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar(
-    "snapfs_progress", default=None
-)
+# A progress callback, given to a long commit, rebase or conversion, is called with
+# qemu-img's percentage (0-100) as it goes.
+Progress = Callable[[float], None]
 _PROGRESS_VERBS = ("commit", "rebase", "convert")
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
-async def _run(program: str, args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> tuple[int, bytes]:
-    report = PROGRESS.get()
+async def _run(
+    program: str, args: list[str], what: str, ok: tuple[int, ...] = (0,), report: Progress | None = None
+) -> tuple[int, bytes]:
     if report is not None and program == QEMU_IMG and args[0] in _PROGRESS_VERBS:
         return await _run_reporting(program, [args[0], "-p", *(a for a in args[1:] if a != "-q")], what, ok, report)
     try:
@@ -106,8 +105,10 @@ async def _run_reporting(
     return code, b""
 
 
-async def qemu_img(args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> tuple[int, bytes]:
-    return await _run(QEMU_IMG, args, what, ok)
+async def qemu_img(
+    args: list[str], what: str, ok: tuple[int, ...] = (0,), progress: Progress | None = None
+) -> tuple[int, bytes]:
+    return await _run(QEMU_IMG, args, what, ok, progress)
 
 
 async def info(path: str, fmt: str | None = None) -> dict:
@@ -136,16 +137,17 @@ async def create_overlay(path: str, backing: str, backing_fmt: str, size: int) -
     )
 
 
-async def commit_into_backing(top: str) -> None:
+async def commit_into_backing(top: str, progress: Progress | None = None) -> None:
     """Write top's clusters into its backing file; top is left as it was (-d)."""
-    await qemu_img(["commit", "-q", "-f", "qcow2", "-d", top], f"merging {top} into its backing file")
+    await qemu_img(
+        ["commit", "-q", "-f", "qcow2", "-d", top], f"merging {top} into its backing file", progress=progress
+    )
 
 
-async def rebase_safe(path: str, backing: str, backing_fmt: str) -> None:
+async def rebase_safe(path: str, backing: str, backing_fmt: str, progress: Progress | None = None) -> None:
     """Safe-mode rebase: copies into `path` whatever differs, so its content is unchanged."""
     await qemu_img(
-        ["rebase", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path],
-        f"rebasing {path}",
+        ["rebase", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path], f"rebasing {path}", progress=progress
     )
 
 
@@ -157,7 +159,9 @@ async def same_content(a: str, b: str) -> bool:
     return code == 0
 
 
-async def convert_layer(src: str, dst: str, backing: str, backing_fmt: str, compression: str) -> None:
+async def convert_layer(
+    src: str, dst: str, backing: str, backing_fmt: str, compression: str, progress: Progress | None = None
+) -> None:
     """Rewrite the top layer `src` as `dst` on the same backing, compressed or not.
 
     Only clusters allocated in `src` itself are written (-B keeps the backing).
@@ -167,18 +171,11 @@ async def convert_layer(src: str, dst: str, backing: str, backing_fmt: str, comp
         args += ["-c", "-o", f"compression_type={'zlib' if compression == 'gzip' else compression}"]
     args += ["-B", backing, "-F", backing_fmt, src, dst]
     try:
-        await qemu_img(args, f"recompressing {src}")
+        await qemu_img(args, f"recompressing {src}", progress=progress)
     except BaseException:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_unlink_quietly, dst)
+            await trio.to_thread.run_sync(unlink_if_present, dst)
         raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 async def check_and_repair(path: str) -> None:
@@ -206,29 +203,31 @@ _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _FLOCK = "hhqqi4x"
 
 
-def in_use(path: str) -> bool:
-    """Whether another process (a running QEMU, qemu-nbd, a qemu-img reader) writes the
-    image or forbids writing it, read off QEMU's own lock bytes without opening the
-    image: the same test qemu-img's "Failed to get "write" lock" comes from, in
-    microseconds instead of a process start. A reader that merely uses the image as a
-    backing file forbids writing it too, so it is seen."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for byte in _QEMU_WRITE_LOCK_BYTES:
-            probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
-            if struct.unpack(_FLOCK, fcntl.fcntl(fd, _F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK:
-                return True
-        return False
-    finally:
-        os.close(fd)
+def refuse_if_in_use(paths: Iterable[str]) -> None:
+    """EBUSY if another process (a running QEMU, qemu-nbd, a qemu-img reader) writes one
+    of the images (those that exist) or forbids writing it, read off QEMU's own lock
+    bytes without opening the image: the same test qemu-img's "Failed to get "write"
+    lock" comes from, in microseconds instead of a process start. A reader that merely
+    uses the image as a backing file forbids writing it too, so it is seen."""
+    for path in dict.fromkeys(paths):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            held = any(_write_lock_held(fd, byte) for byte in _QEMU_WRITE_LOCK_BYTES)
+        finally:
+            os.close(fd)
+        if held:
+            raise SnapfsError(
+                errno.EBUSY,
+                f"{path} is in use by another process (a running QEMU, qemu-nbd, or an open snapshot disk image).",
+            )
 
 
-def refuse_if_in_use(path: str) -> None:
-    if in_use(path):
-        raise SnapfsError(
-            errno.EBUSY,
-            f"{path} is in use by another process (a running QEMU, qemu-nbd, or an open snapshot disk image).",
-        )
+def _write_lock_held(fd: int, byte: int) -> bool:
+    probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+    return struct.unpack(_FLOCK, fcntl.fcntl(fd, _F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK
 
 
 async def top_layer_has_data(path: str) -> bool:
@@ -276,6 +275,5 @@ def hold_read_locks(fd: int, path: str) -> None:
     (EBUSY) if a writer (a commit in progress, a running QEMU) holds it."""
     for byte in (100, 201):
         fcntl.fcntl(fd, _F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
-    probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 101, 1, 0)
-    if struct.unpack(_FLOCK, fcntl.fcntl(fd, _F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK:
+    if _write_lock_held(fd, 101):
         raise SnapfsError(errno.EBUSY, f"{path} is being written by another process; try again when it is done.")

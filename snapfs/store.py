@@ -1,25 +1,27 @@
-"""The store on disk: layout, atomic metadata writes, per-domain locks, the journal.
+"""The store on disk: its layout, and the records' files (read and written atomically).
 
     STORE/store.lock                      serialises define/undefine
+    STORE/run/<token>                     one registration per mount (notify.py)
     STORE/domains/<dom>/domain.json       name, uuid, disks (target, base, format, size)
     STORE/domains/<dom>/domain.xml        the libvirt XML as defined
     STORE/domains/<dom>/state.json        current snapshot id and a generation counter
     STORE/domains/<dom>/snapshots/<id>.json   one metadata file per snapshot
     STORE/domains/<dom>/layers/<target>/<id>.qcow2   L(S); live.qcow2 is A
+    STORE/domains/<dom>/memory/<id>       a snapshot's saved guest memory (made when first needed)
     STORE/domains/<dom>/journal.json      the intent of an unfinished operation
+    STORE/domains/<dom>/job               what a long operation is doing now
     STORE/domains/<dom>/last-error        the latest refusal, one line
     STORE/domains/<dom>/lock              flock'd by every operation
 
-Every metadata file is replaced by write-temp + fsync + rename, so a reader that takes
-no lock sees each file before or after a change, never half of it.
+Every metadata file is replaced by write-temp + fsync + rename (durable.py), so a reader
+that takes no lock sees each file before or after a change, never half of it. The records
+themselves are plain data (records.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import functools
 import json
 import os
 import stat
@@ -27,13 +29,42 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
-import trio
+from .durable import (
+    DirSyncs,
+    atomic_write,
+    flocked,
+    fsync_dir,
+    fsync_file,
+    read_json,
+    sync_dir_of,
+    unlink_if_present,
+    write_json,
+)
+from .errors import SnapfsError, not_found
+from .records import LIVE, DiskRecord, DomainRecord, MetadataView, SnapshotRecord, carry_name_index
 
-from .errors import SnapfsError, busy, not_found
+# Names other modules import from here (the records and the durable writes they use).
+__all__ = [
+    "LIVE",
+    "DirSyncs",
+    "DiskRecord",
+    "DomainFiles",
+    "DomainRecord",
+    "MetadataView",
+    "SnapshotRecord",
+    "StoreFiles",
+    "atomic_write",
+    "default_store_path",
+    "fsync_dir",
+    "fsync_file",
+    "read_json",
+    "sync_dir_of",
+    "unlink_if_present",
+    "write_json",
+]
 
-LIVE = "live"
 LOCK_WAIT_SECONDS = float(os.environ.get("SNAPFS_LOCK_WAIT", "10"))
 
 
@@ -44,155 +75,6 @@ def default_store_path() -> str:
         return "/var/lib/snapfs"
     data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(data_home, "snapfs")
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class DirSyncs:
-    """Directories whose entries a journalled operation changed and has not fsynced yet.
-
-    A step's rename is durable once its directory is fsynced; the journal only needs that
-    before it records the step as done (and before it is cleared). So the steps between
-    two journal writes leave their directories here, and flush() fsyncs each once, just
-    before the journal is written: on ext4 the first fsync commits them all, the others
-    find nothing to do. Files themselves are still fsynced before they are renamed into
-    place, so a path never holds a half-written file."""
-
-    def __init__(self) -> None:
-        self.dirs: set[str] = set()
-
-    def add(self, directory: str) -> None:
-        self.dirs.add(directory)
-
-    def flush(self) -> None:
-        while self.dirs:
-            fsync_dir(self.dirs.pop())
-
-
-def sync_dir_of(path: str, syncs: DirSyncs | None) -> None:
-    """fsync path's directory now, or leave it to syncs.flush()."""
-    if syncs is None:
-        fsync_dir(os.path.dirname(path))
-    else:
-        syncs.add(os.path.dirname(path))
-
-
-def atomic_write(path: str, data: bytes, syncs: DirSyncs | None = None) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    sync_dir_of(path, syncs)
-
-
-def write_json(path: str, obj: object, syncs: DirSyncs | None = None) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode(), syncs)
-
-
-def read_json(path: str) -> dict:
-    with open(path, "rb") as f:
-        return json.load(f)
-
-
-def unlink_if_present(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-@dataclass
-class DiskRecord:
-    target: str
-    base: str
-    format: str
-    size: int
-
-
-@dataclass
-class DomainRecord:
-    name: str
-    uuid: str
-    disks: list[DiskRecord]
-    skipped: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_json(cls, data: dict) -> DomainRecord:
-        disks = [DiskRecord(**d) for d in data["disks"]]
-        return cls(data["name"], data["uuid"], disks, list(data.get("skipped", [])))
-
-
-@dataclass
-class SnapshotRecord:
-    id: str
-    name: str
-    parent: str | None
-    creation_time: int
-    description: str = ""
-    state: str = "shutoff"
-    compression: str = "none"
-
-    @classmethod
-    def from_json(cls, data: dict) -> SnapshotRecord:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-
-@dataclass(frozen=True)
-class MetadataView:
-    """One consistent-enough reading of a domain's metadata (see DomainFiles.view)."""
-
-    generation: int
-    current: str | None
-    snapshots: dict[str, SnapshotRecord]
-    epoch: str | None = None
-
-    @functools.cached_property
-    def _by_name(self) -> dict[str, SnapshotRecord]:
-        return {record.name: record for record in self.snapshots.values()}
-
-    @functools.cached_property
-    def _children(self) -> dict[str | None, list[SnapshotRecord]]:
-        kids: dict[str | None, list[SnapshotRecord]] = {}
-        for record in sorted(self.snapshots.values(), key=lambda r: (r.creation_time, r.name)):
-            kids.setdefault(record.parent, []).append(record)
-        return kids
-
-    def by_name(self, name: str) -> SnapshotRecord | None:
-        return self._by_name.get(name)
-
-    def children(self, snap_id: str | None) -> list[SnapshotRecord]:
-        """Oldest first. Indexes are built once per view, so walking a tree stays linear."""
-        return list(self._children.get(snap_id, ()))
-
-
-def _carry_name_index(old: MetadataView, new: MetadataView, changed: list[str]) -> None:
-    """Give `new` the name index of `old` updated for the changed ids, if `old` had built
-    one: copying a dict of 10,000 names costs a tenth of building it again."""
-    names = old.__dict__.get("_by_name")
-    if names is None:
-        return
-    names = dict(names)
-    for snap_id in changed:
-        before, after = old.snapshots.get(snap_id), new.snapshots.get(snap_id)
-        if before is not None and names.get(before.name) is before:
-            del names[before.name]
-        if after is not None:
-            names[after.name] = after
-    new.__dict__["_by_name"] = names  # what cached_property itself would store
 
 
 class DomainFiles:
@@ -221,6 +103,14 @@ class DomainFiles:
     def layer(self, target: str, snap_id: str) -> str:
         """L(S) for a snapshot id, or A for LIVE."""
         return os.path.join(self.layers_dir(target), f"{snap_id}.qcow2")
+
+    @property
+    def memory_dir(self) -> str:
+        """Where snapshots' saved guest memory goes; made by the first one that needs it."""
+        return self.file("memory")
+
+    def memory(self, snap_id: str) -> str:
+        return os.path.join(self.memory_dir, snap_id)
 
     def definition_id(self) -> tuple[int, ...] | None:
         """Identity of this definition (domain.json is written once, at define), or None
@@ -307,7 +197,7 @@ class DomainFiles:
                 for snap_id in state["changed"]:
                     self._reload_one(snapshots, snap_id)
                 view = MetadataView(generation, state["current"], snapshots, epoch)
-                _carry_name_index(cached, view, state["changed"])
+                carry_name_index(cached, view, state["changed"])
                 cached = self._cache = view
             else:
                 cached = self._cache = MetadataView(generation, state["current"], self._load_all(), epoch)
@@ -351,9 +241,6 @@ class DomainFiles:
         if changed is not None:
             state["changed"] = sorted(set(changed))
         write_json(self.file("state.json"), state, syncs)
-
-    def current(self) -> str | None:
-        return self._state()["current"]
 
     # journal
     @property
@@ -412,27 +299,6 @@ class DomainFiles:
         """The domain's exclusive lock (flock), polled without blocking the event loop."""
         async with flocked(self.file("lock"), f"Another operation holds domain {self.name!r}.", wait):
             yield
-
-
-@contextlib.asynccontextmanager
-async def flocked(path: str, busy_message: str, wait: float) -> AsyncIterator[None]:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except FileNotFoundError:
-        raise not_found(busy_message) from None
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise busy(busy_message) from None
-                await trio.sleep(0.02)
-        yield
-    finally:
-        os.close(fd)
 
 
 class StoreFiles:

@@ -16,7 +16,6 @@ from lxml import etree
 from .errors import invalid
 
 MAX_XML_BYTES = 1 << 20
-COMPRESSIONS = ("gzip", "zstd", "none")
 _DOCTYPE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 

@@ -1,0 +1,181 @@
+"""The store's domains: lookup, define, undefine, recovery; and who is told of changes.
+
+Every change to a domain (an operation, a define, an undefine, a recovery) is announced
+to the store's subscribers once the domain's lock is released, and the call that made
+the change returns only after every subscriber has returned: first the handlers
+subscribed in this process (a mount's own), in the order they subscribed, then the
+announcer, which tells the other processes that registered for news (notify.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+
+import trio
+
+from . import notify, xml
+from .domain import DomainCore
+from .durable import atomic_write, write_json
+from .engines import Engine
+from .errors import SnapfsError, busy, exists, invalid, not_found
+from .records import LIVE, DiskRecord, DomainRecord
+from .rules import validate_name
+from .store import DomainFiles, StoreFiles
+
+BASE_FORMATS = ("qcow2", "raw")
+
+Subscriber = Callable[[str], Awaitable[None]]  # told a domain's name after it changed
+
+
+class StoreCore:
+    """A store: its domains, define and undefine, and the subscribers to its changes."""
+
+    def __init__(self, root: str, engine: Engine | None = None) -> None:
+        self.files = StoreFiles(root)
+        self.files.ensure()
+        self.root = self.files.root
+        if engine is None:
+            from .engines.qemu_img import QemuImgEngine
+
+            engine = QemuImgEngine()
+        self.engine = engine
+        self._domains: dict[str, DomainCore] = {}
+        self._subscribers: list[Subscriber] = []
+        # Tells the other processes' mounts; a mount sets its own token to be left out.
+        self.announcer = notify.Announcer(self.root)
+
+    def subscribe(self, handler: Subscriber) -> None:
+        """Call `await handler(domain_name)` after every change, before the announcer."""
+        self._subscribers.append(handler)
+
+    async def changed(self, name: str) -> None:
+        """Domain `name` changed (or was defined or undefined): tell every subscriber."""
+        for handler in [*self._subscribers, self.announcer]:
+            await handler(name)
+
+    def domain_names(self) -> list[str]:
+        return self.files.domain_names()
+
+    def domain(self, name: str) -> DomainCore:
+        try:
+            validate_name(name, "domain")
+        except SnapfsError:
+            raise not_found(f"There is no domain named {name!r}.") from None
+        files = self.files.domain(name)
+        definition = files.definition_id()
+        if definition is None:
+            self._domains.pop(name, None)
+            raise not_found(f"There is no domain named {name!r}.")
+        core = self._domains.get(name)
+        if core is None or core.definition != definition:
+            core = self._domains[name] = DomainCore(files, self.engine, definition, self.changed)
+        return core
+
+    async def recover(self) -> None:
+        for name in self.domain_names():
+            await self.domain(name).recover()
+
+    async def define(
+        self,
+        name: str,
+        disks: list[tuple[str, str, str | None]],
+        domain_xml: str | None = None,
+        uuid: str | None = None,
+    ) -> tuple[DomainCore, list[str]]:
+        """Define a domain from (target, image path, format or None) triples.
+
+        A format not given is probed once here and recorded. Returns the domain and the
+        messages to show (probed formats)."""
+        validate_name(name, "domain")
+        if not disks:
+            raise invalid(f"Domain {name!r} has no disk that snapfs can snapshot.")
+        targets = [t for t, _, _ in disks]
+        for target in targets:
+            validate_name(target, "disk target")
+        if len(set(targets)) != len(targets):
+            raise invalid(f"Domain {name!r} names a disk target twice.")
+        async with self.files.locked():
+            if self.files.domain(name).exists():
+                raise exists(f"There is already a domain named {name!r}.")
+            records, messages = await self._disk_records(disks)
+            uuid = uuid or str(uuidlib.uuid4())
+            text = domain_xml or xml.minimal_domain_xml(
+                name, uuid, [xml.DiskDef(r.target, r.base, r.format) for r in records]
+            )
+            await self._write_domain(DomainRecord(name, uuid, records), text)
+        await self.changed(name)
+        return self.domain(name), messages
+
+    async def define_xml(self, text: str | bytes) -> tuple[DomainCore, list[str]]:
+        """Define a domain from libvirt XML; disks that cannot be snapshotted are left out
+        and named in the messages."""
+        definition, kept = xml.parse_domain_xml(text)
+        disks = [(d.target, d.path, d.format) for d in definition.disks]
+        if not disks:
+            raise invalid(f"Domain {definition.name!r} has no file-backed disk that snapfs can snapshot.")
+        core, messages = await self.define(definition.name, disks, kept, definition.uuid)
+        return core, messages + [f"{s} (left out of snapshots)" for s in definition.skipped]
+
+    async def _disk_records(self, disks: list[tuple[str, str, str | None]]) -> tuple[list[DiskRecord], list[str]]:
+        records, messages = [], []
+        for target, path, given in disks:
+            path = os.path.abspath(path)
+            if not os.path.exists(path):
+                raise not_found(f"Disk {target}: image {path} does not exist.")
+            if not os.path.isfile(path):
+                raise invalid(f"Disk {target}: {path} is not a regular file; the image must be one.")
+            fmt, size = await self.engine.describe_base(path, given)
+            if given is None:
+                messages.append(f"{target}: {path} probed as {fmt}; recorded, and never probed again.")
+            if fmt not in BASE_FORMATS:
+                raise invalid(f"Disk {target}: format {fmt!r} is not supported; use qcow2 or raw.")
+            records.append(DiskRecord(target, path, fmt, size))
+        return records, messages
+
+    async def _write_domain(self, record: DomainRecord, text: str) -> None:
+        files = self.files.domain(record.name)
+        await trio.to_thread.run_sync(shutil.rmtree, files.path, True)  # a define that crashed
+        os.makedirs(files.snapshots_dir)
+        for disk in record.disks:
+            os.makedirs(files.layers_dir(disk.target))
+            await self.engine.new_live_layer(files.layer(disk.target, LIVE), disk)
+        await trio.to_thread.run_sync(atomic_write, files.file("domain.xml"), text.encode("utf-8"))
+        await trio.to_thread.run_sync(files.write_state, None)
+        await trio.to_thread.run_sync(write_json, files.file("domain.json"), asdict(record))
+
+    async def undefine(self, name: str, remove_snapshots: bool = False) -> None:
+        core = self.domain(name)
+        try:
+            async with self.files.locked(), core.files.locked():
+                await core.finish_journal()
+                count = len(core.view().snapshots)
+                if not remove_snapshots:
+                    await self._refuse_undefine_with_data(core, count)
+                await trio.to_thread.run_sync(_remove_domain, core.files)
+        except SnapfsError as exc:
+            if core.files.exists():
+                core.record_error("undefine", exc.message)
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.changed(name)
+        self._domains.pop(name, None)
+
+    async def _refuse_undefine_with_data(self, core: DomainCore, count: int) -> None:
+        if count:
+            raise busy(f"Domain {core.name!r} has {count} snapshot(s); pass --remove-snapshots to delete them with it.")
+        for disk in core.disks:
+            if await self.engine.has_own_data(core.live_path(disk.target)):
+                raise busy(
+                    f"Domain {core.name!r} has changes in its live disk {disk.target} that would be lost; "
+                    "pass --remove-snapshots to delete them with it."
+                )
+
+
+def _remove_domain(files: DomainFiles) -> None:
+    os.unlink(files.file("domain.json"))
+    shutil.rmtree(files.path)

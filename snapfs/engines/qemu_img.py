@@ -1,0 +1,237 @@
+"""The qemu-img engine: the rules' intents as steps on image files no process holds.
+
+Each step is safe to run again after a crash part-way through it (the journal re-runs
+the step that was in progress). New files are built under a temporary name, checked,
+fsynced and renamed into place, so a path that anything depends on is never half-made.
+Its precondition: no other process (a running QEMU, qemu-nbd, an open snapshot disk)
+holds a layer a step would write, move or delete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from .. import qemu
+from ..durable import DirSyncs, fsync_file, sync_dir_of, unlink_if_present
+from ..errors import io_error
+from ..records import LIVE, DiskRecord
+from ..store import DomainFiles
+from . import Progress
+
+# The keys of each step that name a file (relative to the domain directory) the step
+# writes, moves or deletes; a "backing" is only read.
+WRITES = {
+    "overlay": ("dst",),
+    "rename": ("src", "dst"),
+    "commit": ("top", "into"),
+    "rebase": ("layer",),
+    "recompress": ("layer",),
+    "delete": ("path",),
+}
+METADATA_STEPS = ("meta_write", "meta_delete", "state")
+
+
+class QemuImgEngine:
+    """Every step that renames or unlinks may be given a DirSyncs: the directory fsync
+    that makes it durable is then left to the caller's next syncs.flush()."""
+
+    name = "qemu-img"
+
+    def snapshot_state(self) -> str:
+        return "shutoff"
+
+    # ---- intents -> steps -------------------------------------------------------------------
+    def steps(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
+        do = intent["do"]
+        if do in METADATA_STEPS:
+            return [intent]
+        if do == "fold":
+            return self._fold(intent, files, disks)
+        plan = Layout(files)
+        per_disk: dict[str, Callable[[DiskRecord], dict]] = {
+            "freeze": lambda d: _step("rename", src=plan.live(d), dst=plan.layer(d, intent["snap"])),
+            "new_live": lambda d: _step("overlay", dst=plan.live(d), **plan.backing(d, intent["on"]), size=d.size),
+            "drop": lambda d: _step("delete", path=plan.layer(d, intent["snap"])),
+            "recompress": lambda d: _step(
+                "recompress",
+                layer=plan.layer(d, intent["snap"]),
+                kind=intent["kind"],
+                **plan.backing(d, intent["parent"]),
+            ),
+            "rebase_live": lambda d: _step("rebase", layer=plan.live(d), **plan.backing(d, intent["onto"])),
+        }
+        if do not in per_disk:
+            raise io_error(f"The qemu-img engine has no steps for {do!r}.")
+        return [per_disk[do](d) for d in disks]
+
+    @staticmethod
+    def _fold(intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
+        plan, snap, deps = Layout(files), intent["snap"], intent["into"]
+        if len(deps) == 1:
+            # Commit D into L(S), then L(S)'s file takes D's path: D's children keep their links.
+            dep = deps[0]
+            steps = [_step("commit", top=plan.layer(d, dep), into=plan.layer(d, snap)) for d in disks]
+            return steps + [_step("rename", src=plan.layer(d, snap), dst=plan.layer(d, dep)) for d in disks]
+        # Two or more dependents: each is rebased (safe, on a copy) onto S's parent.
+        steps = [
+            _step("rebase", layer=plan.layer(d, dep), **plan.backing(d, intent["parent"]))
+            for dep in deps
+            for d in disks
+        ]
+        return steps + [_step("delete", path=plan.layer(d, snap)) for d in disks]
+
+    # ---- the precondition --------------------------------------------------------------------
+    async def check_ready(self, files: DomainFiles, steps: list[dict]) -> None:
+        """EBUSY if another process holds a layer the steps would write, move or delete."""
+        qemu.refuse_if_in_use(files.file(step[key]) for step in steps for key in WRITES.get(step["do"], ()))
+
+    # ---- running a step --------------------------------------------------------------------------
+    async def run(
+        self, step: dict, files: DomainFiles, *, recovering: bool, syncs: DirSyncs, progress: Progress | None
+    ) -> None:
+        path = files.file
+        do = step["do"]
+        if do == "overlay":
+            await self.overlay(path(step["dst"]), step["backing"], step["fmt"], step["size"], syncs)
+        elif do == "rename":
+            await _in_thread(_move, path(step["src"]), path(step["dst"]), syncs)
+        elif do == "commit":
+            await self.commit(path(step["top"]), path(step["into"]), recovering, progress)
+        elif do == "rebase":
+            await self.rebase(path(step["layer"]), step["backing"], step["fmt"], progress)
+        elif do == "recompress":
+            await self.recompress(path(step["layer"]), step["kind"], step["backing"], step["fmt"], progress)
+        elif do == "delete":
+            await _in_thread(_delete, path(step["path"]), syncs)
+        else:
+            raise io_error(f"The journal of domain {files.name!r} has an unknown step {do!r}.")
+
+    async def overlay(self, dst: str, backing: str, backing_fmt: str, size: int, syncs: DirSyncs | None = None) -> None:
+        """An empty overlay at dst on `backing`, replacing whatever dst was."""
+        tmp = dst + ".new"
+        await _in_thread(unlink_if_present, tmp)
+        await qemu.create_overlay(tmp, backing, backing_fmt, size)
+        await _install(tmp, dst, syncs)
+
+    async def commit(self, top: str, into: str, repair_first: bool = False, progress: Progress | None = None) -> None:
+        """Write top's clusters into its backing file `into` (top is left as it was).
+
+        A commit interrupted by a crash is completed by running it again; the crash
+        may have left the dirty flag set, which `qemu-img check -r all` clears.
+        """
+        if repair_first:
+            for path in (into, top):
+                if await qemu.is_dirty(path):
+                    await qemu.check_and_repair(path)
+        await qemu.commit_into_backing(top, progress)
+        await _in_thread(fsync_file, into)
+
+    async def rebase(self, layer: str, backing: str, backing_fmt: str, progress: Progress | None = None) -> None:
+        """Move `layer` onto `backing`, keeping its content: a safe rebase of a copy,
+        checked with qemu-img compare, then renamed over the original. An in-place
+        rebase killed midway can leave the layer on the new backing without its data."""
+        if await qemu.backing_file(layer) == backing:
+            return
+
+        async def build(tmp: str) -> None:
+            await trio.run_process(["cp", "--reflink=auto", "--sparse=always", layer, tmp])
+            await qemu.rebase_safe(tmp, backing, backing_fmt, progress)
+
+        await _replace_checked(layer, ".rebase", build, "Rebasing")
+
+    async def recompress(
+        self, layer: str, compression: str, backing: str, backing_fmt: str, progress: Progress | None = None
+    ) -> None:
+        """Rewrite the frozen `layer` compressed with zlib/zstd (or not), content unchanged."""
+
+        async def build(tmp: str) -> None:
+            await qemu.convert_layer(layer, tmp, backing, backing_fmt, compression, progress)
+
+        await _replace_checked(layer, ".compress", build, "Recompressing")
+
+    # ---- images outside a plan -----------------------------------------------------------------------
+    async def new_live_layer(self, path: str, disk: DiskRecord) -> None:
+        await self.overlay(path, disk.base, disk.format, disk.size)
+
+    async def describe_base(self, path: str, fmt: str | None) -> tuple[str, int]:
+        if fmt is None:
+            fmt = await qemu.probe_format(path)
+        return fmt, await qemu.virtual_size(path, fmt)
+
+    async def has_own_data(self, path: str) -> bool:
+        return await qemu.top_layer_has_data(path)
+
+
+class Layout:
+    """Where a disk's layers are, as the steps name them (relative to the domain)."""
+
+    def __init__(self, files: DomainFiles) -> None:
+        self.files = files
+
+    def layer(self, disk: DiskRecord, snap_id: str) -> str:
+        """L(S), or the live layer A for LIVE."""
+        return os.path.relpath(self.files.layer(disk.target, snap_id), self.files.path)
+
+    def live(self, disk: DiskRecord) -> str:
+        return self.layer(disk, LIVE)
+
+    def backing(self, disk: DiskRecord, snap_id: str | None) -> dict:
+        """The backing link (as written in an overlay's header) and format for a layer that
+        sits on snapshot `snap_id`, or on the base image when `snap_id` is None.
+
+        Layers of one disk share a directory, so in-store links are bare basenames; the base
+        image, outside the store, is linked by absolute path.
+        """
+        if snap_id is None:
+            return {"backing": disk.base, "fmt": disk.format}
+        return {"backing": os.path.basename(self.files.layer(disk.target, snap_id)), "fmt": "qcow2"}
+
+
+def _step(do: str, **args) -> dict:
+    return {"do": do, **args}
+
+
+async def _in_thread(fn, *args) -> None:
+    await trio.to_thread.run_sync(fn, *args)
+
+
+def _install_now(tmp: str, dst: str, syncs: DirSyncs | None) -> None:
+    fsync_file(tmp)
+    os.rename(tmp, dst)
+    sync_dir_of(dst, syncs)
+
+
+async def _install(tmp: str, dst: str, syncs: DirSyncs | None = None) -> None:
+    """fsync tmp, rename it over dst, fsync the directory (now, or at syncs.flush())."""
+    await _in_thread(_install_now, tmp, dst, syncs)
+
+
+def _move(src: str, dst: str, syncs: DirSyncs | None) -> None:
+    if os.path.exists(src):
+        _install_now(src, dst, syncs)
+    elif not os.path.exists(dst):
+        raise io_error(f"Layer {src} is missing, so it cannot be moved to {dst}.")
+
+
+def _delete(path: str, syncs: DirSyncs | None) -> None:
+    unlink_if_present(path)
+    sync_dir_of(path, syncs)
+
+
+async def _replace_checked(layer: str, suffix: str, build: Callable[[str], Awaitable[None]], verb: str) -> None:
+    """Build a new version of `layer` beside it, prove with qemu-img compare that it reads
+    the same, then rename it over the layer; on any failure the layer is left as it was."""
+    tmp = layer + suffix
+    await _in_thread(unlink_if_present, tmp)
+    try:
+        await build(tmp)
+        if not await qemu.same_content(tmp, layer):
+            raise io_error(f"{verb} {layer} changed its content; the layer was left as it was.")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await _in_thread(unlink_if_present, tmp)
+        raise
+    await _install(tmp, layer)

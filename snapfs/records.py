@@ -1,0 +1,104 @@
+"""The records of a store, as plain data: a domain's disks, its snapshots, one reading.
+
+No I/O here (store.py reads and writes these records), so the rules can plan over them
+without importing trio or any engine.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+LIVE = "live"  # the live layer's id in layer paths, and the live disk among dependents
+COMPRESSIONS = ("gzip", "zstd", "none")
+
+
+@dataclass
+class DiskRecord:
+    target: str
+    base: str
+    format: str
+    size: int
+
+
+@dataclass
+class DomainRecord:
+    name: str
+    uuid: str
+    disks: list[DiskRecord]
+
+    @classmethod
+    def from_json(cls, data: dict) -> DomainRecord:
+        return cls(data["name"], data["uuid"], [DiskRecord(**d) for d in data["disks"]])
+
+
+@dataclass
+class SnapshotRecord:
+    id: str
+    name: str
+    parent: str | None
+    creation_time: int
+    description: str = ""
+    state: str = "shutoff"
+    compression: str = "none"
+
+    @classmethod
+    def from_json(cls, data: dict) -> SnapshotRecord:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def snapshot_order(record: SnapshotRecord) -> tuple[int, str]:
+    """The one order of snapshots everywhere: creation time, then name."""
+    return record.creation_time, record.name
+
+
+@dataclass(frozen=True)
+class MetadataView:
+    """One consistent-enough reading of a domain's metadata (see DomainFiles.view)."""
+
+    generation: int
+    current: str | None
+    snapshots: dict[str, SnapshotRecord]
+    epoch: str | None = None
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, SnapshotRecord]:
+        return {record.name: record for record in self.snapshots.values()}
+
+    @functools.cached_property
+    def _in_order(self) -> list[SnapshotRecord]:
+        return sorted(self.snapshots.values(), key=snapshot_order)
+
+    @functools.cached_property
+    def _children(self) -> dict[str | None, list[SnapshotRecord]]:
+        kids: dict[str | None, list[SnapshotRecord]] = {}
+        for record in self._in_order:
+            kids.setdefault(record.parent, []).append(record)
+        return kids
+
+    def by_name(self, name: str) -> SnapshotRecord | None:
+        return self._by_name.get(name)
+
+    def in_order(self) -> list[SnapshotRecord]:
+        """Every snapshot, oldest first (creation time, then name)."""
+        return list(self._in_order)
+
+    def children(self, snap_id: str | None) -> list[SnapshotRecord]:
+        """Oldest first. Indexes are built once per view, so walking a tree stays linear."""
+        return list(self._children.get(snap_id, ()))
+
+
+def carry_name_index(old: MetadataView, new: MetadataView, changed: list[str]) -> None:
+    """Give `new` the name index of `old` updated for the changed ids, if `old` had built
+    one: copying a dict of 10,000 names costs a tenth of building it again."""
+    names = old.__dict__.get("_by_name")
+    if names is None:
+        return
+    names = dict(names)
+    for snap_id in changed:
+        before, after = old.snapshots.get(snap_id), new.snapshots.get(snap_id)
+        if before is not None and names.get(before.name) is before:
+            del names[before.name]
+        if after is not None:
+            names[after.name] = after
+    new.__dict__["_by_name"] = names  # what cached_property itself would store
