@@ -128,12 +128,13 @@ class StoreCore:
                 raise not_found(f"Disk {target}: image {path} does not exist.")
             if not os.path.isfile(path):
                 raise invalid(f"Disk {target}: {path} is not a regular file; the image must be one.")
-            fmt, size = await self.engine.describe_base(path, given)
-            if given is None:
+            fmt = given
+            if fmt is None:
+                fmt = await self.engine.probe_format(path)
                 messages.append(f"{target}: {path} probed as {fmt}; recorded, and never probed again.")
             if fmt not in BASE_FORMATS:
                 raise invalid(f"Disk {target}: format {fmt!r} is not supported; use qcow2 or raw.")
-            records.append(DiskRecord(target, path, fmt, size))
+            records.append(DiskRecord(target, path, fmt, await self.engine.virtual_size(path, fmt)))
         return records, messages
 
     async def _write_domain(self, record: DomainRecord, text: str) -> None:

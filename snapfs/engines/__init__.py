@@ -45,8 +45,11 @@ class Engine(Protocol):
         """The first live layer of a disk just defined, on its base image."""
         ...
 
-    async def describe_base(self, path: str, fmt: str | None) -> tuple[str, int]:
-        """(format, virtual size) of a base image; the format is probed when not given."""
+    async def probe_format(self, path: str) -> str:
+        """The format of a base image, probed (once: define records it)."""
+        ...
+
+    async def virtual_size(self, path: str, fmt: str) -> int:
         ...
 
     async def has_own_data(self, path: str) -> bool:

@@ -156,10 +156,11 @@ class QemuImgEngine:
     async def new_live_layer(self, path: str, disk: DiskRecord) -> None:
         await self.overlay(path, disk.base, disk.format, disk.size)
 
-    async def describe_base(self, path: str, fmt: str | None) -> tuple[str, int]:
-        if fmt is None:
-            fmt = await qemu.probe_format(path)
-        return fmt, await qemu.virtual_size(path, fmt)
+    async def probe_format(self, path: str) -> str:
+        return await qemu.probe_format(path)
+
+    async def virtual_size(self, path: str, fmt: str) -> int:
+        return await qemu.virtual_size(path, fmt)
 
     async def has_own_data(self, path: str) -> bool:
         return await qemu.top_layer_has_data(path)
