@@ -328,6 +328,12 @@ def test_define_errors(store, store_path, domain, base_images, tmp_path):
         errno.ENOENT,
         "missing.img",
     )
+    refused(
+        store_path,
+        lambda: store.define("d2", [("vda", str(tmp_path), "raw")]),
+        errno.EINVAL,
+        f"{tmp_path} is not a regular file",
+    )
     refused(store_path, lambda: store.define(DOMAIN_NAME, [("vda", vda.path, "qcow2")]), errno.EEXIST, DOMAIN_NAME)
     refused(store_path, lambda: store.define_xml(domain_xml(DOMAIN_NAME, "x", base_images)), errno.EEXIST, DOMAIN_NAME)
     refused(store_path, lambda: store.define("d2", [("vda", vda.path, "vmdk")]), errno.EINVAL, "vmdk")

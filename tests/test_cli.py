@@ -179,6 +179,7 @@ def _refused(store: str, *args: str, says: str, stdin: str | None = None) -> Non
         (("snapshot-current", "nosuch"), "no domain"),
         (("define", "--name", "vm1", "--disk", "vda=/nonexistent.img"), "already a domain named"),
         (("define", "--name", "vm9", "--disk", "vda=/nonexistent.img"), "does not exist"),
+        (("define", "--name", "vm9", "--disk", "vda=/tmp"), "/tmp is not a regular file"),
         (("define", "--name", "vm3", "--disk", "vda"), "is not target=path"),
         (("define",), "needs a domain xml file"),
         (("undefine", "vm1"), "pass --remove-snapshots"),

@@ -36,7 +36,7 @@ from fsfixtures import Mount, define_store
 from helpers import make_image, write_pattern
 
 from snapfs.domain import DomainCore, StoreCore
-from snapfs.store import DomainFiles, MetadataView
+from snapfs.store import DomainFiles, MetadataView, read_json
 
 DOM = "vm1"
 LOCK_WAIT = 2.0  # the mount's SNAPFS_LOCK_WAIT in the control-write tests
@@ -258,7 +258,7 @@ def test_a_cache_two_generations_behind_reloads_everything(core):
     reader.view()
     run(core.create, "s1")
     s2 = run(core.create, "s2")
-    state = core.files._state()
+    state = read_json(core.files.file("state.json"))
     assert state["changed"] == [s2.id]  # s1 is not named by the latest change
     view = reader.view()
     assert reader.full_loads == 2

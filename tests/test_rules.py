@@ -1,0 +1,132 @@
+"""The rules alone: pure planning over metadata, no I/O, no trio, no engine.
+
+The plans are checked as intents (what happens to the layers and records); that the
+qemu-img engine carries each intent out safely is the crash matrix's job (test_crash.py).
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import os
+
+import pytest
+
+from snapfs import rules
+from snapfs.errors import DependentsError, SnapfsError
+from snapfs.records import LIVE, MetadataView, SnapshotRecord
+
+DOM = "vm1"
+
+
+def view(current: str | None, *snaps: tuple[str, str | None, str]) -> MetadataView:
+    """Snapshots as (id, parent id, compression); each is named after its id, created in order."""
+    records = {
+        snap_id: SnapshotRecord(snap_id, snap_id, parent, 1000 + i, compression=kind)
+        for i, (snap_id, parent, kind) in enumerate(snaps)
+    }
+    return MetadataView(1, current, records)
+
+
+# a <- b <- live ; a <- c (zstd) ; c <- d
+TREE = view("b", ("a", None, "none"), ("b", "a", "none"), ("c", "a", "zstd"), ("d", "c", "none"))
+
+
+@pytest.fixture(autouse=True)
+def no_io(monkeypatch):
+    """Planning must not touch a file: any open fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the rules opened a file: {args}")
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(os, "open", refuse)
+    monkeypatch.setattr(os, "stat", refuse)
+
+
+def kinds(plan: rules.Plan) -> list[str]:
+    return [intent["do"] for intent in plan.intents]
+
+
+def test_create_freezes_live_and_records_the_callers_state():
+    plan = rules.plan_create(TREE, DOM, "new", "text", None, state="running", now=2000, new_id="n")
+    assert kinds(plan) == ["meta_write", "freeze", "new_live", "state"]
+    snap = plan.result
+    assert (snap.id, snap.parent, snap.state, snap.creation_time, snap.description) == ("n", "b", "running", 2000, "text")
+    assert plan.intents[0]["record"]["state"] == "running"
+    assert plan.intents[1] == {"do": "freeze", "snap": "n"}
+    assert plan.intents[2] == {"do": "new_live", "on": "n"}
+    assert plan.intents[-1] == {"do": "state", "current": "n"}
+    json.dumps(plan.intents)  # the journal records what the engine makes of them
+
+
+def test_create_compressed_recompresses_the_frozen_layer():
+    plan = rules.plan_create(TREE, DOM, "z", None, "zstd", state="shutoff", now=2000, new_id="z")
+    assert kinds(plan) == ["meta_write", "freeze", "new_live", "recompress", "state"]
+    assert plan.intents[3] == {"do": "recompress", "snap": "z", "parent": "b", "kind": "zstd"}
+
+
+def test_create_refusals_and_default_name():
+    with pytest.raises(SnapfsError) as info:
+        rules.plan_create(TREE, DOM, "a", None, None, state="shutoff", now=1)
+    assert info.value.errno == errno.EEXIST
+    with pytest.raises(SnapfsError) as info:
+        rules.plan_create(TREE, DOM, "x", None, "lz4", state="shutoff", now=1)
+    assert info.value.errno == errno.EINVAL
+    taken = view(None, ("2000", None, "none"))
+    assert rules.plan_create(taken, DOM, None, None, None, state="shutoff", now=2000).result.name == "2000-1"
+
+
+def test_merge_with_one_dependent_folds_into_it():
+    plan = rules.plan_merge(TREE, DOM, "b")  # only the live disk sits on b
+    assert plan.intents[0] == {"do": "fold", "snap": "b", "into": [LIVE], "parent": "a"}
+    assert kinds(plan) == ["fold", "meta_delete", "state"]
+    assert plan.intents[-1] == {"do": "state", "current": "a"}
+    plan = rules.plan_merge(TREE, DOM, "d")  # no dependent: a discard
+    assert kinds(plan) == ["meta_delete", "drop", "state"]
+
+
+def test_merge_with_two_dependents_reparents_and_recompresses():
+    plan = rules.plan_merge(TREE, DOM, "a")
+    assert plan.intents[0] == {"do": "fold", "snap": "a", "into": ["b", "c"], "parent": None}
+    assert plan.intents[1] == {"do": "recompress", "snap": "c", "parent": None, "kind": "zstd"}
+    writes = [i["record"] for i in plan.intents if i["do"] == "meta_write"]
+    assert [(r["id"], r["parent"]) for r in writes] == [("b", None), ("c", None)]
+    assert kinds(plan)[-2:] == ["meta_delete", "state"]
+    assert plan.intents[-1] == {"do": "state", "current": "b"}
+
+
+def test_discard_with_dependents_is_refused_naming_them():
+    with pytest.raises(DependentsError) as info:
+        rules.plan_discard(TREE, DOM, "a")
+    assert "'b' and 'c' depend on it" in info.value.message
+    with pytest.raises(DependentsError) as info:
+        rules.plan_discard(TREE, DOM, "b")
+    assert "the live disk depends on it" in info.value.message
+
+
+def test_discard_force_with_live_inside_resets_the_live_disk_first():
+    plan = rules.plan_discard_force(TREE, DOM, "a")
+    assert plan.intents[0] == {"do": "new_live", "on": None}
+    deletes = [i["id"] for i in plan.intents if i["do"] == "meta_delete"]
+    drops = [i["snap"] for i in plan.intents if i["do"] == "drop"]
+    assert deletes == ["d", "c", "b", "a"] and drops == ["a", "b", "c", "d"]
+    assert plan.intents[-1] == {"do": "state", "current": None}
+    outside = rules.plan_discard_force(TREE, DOM, "c")
+    assert "new_live" not in kinds(outside) and outside.intents[-1] == {"do": "state", "current": "b"}
+
+
+def test_deactivate_rebases_live_only_when_it_descends():
+    assert rules.plan_deactivate(TREE, DOM, "c").intents == []
+    plan = rules.plan_deactivate(TREE, DOM, "a")
+    assert plan.intents == [{"do": "rebase_live", "onto": None}, {"do": "state", "current": None}]
+
+
+def test_unknown_snapshot_and_order():
+    with pytest.raises(SnapfsError) as info:
+        rules.plan_revert(TREE, DOM, "nosuch")
+    assert info.value.errno == errno.ENOENT
+    assert [s.name for s in TREE.in_order()] == ["a", "b", "c", "d"]
+    assert rules.subtree(TREE, "a") == ["a", "b", "c", "d"]
+    assert rules.dependents(TREE, "b") == [LIVE]
