@@ -33,11 +33,13 @@ def main(demo: str) -> None:
     dom = store.define("vm1", [("vda", base, "qcow2")])
     live = dom.core.live_path("vda")
     qemu_io_write(live, 0x11, 0)
-    dom.snapshot_create_xml("<domainsnapshot><name>fresh-install</name>"
-                            "<description>Debian 12 just installed</description></domainsnapshot>")
+    dom.snapshot_create_xml(
+        "<domainsnapshot><name>fresh-install</name><description>Debian 12 just installed</description></domainsnapshot>"
+    )
     qemu_io_write(live, 0x22, 1)
-    dom.snapshot_create_xml("<domainsnapshot><name>before-upgrade</name>"
-                            "<description>kernel 6.1 to 6.6</description></domainsnapshot>")
+    dom.snapshot_create_xml(
+        "<domainsnapshot><name>before-upgrade</name><description>kernel 6.1 to 6.6</description></domainsnapshot>"
+    )
     qemu_io_write(live, 0x33, 2)
     print(f"demo store: {store.path} (domain vm1, snapshots fresh-install <- before-upgrade, live disk changed)")
 

@@ -49,8 +49,7 @@ class Engine(Protocol):
         """The format of a base image, probed (once: define records it)."""
         ...
 
-    async def virtual_size(self, path: str, fmt: str) -> int:
-        ...
+    async def virtual_size(self, path: str, fmt: str) -> int: ...
 
     async def has_own_data(self, path: str) -> bool:
         """Whether a layer itself (not its backing chain) holds any data."""
