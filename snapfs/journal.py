@@ -28,7 +28,6 @@ JOB_UPDATE_SECONDS = 0.25
 IN_USE_WAIT_SECONDS = float(os.environ.get("SNAPFS_IN_USE_WAIT", "1"))
 STEP_BUSY_WAIT_SECONDS = 10.0
 CRASH_EXIT_STATUS = 86
-LEFTOVER_SUFFIXES = (".new", ".rebase", ".compress")  # an engine's files being built
 
 # Steps that only rename, create or delete whole files by name, and the names they use.
 # Any other step (a commit, a rebase: reading and writing layer data) is heavy.
@@ -69,15 +68,17 @@ class Journal:
         journal = self.files.read_journal()
         if journal is None:
             return
-        await self._carry_out(engine_named(journal.get("engine")), journal, recovering=True)
-        await trio.to_thread.run_sync(self._remove_leftovers)
+        engine = engine_named(journal.get("engine"))
+        await self._carry_out(engine, journal, recovering=True)
+        await trio.to_thread.run_sync(self._remove_leftovers, engine.temporary_suffixes)
         self.files.clear_job()
 
-    def _remove_leftovers(self) -> None:
-        """Temporary files of the interrupted operation: never anything a layer needs."""
+    def _remove_leftovers(self, suffixes: tuple[str, ...]) -> None:
+        """Temporary files of the interrupted operation (the engine's files being built,
+        atomic writes' .tmp files): never anything a layer needs."""
         for disk in self.disks:
             for entry in os.scandir(self.files.layers_dir(disk.target)):
-                if entry.name.endswith(LEFTOVER_SUFFIXES) or ".tmp" in entry.name:
+                if entry.name.endswith(suffixes) or ".tmp" in entry.name:
                     os.unlink(entry.path)
         for entry in os.scandir(self.files.snapshots_dir):
             if ".tmp" in entry.name:

@@ -22,6 +22,7 @@ Progress = Callable[[float], None]  # called with a percentage (0-100) while a l
 
 class Engine(Protocol):
     name: str  # recorded in the journal, so recovery uses the engine that planned the steps
+    temporary_suffixes: tuple[str, ...]  # of files it builds beside a layer; removed by recovery
 
     def snapshot_state(self) -> str:
         """The domain's state as a snapshot taken now records it (libvirt's words)."""

@@ -39,6 +39,7 @@ class QemuImgEngine:
     that makes it durable is then left to the caller's next syncs.flush()."""
 
     name = "qemu-img"
+    temporary_suffixes = (".new", ".rebase", ".compress")
 
     def snapshot_state(self) -> str:
         return "shutoff"
