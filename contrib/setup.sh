@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything snapfs needs on a fresh Debian 12 (run as root): qemu-utils, FUSE 3 and the
-# headers pyfuse3 builds against, qemu-system-x86 for the running-VM tests, then a venv in .venv with snapfs and its test extras.
+# headers pyfuse3 builds against, qemu-system-x86 (running-VM tests), then a venv in .venv
+# with snapfs and its test extras.
 # Safe to run again; it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."

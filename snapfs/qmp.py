@@ -81,14 +81,21 @@ async def connect(path: str | os.PathLike[str], *, timeout: float = CONNECT_TIME
         raise _timeout(f"accept a connection on {path}", timeout) from None
     async with stream:
         client = QMP(stream, os.fspath(path))
-        async with trio.open_nursery() as nursery:
-            try:
-                await client._greet(timeout)
-                nursery.start_soon(client._read_loop)
-                await client.execute("qmp_capabilities", timeout=timeout)
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await client._greet(timeout)
+                    nursery.start_soon(client._read_loop)
+                    await client.execute("qmp_capabilities", timeout=timeout)
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The reader task never raises, so the group holds the body's one exception:
+            # callers get it as they raised it, not wrapped.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
 
 class QMP:
@@ -269,7 +276,10 @@ class QMP:
 
     async def _greet(self, timeout: float) -> None:
         with trio.move_on_after(timeout):
-            greeting = await self._receive()
+            try:
+                greeting = await self._receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as e:
+                raise SnapfsError(errno.ECONNREFUSED, f"No QEMU answers on {self.path} ({e}).") from None
             if greeting is None or "QMP" not in greeting:
                 raise SnapfsError(errno.EPROTO, f"{self.path} does not speak QMP (greeting {greeting!r}).")
             self.greeting = greeting

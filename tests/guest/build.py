@@ -8,6 +8,7 @@ console after each step, until the disks are full.
 
 The cache directory (``$SNAPFS_GUEST_CACHE`` or /var/cache/snapfs-test-guest) holds one
 directory per kernel package version and init revision; it is built only when missing.
+Run ``python -m tests.guest.build`` to build it ahead (it prints the two paths).
 """
 
 from __future__ import annotations
@@ -76,8 +77,15 @@ while :; do sleep 3600; done
 """
 
 
-def guest_files() -> tuple[Path, Path]:
-    """(kernel, initrd) of the test guest, built into the cache first if missing."""
+def guest_files(refresh: bool = bool(os.environ.get("SNAPFS_GUEST_REFRESH"))) -> tuple[Path, Path]:
+    """(kernel, initrd) of the test guest, built into the cache first if missing.
+
+    A cached build of this init revision is used without asking apt (apt-cache takes seconds
+    on a busy machine); `refresh` (or $SNAPFS_GUEST_REFRESH) builds for apt's current kernel."""
+    if not refresh:
+        cached = sorted(CACHE_DIR.glob(f"*_init{INIT_REVISION}/initrd.gz"), key=lambda p: p.stat().st_mtime)
+        if cached and (cached[-1].parent / "vmlinuz").is_file():
+            return cached[-1].parent / "vmlinuz", cached[-1]
     package, version = _kernel_package()
     target = CACHE_DIR / f"{package}_{version}_init{INIT_REVISION}"
     kernel, initrd = target / "vmlinuz", target / "initrd.gz"

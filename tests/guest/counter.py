@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from tests.guest.build import MAGIC
+from .build import MAGIC
 
 BLOCK = 512
 _ZERO = bytes(BLOCK)

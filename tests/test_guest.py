@@ -1,0 +1,322 @@
+"""The running-VM recipe of DESIGN section 8, proven on a real guest with snapfs.qmp.
+
+One tiny Linux guest (tests/guest) boots per module under TCG with two qcow2 disks and writes
+its sequence counter to both; the tests drive it over QMP by hand: queries, a disk-only
+snapshot of both disks in one `transaction`, a live `block-stream` with an explicit base,
+and a QEMU killed under the client. Figures (boot, snapshot wall time, counter stall) go to
+the JSON file named by $SNAPFS_GUEST_FIGURES when it is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+from guest.build import guest_files
+from guest.counter import check_consistent, read_counter
+
+from snapfs import qmp
+from snapfs.errors import SnapfsError
+
+pytestmark = pytest.mark.timeout(180)
+
+QEMU = "qemu-system-x86_64"
+DISKS = ("vda", "vdb")
+DISK_SIZE = "64M"
+BOOT_TIMEOUT = 90.0
+
+
+@dataclass
+class Guest:
+    dir: Path
+    sock: Path
+    proc: subprocess.Popen[bytes]
+    started: float
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    # Per disk, the chain's layer files in order (base first); each file's node is its stem.
+    layers: dict[str, list[Path]] = field(default_factory=dict)
+    made: int = 1
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def counter_times(self) -> list[tuple[float, int]]:
+        """(arrival time, N) of every `C N` line: both disks hold block N when it is printed."""
+        return [(t, int(line[2:])) for t, line in list(self.lines) if line.startswith("C ") and line[2:].isdigit()]
+
+    def last(self) -> int:
+        times = self.counter_times()
+        return times[-1][1] if times else -1
+
+    def boot_tag(self) -> str:
+        for _, line in list(self.lines):
+            if line.startswith("snapfs-guest: boot "):
+                return line.split()[2]
+        raise AssertionError("the guest printed no boot tag")
+
+    def wait_counter(self, n: int, timeout: float = 60.0) -> float:
+        """Wait until the guest printed counter >= n; the time it arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"QEMU exited ({self.proc.returncode}): {self.tail()}"
+            times = self.counter_times()
+            if times and times[-1][1] >= n:
+                return next(t for t, k in times if k >= n)
+            time.sleep(0.05)
+        raise AssertionError(f"the counter did not reach {n} in {timeout} s: {self.tail()}")
+
+    def tail(self) -> str:
+        return " | ".join(line for _, line in self.lines[-8:])
+
+    def node(self, disk: str, index: int = -1) -> str:
+        return self.layers[disk][index].stem
+
+
+def _qemu_command(guest_dir: Path, sock: Path, kernel: Path, initrd: Path) -> list[str]:
+    cmd = [QEMU, "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none", "-serial", "stdio"]
+    cmd += ["-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1"]
+    cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
+    for disk in DISKS:
+        base = guest_dir / f"{disk}-0.qcow2"
+        cmd += ["-blockdev", f"driver=file,node-name={disk}-0-file,filename={base}"]
+        cmd += ["-blockdev", f"driver=qcow2,node-name={disk}-0,file={disk}-0-file"]
+        cmd += ["-device", f"virtio-blk-pci,drive={disk}-0,id={disk}"]
+    return cmd
+
+
+def _read_console(guest: Guest) -> None:
+    assert guest.proc.stdout is not None
+    for raw in guest.proc.stdout:
+        guest.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip("\r\n")))
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory):
+    kernel, initrd = guest_files()  # build (or find) before the clock starts
+    guest_dir = tmp_path_factory.mktemp("guest")
+    sock = guest_dir / "qmp.sock"
+    for disk in DISKS:
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(guest_dir / f"{disk}-0.qcow2"), DISK_SIZE], check=True
+        )
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        _qemu_command(guest_dir, sock, kernel, initrd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    g = Guest(guest_dir, sock, proc, started, layers={d: [guest_dir / f"{d}-0.qcow2"] for d in DISKS})
+    reader = threading.Thread(target=_read_console, args=(g,), daemon=True)
+    reader.start()
+    try:
+        g.figures["boot_to_first_counter_s"] = g.wait_counter(0, BOOT_TIMEOUT) - started
+        yield g
+    finally:
+        proc.kill()
+        proc.wait(10)
+        reader.join(10)
+        _report(g)
+
+
+def _report(guest: Guest) -> None:
+    path = os.environ.get("SNAPFS_GUEST_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **guest.figures}) + "\n")
+
+
+def _run(coro_fn, *args):
+    return trio.run(coro_fn, *args)
+
+
+async def _backing_of(path: Path) -> str | None:
+    done = await trio.run_process(["qemu-img", "info", "-U", "--output=json", str(path)], capture_stdout=True)
+    return json.loads(done.stdout).get("backing-filename")
+
+
+async def _snapshot(q: qmp.QMP, guest: Guest) -> float:
+    """DESIGN section 8's disk-only snapshot of both disks; returns the transaction's wall time."""
+    actions = []
+    news = {}
+    for disk in DISKS:
+        old = guest.layers[disk][-1]
+        new = news[disk] = guest.dir / f"{disk}-{guest.made}.qcow2"
+        await trio.run_process(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", old.name, "-F", "qcow2", str(new), DISK_SIZE]
+        )
+        await q.execute(
+            "blockdev-add",
+            {"driver": "qcow2", "node-name": new.stem, "file": {"driver": "file", "filename": str(new)}},
+            backing=None,
+        )
+        actions.append({"type": "blockdev-snapshot", "data": {"node": old.stem, "overlay": new.stem}})
+    started = time.monotonic()
+    await q.execute("transaction", actions=actions)
+    elapsed = time.monotonic() - started
+    guest.made += 1
+    for disk in DISKS:
+        guest.layers[disk].append(news[disk])
+    return elapsed
+
+
+def _stall(guest: Guest, start: float, end: float) -> tuple[float, float]:
+    """(longest gap between counter steps around [start, end], median gap before it)."""
+    times = [t for t, _ in guest.counter_times()]
+    gaps = [(b - a, a, b) for a, b in zip(times, times[1:], strict=False)]
+    around = [g for g, a, b in gaps if b >= start and a <= end]
+    before = [g for g, _, b in gaps if b < start][-50:]
+    return max(around), statistics.median(before)
+
+
+def test_counter_rises_on_both_disks(guest: Guest) -> None:
+    first = {disk: check_consistent(read_counter(guest.layers[disk][0]), disk) for disk in DISKS}
+    guest.wait_counter(guest.last() + 5)
+    for disk in DISKS:
+        again = check_consistent(read_counter(guest.layers[disk][0]), disk)
+        assert again.tag == first[disk].tag == guest.boot_tag()
+        assert again.last >= first[disk].last + 4
+
+
+def test_qmp_queries(guest: Guest) -> None:
+    async def main():
+        async with qmp.connect(guest.sock) as q:
+            assert q.version[:2] == (7, 2)
+            status = await q.execute("query-status")
+            assert status["status"] == "running" and status["running"] is True
+            devices = {b["qdev"].split("/")[3]: b for b in await q.execute("query-block")}
+            assert set(devices) == set(DISKS)
+            assert devices["vda"]["inserted"]["node-name"] == guest.node("vda")
+            nodes = {n["node-name"]: n for n in await q.execute("query-named-block-nodes", flat=True)}
+            for disk in DISKS:
+                assert nodes[guest.node(disk)]["file"] == str(guest.layers[disk][-1])
+            with pytest.raises(qmp.QMPCommandError) as refused:
+                await q.execute("blockdev-del", node_name="no-such-node")
+            assert refused.value.errno == 5
+            assert str(refused.value).startswith("QEMU refused blockdev-del: ")
+            # concurrent callers get their own replies
+            results = {}
+
+            async def ask(i: int) -> None:
+                results[i] = await q.execute("query-name" if i % 2 else "query-status")
+
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(ask, i)
+            assert all(("status" in r) == (i % 2 == 0) for i, r in results.items())
+
+    _run(main)
+
+
+def test_disk_snapshot_is_crash_consistent_and_guest_keeps_writing(guest: Guest) -> None:
+    guest.wait_counter(guest.last() + 3)
+    before = guest.last()
+
+    async def main():
+        async with qmp.connect(guest.sock) as q:
+            return await _snapshot(q, guest)
+
+    started = time.monotonic()
+    wall = _run(main)
+    ended = time.monotonic()
+    after = guest.last()
+    guest.wait_counter(after + 10)
+    tag = guest.boot_tag()
+    frozen = {disk: check_consistent(read_counter(guest.layers[disk][-2]), disk) for disk in DISKS}
+    assert {c.tag for c in frozen.values()} == {tag}
+    assert before <= frozen["vdb"].last <= frozen["vda"].last <= frozen["vdb"].last + 1 <= after + 2
+    for disk in DISKS:
+        live = check_consistent(read_counter(guest.layers[disk][-1]), disk)
+        assert live.tag == tag and live.last >= after + 10
+        assert trio.run(_backing_of, guest.layers[disk][-1]) == guest.layers[disk][-2].name
+    # the frozen layers stay frozen while the guest goes on writing
+    guest.wait_counter(guest.last() + 5)
+    for disk in DISKS:
+        assert check_consistent(read_counter(guest.layers[disk][-2]), disk) == frozen[disk]
+    stall, step = _stall(guest, started, ended)
+    guest.figures.update(snapshot_transaction_s=wall, snapshot_total_s=ended - started, counter_max_gap_s=stall)
+    guest.figures["counter_median_step_s"] = step
+    assert stall < step + 2.0  # the guest was never stopped
+
+
+def test_live_block_stream_with_explicit_base(guest: Guest) -> None:
+    async def main():
+        async with qmp.connect(guest.sock) as q:
+            while len(guest.layers["vda"]) < 2:
+                await _snapshot(q, guest)
+            await _snapshot(q, guest)
+            during = guest.last()
+            for disk in DISKS:
+                chain = guest.layers[disk]
+                await q.run_job(
+                    "block-stream",
+                    job_id=f"stream-{disk}",
+                    device=guest.node(disk),
+                    base_node=guest.node(disk, -3),
+                    backing_file=chain[-3].name,
+                    timeout=120,
+                )
+            for disk in DISKS:
+                await q.execute("blockdev-del", node_name=guest.node(disk, -2))
+            return during
+
+    during = _run(main)
+    guest.wait_counter(guest.last() + 10)
+    for disk in DISKS:
+        chain = guest.layers[disk]
+        streamed = chain.pop(-2)
+        assert trio.run(_backing_of, chain[-1]) == chain[-2].name
+        # the data now lives in the top layer: the streamed-out layer is no longer read
+        streamed.rename(streamed.with_suffix(".gone"))
+        live = check_consistent(read_counter(chain[-1]), disk)
+        assert live.tag == guest.boot_tag() and live.last >= during + 10
+
+
+def test_dead_qemu_raises_quickly(tmp_path: Path) -> None:
+    sock = tmp_path / "qmp.sock"
+    proc = subprocess.Popen(
+        [QEMU, "-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        gone: dict[str, float] = {}
+
+        async def main():
+            with trio.fail_after(10):
+                while not sock.exists():
+                    await trio.sleep(0.02)
+            async with qmp.connect(sock) as q:
+                assert (await q.execute("query-status"))["status"] == "prelaunch"
+
+                async def waiter() -> None:
+                    with pytest.raises(qmp.QEMUGone):
+                        await q.wait_event("RESUME", timeout=60)
+                    gone["waiter"] = time.monotonic()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(waiter)
+                    await trio.sleep(0.1)
+                    killed = time.monotonic()
+                    os.kill(proc.pid, signal.SIGKILL)
+                    with pytest.raises(SnapfsError) as err:
+                        await q.execute("query-status", timeout=60)
+                    gone["call"] = time.monotonic()
+                assert err.value.errno == 5 and "gone" in str(err.value)
+                assert not q.alive
+                assert gone["call"] - killed < 2 and gone["waiter"] - killed < 2
+            with pytest.raises(SnapfsError) as refused:
+                async with qmp.connect(sock):
+                    pass
+            assert "No QEMU answers" in str(refused.value)
+
+        trio.run(main)
+    finally:
+        proc.kill()
+        proc.wait(10)
