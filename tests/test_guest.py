@@ -9,6 +9,7 @@ the JSON file named by $SNAPFS_GUEST_FIGURES when it is set.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 from guest.build import guest_files
-from guest.counter import check_consistent, read_counter
+from guest.counter import Counter, check_consistent, parse_blocks, read_counter
 
 from snapfs import qmp
 from snapfs.errors import SnapfsError
@@ -33,6 +34,12 @@ QEMU = "qemu-system-x86_64"
 DISKS = ("vda", "vdb")
 DISK_SIZE = "64M"
 BOOT_TIMEOUT = 90.0
+MiB = 1 << 20
+# The counter lives in the first COUNTER_AREA bytes (about 65000 steps, hours); the stream test
+# writes its pattern above it. The stream is slowed so that the guest writes while it runs.
+COUNTER_AREA = 32 * MiB
+PATTERN, PATTERN_AT, PATTERN_LEN = 0x5A, 48 * MiB, 2 * MiB
+STREAM_SPEED = 1 * MiB
 
 
 @dataclass
@@ -133,6 +140,11 @@ def _report(guest: Guest) -> None:
             f.write(json.dumps({"time": time.time(), **guest.figures}) + "\n")
 
 
+def _counter(path: Path, disk: str) -> Counter:
+    """The (boot tag, N) of a crash-consistent counter on `disk`'s image `path` (asserts it)."""
+    return check_consistent(read_counter(path, COUNTER_AREA), disk)
+
+
 def _run(coro_fn, *args):
     return trio.run(coro_fn, *args)
 
@@ -177,10 +189,10 @@ def _stall(guest: Guest, start: float, end: float) -> tuple[float, float]:
 
 
 def test_counter_rises_on_both_disks(guest: Guest) -> None:
-    first = {disk: check_consistent(read_counter(guest.layers[disk][0]), disk) for disk in DISKS}
+    first = {disk: _counter(guest.layers[disk][0], disk) for disk in DISKS}
     guest.wait_counter(guest.last() + 5)
     for disk in DISKS:
-        again = check_consistent(read_counter(guest.layers[disk][0]), disk)
+        again = _counter(guest.layers[disk][0], disk)
         assert again.tag == first[disk].tag == guest.boot_tag()
         assert again.last >= first[disk].last + 4
 
@@ -229,54 +241,82 @@ def test_disk_snapshot_is_crash_consistent_and_guest_keeps_writing(guest: Guest)
     after = guest.last()
     guest.wait_counter(after + 10)
     tag = guest.boot_tag()
-    frozen = {disk: check_consistent(read_counter(guest.layers[disk][-2]), disk) for disk in DISKS}
+    frozen = {disk: _counter(guest.layers[disk][-2], disk) for disk in DISKS}
     assert {c.tag for c in frozen.values()} == {tag}
     assert before <= frozen["vdb"].last <= frozen["vda"].last <= frozen["vdb"].last + 1 <= after + 2
     for disk in DISKS:
-        live = check_consistent(read_counter(guest.layers[disk][-1]), disk)
+        live = _counter(guest.layers[disk][-1], disk)
         assert live.tag == tag and live.last >= after + 10
         assert trio.run(_backing_of, guest.layers[disk][-1]) == guest.layers[disk][-2].name
     # the frozen layers stay frozen while the guest goes on writing
     guest.wait_counter(guest.last() + 5)
     for disk in DISKS:
-        assert check_consistent(read_counter(guest.layers[disk][-2]), disk) == frozen[disk]
+        assert _counter(guest.layers[disk][-2], disk) == frozen[disk]
     stall, step = _stall(guest, started, ended)
     guest.figures.update(snapshot_transaction_s=wall, snapshot_total_s=ended - started, counter_max_gap_s=stall)
     guest.figures["counter_median_step_s"] = step
     assert stall < step + 2.0  # the guest was never stopped
 
 
+async def _pattern_ok(path: Path, pattern: int, offset: int, length: int) -> bool:
+    command = f"read -P {pattern:#x} {offset} {length}"
+    done = await trio.run_process(["qemu-io", "-U", "-r", "-c", command, str(path)], capture_stdout=True, check=False)
+    out = done.stdout.decode()
+    return done.returncode == 0 and f"read {length}/{length}" in out and "verification failed" not in out
+
+
 def test_live_block_stream_with_explicit_base(guest: Guest) -> None:
-    async def main():
+    """A middle layer given data of its own (a guest write made from outside, DESIGN's HMP
+    qemu-io recipe) is streamed into the live layer with base-node and backing-file explicit,
+    slowed down so that the guest writes while the job runs."""
+
+    async def stream(q: qmp.QMP, disk: str) -> None:
+        await q.run_job(
+            "block-stream",
+            job_id=f"stream-{disk}",
+            device=guest.node(disk),
+            base_node=guest.node(disk, -3),
+            backing_file=guest.layers[disk][-3].name,
+            speed=STREAM_SPEED,
+            timeout=120,
+        )
+
+    def frozen_base(disk: str):
+        return _counter(guest.layers[disk][-3], disk)
+
+    async def main() -> tuple[int, int, float, dict]:
         async with qmp.connect(guest.sock) as q:
-            while len(guest.layers["vda"]) < 2:
+            if len(guest.layers["vda"]) < 2:
                 await _snapshot(q, guest)
-            await _snapshot(q, guest)
-            during = guest.last()
             for disk in DISKS:
-                chain = guest.layers[disk]
-                await q.run_job(
-                    "block-stream",
-                    job_id=f"stream-{disk}",
-                    device=guest.node(disk),
-                    base_node=guest.node(disk, -3),
-                    backing_file=chain[-3].name,
-                    timeout=120,
-                )
+                await q.hmp(f'qemu-io -d {disk}/virtio-backend "write -P {PATTERN:#x} {PATTERN_AT} {PATTERN_LEN}"')
+            await _snapshot(q, guest)
+            bases = {disk: await trio.to_thread.run_sync(frozen_base, disk) for disk in DISKS}
+            await trio.to_thread.run_sync(guest.wait_counter, guest.last() + 3)
+            start, started = guest.last(), time.monotonic()
+            async with trio.open_nursery() as nursery:
+                for disk in DISKS:
+                    nursery.start_soon(stream, q, disk)
+            elapsed, end = time.monotonic() - started, guest.last()
             for disk in DISKS:
                 await q.execute("blockdev-del", node_name=guest.node(disk, -2))
-            return during
+            return start, end, elapsed, bases
 
-    during = _run(main)
+    start, end, elapsed, bases = _run(main)
+    guest.figures["stream_s"] = elapsed
+    assert end >= start + 3, "the guest kept writing while the stream ran"
     guest.wait_counter(guest.last() + 10)
     for disk in DISKS:
         chain = guest.layers[disk]
         streamed = chain.pop(-2)
         assert trio.run(_backing_of, chain[-1]) == chain[-2].name
+        assert _counter(chain[-2], disk) == bases[disk]
         # the data now lives in the top layer: the streamed-out layer is no longer read
         streamed.rename(streamed.with_suffix(".gone"))
-        live = check_consistent(read_counter(chain[-1]), disk)
-        assert live.tag == guest.boot_tag() and live.last >= during + 10
+        assert trio.run(_pattern_ok, chain[-1], PATTERN, PATTERN_AT, PATTERN_LEN)
+        assert not trio.run(_pattern_ok, chain[-2], PATTERN, PATTERN_AT, PATTERN_LEN)
+        live = _counter(chain[-1], disk)
+        assert live.tag == guest.boot_tag() and live.last >= end + 10
 
 
 def test_dead_qemu_raises_quickly(tmp_path: Path) -> None:
@@ -294,6 +334,12 @@ def test_dead_qemu_raises_quickly(tmp_path: Path) -> None:
                     await trio.sleep(0.02)
             async with qmp.connect(sock) as q:
                 assert (await q.execute("query-status"))["status"] == "prelaunch"
+                os.kill(proc.pid, signal.SIGSTOP)
+                with pytest.raises(SnapfsError) as silent:
+                    await q.execute("query-status", timeout=0.5)
+                assert silent.value.errno == errno.ETIMEDOUT
+                os.kill(proc.pid, signal.SIGCONT)
+                assert (await q.execute("query-name")) == {}
 
                 async def waiter() -> None:
                     with pytest.raises(qmp.QEMUGone):
@@ -320,3 +366,26 @@ def test_dead_qemu_raises_quickly(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_counter_check_rejects_broken_sequences() -> None:
+    def blocks(*records: tuple[str, str, int] | None, garbage: bool = False) -> bytes:
+        out = b""
+        for r in records:
+            out += (b"" if r is None else f"SNAPFSCTR {r[0]} {r[1]} {r[2]}\n".encode()).ljust(512, b"\0")
+        return out + (b"\x01".ljust(512, b"\0") if garbage else b"")
+
+    good = [("t1", "vda", i) for i in range(4)]
+    assert check_consistent(parse_blocks(blocks(*good) + bytes(4096)), "vda") == Counter("t1", 3)
+    broken = {
+        "gap": blocks(*good[:2], None, good[3]),
+        "order": blocks(*good[:2], good[3], good[2]),
+        "tag": blocks(*good[:3], ("t2", "vda", 3)),
+        "disk": blocks(*good[:3], ("t1", "vdb", 3)),
+        "garbage after": blocks(*good, garbage=True),
+        "empty": bytes(1024),
+    }
+    for what, data in broken.items():
+        with pytest.raises(AssertionError):
+            check_consistent(parse_blocks(data), "vda")
+            pytest.fail(f"{what} passed")

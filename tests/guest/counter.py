@@ -28,10 +28,9 @@ class Garbage(NamedTuple):
     data: bytes
 
 
-def read_counter(image: str | Path) -> list[Record | Garbage | None]:
-    """Every block up to the last non-zero one: a Record, Garbage, or None for zeros.
-
-    Works on an image a running QEMU holds (`qemu-img convert -U`)."""
+def read_counter(image: str | Path, limit: int | None = None) -> list[Record | Garbage | None]:
+    """Every block (of the first `limit` bytes) up to the last non-zero one: a Record, Garbage,
+    or None for zeros. Works on an image a running QEMU holds (`qemu-img convert -U`)."""
     with tempfile.TemporaryDirectory(prefix="snapfs-counter-") as tmp:
         raw = Path(tmp) / "disk.raw"
         subprocess.run(
@@ -40,7 +39,8 @@ def read_counter(image: str | Path) -> list[Record | Garbage | None]:
             capture_output=True,
             timeout=120,
         )
-        data = raw.read_bytes()
+        with raw.open("rb") as f:
+            data = f.read() if limit is None else f.read(limit)
     return parse_blocks(data)
 
 
