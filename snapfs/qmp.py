@@ -98,6 +98,18 @@ async def connect(path: str | os.PathLike[str], *, timeout: float = CONNECT_TIME
             raise
 
 
+async def answers(path: str | os.PathLike[str], *, timeout: float = 2.0) -> bool:
+    """Whether a QEMU answers on `path` (DESIGN: running means its QMP socket answers).
+
+    QEMU serves one QMP client per socket at a time: while another client is connected this
+    waits for the greeting, then says False after `timeout`."""
+    try:
+        async with connect(path, timeout=timeout):
+            return True
+    except SnapfsError:
+        return False
+
+
 class QMP:
     """One QMP connection; made by `connect`. Several tasks may call it at once."""
 

@@ -332,6 +332,7 @@ def test_dead_qemu_raises_quickly(tmp_path: Path) -> None:
             with trio.fail_after(10):
                 while not sock.exists():
                     await trio.sleep(0.02)
+            assert await qmp.answers(sock)
             async with qmp.connect(sock) as q:
                 assert (await q.execute("query-status"))["status"] == "prelaunch"
                 os.kill(proc.pid, signal.SIGSTOP)
@@ -361,6 +362,7 @@ def test_dead_qemu_raises_quickly(tmp_path: Path) -> None:
                 async with qmp.connect(sock):
                     pass
             assert "No QEMU answers" in str(refused.value)
+            assert not await qmp.answers(sock)
 
         trio.run(main)
     finally:
