@@ -319,6 +319,35 @@ def test_live_block_stream_with_explicit_base(guest: Guest) -> None:
         assert live.tag == guest.boot_tag() and live.last >= end + 10
 
 
+def test_transaction_with_one_bad_action_switches_no_disk(guest: Guest) -> None:
+    """DESIGN: a transaction is atomic across disks (one bad action, none applied)."""
+    old = guest.layers["vda"][-1]
+    new = guest.dir / "vda-bad.qcow2"
+
+    async def main() -> None:
+        await trio.run_process(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", old.name, "-F", "qcow2", str(new), DISK_SIZE]
+        )
+        async with qmp.connect(guest.sock) as q:
+            file = {"driver": "file", "filename": str(new)}
+            await q.execute("blockdev-add", {"driver": "qcow2", "node-name": new.stem, "file": file}, backing=None)
+            actions = [
+                {"type": "blockdev-snapshot", "data": {"node": old.stem, "overlay": new.stem}},
+                {"type": "blockdev-snapshot", "data": {"node": guest.node("vdb"), "overlay": "no-such-node"}},
+            ]
+            with pytest.raises(qmp.QMPCommandError, match="^QEMU refused transaction: "):
+                await q.execute("transaction", actions=actions)
+            devices = {b["qdev"].split("/")[3]: b for b in await q.execute("query-block")}
+            assert {d: devices[d]["inserted"]["node-name"] for d in DISKS} == {d: guest.node(d) for d in DISKS}
+            await q.execute("blockdev-del", node_name=new.stem)
+
+    _run(main)
+    new.unlink()
+    printed = guest.last()
+    guest.wait_counter(printed + 3)
+    assert _counter(old, "vda").last >= printed + 3  # still the live layer
+
+
 def test_dead_qemu_raises_quickly(tmp_path: Path) -> None:
     sock = tmp_path / "qmp.sock"
     proc = subprocess.Popen(
