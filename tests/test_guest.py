@@ -15,22 +15,20 @@ import os
 import signal
 import statistics
 import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from guest.build import guest_files
 from guest.counter import Counter, check_consistent, parse_blocks, read_counter
+from guest.vm import QEMU, Guest, make_disks, running_guest
 
 from snapfs import qmp
 from snapfs.errors import SnapfsError
 
 pytestmark = pytest.mark.timeout(180)
 
-QEMU = "qemu-system-x86_64"
 DISKS = ("vda", "vdb")
 DISK_SIZE = "64M"
 BOOT_TIMEOUT = 90.0
@@ -42,95 +40,15 @@ PATTERN, PATTERN_AT, PATTERN_LEN = 0x5A, 48 * MiB, 2 * MiB
 STREAM_SPEED = 1 * MiB
 
 
-@dataclass
-class Guest:
-    dir: Path
-    sock: Path
-    proc: subprocess.Popen[bytes]
-    started: float
-    lines: list[tuple[float, str]] = field(default_factory=list)
-    # Per disk, the chain's layer files in order (base first); each file's node is its stem.
-    layers: dict[str, list[Path]] = field(default_factory=dict)
-    made: int = 1
-    figures: dict[str, float] = field(default_factory=dict)
-
-    def counter_times(self) -> list[tuple[float, int]]:
-        """(arrival time, N) of every `C N` line: both disks hold block N when it is printed."""
-        return [(t, int(line[2:])) for t, line in list(self.lines) if line.startswith("C ") and line[2:].isdigit()]
-
-    def last(self) -> int:
-        times = self.counter_times()
-        return times[-1][1] if times else -1
-
-    def boot_tag(self) -> str:
-        for _, line in list(self.lines):
-            if line.startswith("snapfs-guest: boot "):
-                return line.split()[2]
-        raise AssertionError("the guest printed no boot tag")
-
-    def wait_counter(self, n: int, timeout: float = 60.0) -> float:
-        """Wait until the guest printed counter >= n; the time it arrived."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"QEMU exited ({self.proc.returncode}): {self.tail()}"
-            times = self.counter_times()
-            if times and times[-1][1] >= n:
-                return next(t for t, k in times if k >= n)
-            time.sleep(0.05)
-        raise AssertionError(f"the counter did not reach {n} in {timeout} s: {self.tail()}")
-
-    def tail(self) -> str:
-        return " | ".join(line for _, line in self.lines[-8:])
-
-    def node(self, disk: str, index: int = -1) -> str:
-        return self.layers[disk][index].stem
-
-
-def _qemu_command(guest_dir: Path, sock: Path, kernel: Path, initrd: Path) -> list[str]:
-    cmd = [QEMU, "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none", "-serial", "stdio"]
-    cmd += ["-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1"]
-    cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
-    for disk in DISKS:
-        base = guest_dir / f"{disk}-0.qcow2"
-        cmd += ["-blockdev", f"driver=file,node-name={disk}-0-file,filename={base}"]
-        cmd += ["-blockdev", f"driver=qcow2,node-name={disk}-0,file={disk}-0-file"]
-        cmd += ["-device", f"virtio-blk-pci,drive={disk}-0,id={disk}"]
-    return cmd
-
-
-def _read_console(guest: Guest) -> None:
-    assert guest.proc.stdout is not None
-    for raw in guest.proc.stdout:
-        guest.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip("\r\n")))
-
-
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory):
-    kernel, initrd = guest_files()  # build (or find) before the clock starts
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     guest_dir = tmp_path_factory.mktemp("guest")
-    sock = guest_dir / "qmp.sock"
-    for disk in DISKS:
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", str(guest_dir / f"{disk}-0.qcow2"), DISK_SIZE], check=True
-        )
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        _qemu_command(guest_dir, sock, kernel, initrd),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    g = Guest(guest_dir, sock, proc, started, layers={d: [guest_dir / f"{d}-0.qcow2"] for d in DISKS})
-    reader = threading.Thread(target=_read_console, args=(g,), daemon=True)
-    reader.start()
-    try:
-        g.figures["boot_to_first_counter_s"] = g.wait_counter(0, BOOT_TIMEOUT) - started
-        yield g
-    finally:
-        proc.kill()
-        proc.wait(10)
-        reader.join(10)
-        _report(g)
+    disks = make_disks(guest_dir, DISKS, DISK_SIZE)
+    with running_guest(guest_dir, disks, boot_timeout=BOOT_TIMEOUT) as g:
+        try:
+            yield g
+        finally:
+            _report(g)
 
 
 def _report(guest: Guest) -> None:
@@ -154,8 +72,8 @@ async def _backing_of(path: Path) -> str | None:
     return json.loads(done.stdout).get("backing-filename")
 
 
-async def _snapshot(q: qmp.QMP, guest: Guest) -> float:
-    """DESIGN section 8's disk-only snapshot of both disks; returns the transaction's wall time."""
+async def _snapshot(q: qmp.QMP, guest: Guest) -> tuple[float, float]:
+    """DESIGN section 8's disk-only snapshot of both disks; when the transaction started and ended."""
     actions = []
     news = {}
     for disk in DISKS:
@@ -172,11 +90,11 @@ async def _snapshot(q: qmp.QMP, guest: Guest) -> float:
         actions.append({"type": "blockdev-snapshot", "data": {"node": old.stem, "overlay": new.stem}})
     started = time.monotonic()
     await q.execute("transaction", actions=actions)
-    elapsed = time.monotonic() - started
+    ended = time.monotonic()
     guest.made += 1
     for disk in DISKS:
         guest.layers[disk].append(news[disk])
-    return elapsed
+    return started, ended
 
 
 def _stall(guest: Guest, start: float, end: float) -> tuple[float, float]:
@@ -235,9 +153,9 @@ def test_disk_snapshot_is_crash_consistent_and_guest_keeps_writing(guest: Guest)
         async with qmp.connect(guest.sock) as q:
             return await _snapshot(q, guest)
 
-    started = time.monotonic()
-    wall = _run(main)
-    ended = time.monotonic()
+    called = time.monotonic()
+    started, ended = _run(main)
+    total = time.monotonic() - called
     after = guest.last()
     guest.wait_counter(after + 10)
     tag = guest.boot_tag()
@@ -253,7 +171,7 @@ def test_disk_snapshot_is_crash_consistent_and_guest_keeps_writing(guest: Guest)
     for disk in DISKS:
         assert _counter(guest.layers[disk][-2], disk) == frozen[disk]
     stall, step = _stall(guest, started, ended)
-    guest.figures.update(snapshot_transaction_s=wall, snapshot_total_s=ended - started, counter_max_gap_s=stall)
+    guest.figures.update(snapshot_transaction_s=ended - started, snapshot_total_s=total, counter_max_gap_s=stall)
     guest.figures["counter_median_step_s"] = step
     assert stall < step + 2.0  # the guest was never stopped
 
