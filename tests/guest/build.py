@@ -4,7 +4,8 @@ Debian's cloud kernel and busybox-static come from apt (`apt-get download` + `dp
 the initramfs (cpio newc, gzip, about 1 MiB) is written by Python. Its /init loads the virtio
 modules, draws a random boot tag, and then writes one 512-byte counter record per step to
 every /dev/vd* disk (block N at offset N*512, fsynced), printing `C <N>` on the serial
-console after each step, until the disks are full.
+console after each step, until the disks are full. The pause between steps is STEP_USECONDS,
+or `snapfs.step=<microseconds>` on the kernel command line.
 
 The cache directory (``$SNAPFS_GUEST_CACHE`` or /var/cache/snapfs-test-guest) holds one
 directory per kernel package version and init revision; it is built only when missing.
@@ -25,7 +26,7 @@ CACHE_DIR = Path(os.environ.get("SNAPFS_GUEST_CACHE", "/var/cache/snapfs-test-gu
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # Bump when the init script or the archive layout changes: it is part of the cache key.
-INIT_REVISION = 2
+INIT_REVISION = 3
 MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk")
 MAGIC = "SNAPFSCTR"
 STEP_USECONDS = 50_000
@@ -58,6 +59,11 @@ for d in $disks; do
   i=0
   while [ ! -b /dev/$d ] && [ $i -lt 100 ]; do usleep 20000; i=$((i + 1)); done
 done
+# The pace: snapfs.step=<microseconds> on the kernel command line (0: as fast as it can).
+step=@STEP@
+for word in $(cat /proc/cmdline); do
+  case "$word" in snapfs.step=*) step=${word#snapfs.step=} ;; esac
+done
 tag=$(cut -c1-8 /proc/sys/kernel/random/uuid)
 echo "snapfs-guest: boot $tag disks$disks"
 n=0
@@ -71,7 +77,7 @@ while [ -n "$disks" ]; do
   done
   [ -n "$disks" ] && echo "C $n"
   n=$((n + 1))
-  usleep @STEP@
+  [ "$step" -gt 0 ] && usleep "$step"
 done
 while :; do sleep 3600; done
 """

@@ -65,11 +65,19 @@ class Guest:
         return self.layers[disk][index].stem
 
 
-def qemu_command(sock: Path, disks: Mapping[str, Path], memory_mib: int = 256) -> list[str]:
+def qemu_command(sock: Path, disks: Mapping[str, Path], memory_mib: int = 256, append: str = "") -> list[str]:
     """The QEMU command line of the guest (TCG: DESIGN says this kernel hangs under nested KVM)."""
     kernel, initrd = guest_files()
     cmd = [QEMU, "-accel", "tcg", "-m", str(memory_mib), "-nodefaults", "-display", "none", "-serial", "stdio"]
-    cmd += ["-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1"]
+    cmd += [
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        f"console=ttyS0 quiet panic=-1 {append}".strip(),
+    ]
     cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
     for disk, image in disks.items():
         node = image.stem
@@ -94,14 +102,20 @@ def make_disks(directory: Path, names: Sequence[str], size: str = "64M") -> dict
 
 
 @contextmanager
-def running_guest(directory: Path, disks: Mapping[str, Path], *, boot_timeout: float = 90.0) -> Iterator[Guest]:
+def running_guest(
+    directory: Path, disks: Mapping[str, Path], *, boot_timeout: float = 90.0, step_us: int | None = None
+) -> Iterator[Guest]:
     """The guest running on `disks` ({disk name: real qcow2 path}), QMP at `directory`/qmp.sock,
-    once it wrote its first counter step; killed (SIGKILL) when the block ends."""
+    once it wrote its first counter step; killed (SIGKILL) when the block ends. `step_us` sets
+    the pause between counter steps (0: flat out, for measuring short I/O stalls)."""
     guest_files()  # build (or find) before the clock starts
     sock = directory / "qmp.sock"
     started = time.monotonic()
     proc = subprocess.Popen(
-        qemu_command(sock, disks), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        qemu_command(sock, disks, append="" if step_us is None else f"snapfs.step={step_us}"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     g = Guest(directory, sock, proc, started, layers={d: [p] for d, p in disks.items()})
     reader = threading.Thread(target=_read_console, args=(g,), daemon=True)
