@@ -1,15 +1,11 @@
 """The pyfuse3 handlers (DESIGN section 2): inodes and handles <-> vfs calls, errors -> errnos.
 
 What the tree holds and shows is vfs.py's; what the kernel keeps, and forgets after a
-change, is kcache.py's; a snapshot's disk bytes come from the opener given to SnapFS
-(disk.open_disk); every snapshot rule is the core's. This module keeps the inode and
-handle tables, maps every error to an errno (an unexpected one becomes EIO plus a
-last-error line: nothing escapes into pyfuse3.main), and carries out the write protocol:
-
-`control` and `compression` act in write() itself (one value per write, offset ignored).
-`description` collects what is written since open (checked at each write by the core's
-validator) and is stored on the close() that follows a write (FUSE flush; a flush before
-any write does nothing) or, for an O_TRUNC without a write, at release.
+change, is kcache.py's; what bytes written to control, compression and description
+become is writes.py's; a snapshot's disk bytes come from the opener given to SnapFS
+(disk.open_disk); every snapshot rule is the core's. This module keeps the handle table
+and maps every error to an errno: a SnapfsError to its own, anything unexpected to EIO
+plus a last-error line; nothing escapes into pyfuse3.main.
 
 Files are opened with direct_io, so content is never cached; a .raw (whose content never
 changes) is the one exception, see RAW_DIRECT_IO.
@@ -17,23 +13,22 @@ changes) is the one exception, see RAW_DIRECT_IO.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import errno
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyfuse3
 import trio
 
-from .domain import validate_description
 from .errors import DependentsError, SnapfsError
 from .kcache import KernelCache, notify_without_waiting
 from .vfs import DIRECTORIES, SYMLINKS, WRITABLE, Kind, Node, Reading, Tree
+from .writes import Writes, Written, record_refusal, refusal
 
 if TYPE_CHECKING:
     from .domain import DomainCore
@@ -43,7 +38,6 @@ log = logging.getLogger(__name__)
 FUSEError = pyfuse3.FUSEError
 T = TypeVar("T")
 
-ACTS_IN_WRITE = {Kind.COMPRESSION: "compression", Kind.CONTROL: "control"}
 # A .raw is read with direct_io: each read(2) reaches read() here in requests of up to
 # 1 MiB (max_pages: libfuse asks for 256 pages, the kernel's limit), straight into the
 # reader's buffer. Measured on a 1 GiB disk, half data, 4 MiB reads, 2 cores: 2.1-2.8
@@ -77,14 +71,8 @@ DiskOpener = Callable[["DomainCore", str, str], Awaitable[OpenDisk]]
 @dataclass
 class FileHandle:
     node: Node
-    writable: bool
-    content: bytes = b""
-    # description only: what was written since open, stored on close (flush) or release
-    written: bytearray = field(default_factory=bytearray)
-    dirty: bool = False  # O_TRUNC, a truncate or a write: the value is to be stored
-    unsaved: bool = False  # written since the last store: stored at the next flush (close)
-    refused: bool = False  # a write or a store was refused: nothing more is stored
-    refused_errno: int = 0  # control/compression: a write was refused; later writes get the same
+    written: Written | None = None  # opened for writing: what was written (writes.py)
+    content: bytes = b""  # what read() serves, computed at offset 0
     disk: OpenDisk | None = None  # a .raw: the open snapshot disk it reads from
 
 
@@ -93,59 +81,6 @@ class DirHandle:
     node: Node
     entries: list[tuple[bytes, Node]] = field(default_factory=list)
     epoch: int = 0  # the kernel cache's epoch when the entries were read
-
-
-class PendingStores:
-    """Description stores still running after a close(), per snapshot: FUSE sends release
-    asynchronously, so close() returns before the value is stored, and the next cat of
-    description or xml waits for it here (not for the domain lock)."""
-
-    def __init__(self) -> None:
-        self._events: dict[tuple[str, str], list[trio.Event]] = {}
-
-    def storing(self, node: Node) -> bool:
-        """Whether a store that changes what `node` shows is still running."""
-        return node.kind in (Kind.DESCRIPTION, Kind.SNAP_XML) and bool(self._events.get((node.dom, node.snap)))
-
-    async def settled(self, node: Node) -> bool:
-        """Wait for the stores of this node's snapshot; True if it waited (what was read
-        before is then out of date). Never called from lookup (see there)."""
-        waited = False
-        if self.storing(node):
-            for event in list(self._events.get((node.dom, node.snap), ())):
-                await event.wait()
-                waited = True
-        return waited
-
-    @contextlib.asynccontextmanager
-    async def store(self, node: Node) -> AsyncIterator[None]:
-        key = (node.dom, node.snap)
-        event = trio.Event()
-        self._events.setdefault(key, []).append(event)  # before any await
-        try:
-            yield
-        finally:
-            event.set()
-            waiting = self._events.get(key, [])
-            if event in waiting:
-                waiting.remove(event)
-            if not waiting:
-                self._events.pop(key, None)
-
-
-def description_so_far(data: bytes) -> str:
-    """What `data` (written since open) would store, checked now by the core's validator:
-    UTF-8 so far, no control characters, at most the limit (a trailing newline is
-    dropped; bytes of a character not yet complete are counted)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    try:
-        text = decoder.decode(data, final=False)
-    except UnicodeDecodeError:
-        raise SnapfsError(errno.EINVAL, "A description must be UTF-8 text.") from None
-    pending = len(decoder.getstate()[0])
-    if text.endswith("\n") and not pending:
-        text = text[:-1]
-    return validate_description(text + " " * pending)
 
 
 def decode_name(name: bytes) -> str | None:
@@ -172,7 +107,7 @@ def handler(by_handle: bool = False) -> Callable[[Callable[..., Awaitable[T]]], 
             except Exception as exc:
                 log.exception("%s failed unexpectedly", fn.__name__)
                 message = f"{fn.__name__} failed unexpectedly: {type(exc).__name__}: {exc}"
-                self.record_refusal(self.domain_of(args[0], by_handle), fn.__name__, errno.EIO, message)
+                record_refusal(self.tree, self.domain_of(args[0], by_handle), fn.__name__, errno.EIO, message)
                 raise FUSEError(errno.EIO) from None
 
         return wrapper
@@ -184,13 +119,14 @@ class SnapFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, tree: Tree, kcache: KernelCache, open_disk: DiskOpener) -> None:
+    def __init__(self, tree: Tree, kcache: KernelCache, writes: Writes, open_disk: DiskOpener) -> None:
         super().__init__()
         self.tree = tree
         self.kcache = kcache
+        self.writes = writes
         self.open_disk = open_disk
         self.inodes = kcache.inodes
-        self.pending = PendingStores()
+        self.pending = writes.pending
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
 
@@ -205,19 +141,9 @@ class SnapFS(pyfuse3.Operations):
         except (FUSEError, TypeError, ValueError):
             return ""
 
-    def record_refusal(self, dom_name: str, operation: str, err: int, message: str) -> None:
-        log.info("%s refused (%s): %s", operation, errno.errorcode.get(err, err), message)
-        if not dom_name:
-            return
-        try:
-            self.tree.store.domain(dom_name).record_error(operation, message)
-        except Exception:  # the domain may be gone; last-error is best effort
-            log.exception("cannot record the refusal in last-error")
-
     def refused(self, node: Node, err: int, operation: str, message: str) -> SnapfsError:
         """A refusal made by the filesystem itself, recorded in last-error: raise it."""
-        self.record_refusal(node.dom, operation, err, message)
-        return SnapfsError(err, message)
+        return refusal(self.tree, node, err, operation, message)
 
     # ---- the tree as the kernel sees it ----------------------------------------------------
     async def attrs(self, node: Node, now: Reading, epoch: int) -> pyfuse3.EntryAttributes:
@@ -283,21 +209,9 @@ class SnapFS(pyfuse3.Operations):
         return await self.attrs(node, self.tree.reading(), self.kcache.epoch)
 
     async def truncate(self, node: Node, size: int, fh: int | None) -> None:
-        path = self.tree.path(node)
-        if node.kind not in WRITABLE:
-            raise self.refused(node, errno.EACCES, "truncate", f"{path} is read-only.")
-        if size != 0:
-            raise self.refused(
-                node, errno.EINVAL, "truncate", f"{path} can only be emptied, not truncated to {size} bytes."
-            )
-        if node.kind is not Kind.DESCRIPTION:
-            return  # control and compression act on a write, never on a truncate
-        if fh is not None and isinstance(self._handles.get(fh), FileHandle):
-            handle = self.file_handle(fh)
-            handle.written.clear()
-            handle.dirty = True
-        else:
-            await self.tree.domain(node).set_description(node.snap, "")
+        handle = self._handles.get(fh) if fh is not None else None
+        written = handle.written if isinstance(handle, FileHandle) else None
+        await self.writes.truncate(node, size, written)
 
     @handler()
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -361,9 +275,7 @@ class SnapFS(pyfuse3.Operations):
         if writable and node.kind not in WRITABLE:
             raise self.refused(node, errno.EACCES, "open", f"{self.tree.path(node, now)} is read-only.")
         await self.pending.settled(node)
-        handle = FileHandle(node, writable)
-        if writable and flags & os.O_TRUNC and node.kind is Kind.DESCRIPTION:
-            handle.dirty = True
+        handle = FileHandle(node, self.writes.opened(node, bool(flags & os.O_TRUNC)) if writable else None)
         if node.kind is Kind.RAW:
             handle.disk = await self.open_disk(self.tree.reading().domain(node.dom), node.snap, node.disk)
             return pyfuse3.FileInfo(fh=self.new_handle(handle), direct_io=RAW_DIRECT_IO, keep_cache=True)
@@ -388,58 +300,17 @@ class SnapFS(pyfuse3.Operations):
     @handler(by_handle=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.file_handle(fh)
-        node = handle.node
-        if not handle.writable or node.kind not in WRITABLE:
-            raise self.refused(node, errno.EACCES, "write", f"{self.tree.path(node)} is read-only.")
-        if node.kind is Kind.DESCRIPTION:
-            self.add_description(handle, buf)
-            return len(buf)
-        if handle.refused_errno:
-            # Python's buffered close() sends a refused write again: acting on it would
-            # do what the caller is told was refused. One refusal per open, like sysfs.
-            raise FUSEError(handle.refused_errno)
-        try:
-            await self.act_on_word(node, ACTS_IN_WRITE[node.kind], buf)
-        except (FUSEError, SnapfsError) as exc:
-            handle.refused_errno = exc.errno
-            raise
-        return len(buf)  # the offset is ignored: each write is one value (sysfs)
-
-    async def act_on_word(self, node: Node, operation: str, buf: bytes) -> None:
-        try:
-            word = buf.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            message = f"What was written to {self.tree.path(node)} is not UTF-8 text."
-            raise self.refused(node, errno.EINVAL, operation, message) from None
-        dom = self.tree.domain(node)
-        try:
-            if node.kind is Kind.CONTROL:
-                await dom.control(node.snap, word)
-            else:
-                await dom.set_compression(node.snap, word)
-        except DependentsError as exc:
-            raise FUSEError(errno.EBUSY) from exc
-
-    def add_description(self, handle: FileHandle, buf: bytes) -> None:
-        """Accumulate a description; refuse at write time what could never be stored."""
-        data = handle.written + buf
-        try:
-            description_so_far(bytes(data))
-        except SnapfsError as exc:
-            handle.refused = True
-            raise self.refused(handle.node, exc.errno, "description", exc.message) from None
-        handle.written = data
-        handle.dirty = handle.unsaved = True
+        if handle.written is None or handle.node.kind not in WRITABLE:
+            raise self.refused(handle.node, errno.EACCES, "write", f"{self.tree.path(handle.node)} is read-only.")
+        return await self.writes.write(handle.node, handle.written, buf)
 
     @handler(by_handle=True)
     async def flush(self, fh: int) -> None:
-        """close(): a description written through this handle is stored now, so close()
-        reports the outcome and returns only once the value is in the store (FUSE sends
-        release asynchronously, after close() has returned). A flush with nothing written
-        since the last store does nothing: the shell flushes once before it writes."""
+        """close(): see writes.Writes.flush (FUSE sends release asynchronously, after
+        close() has returned, so close() reports what flush did)."""
         handle = self._handles.get(fh)
-        if isinstance(handle, FileHandle) and handle.unsaved and not handle.refused:
-            await self.store_description(handle)
+        if isinstance(handle, FileHandle) and handle.written is not None:
+            await self.writes.flush(handle.node, handle.written)
 
     @handler(by_handle=True)
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -447,31 +318,15 @@ class SnapFS(pyfuse3.Operations):
 
     @handler(by_handle=True)
     async def release(self, fh: int) -> None:
-        """Store what is still unstored, e.g. `: > description` (O_TRUNC, no write)."""
         handle = self._handles.pop(fh, None)
-        if isinstance(handle, FileHandle) and handle.disk is not None:
+        if not isinstance(handle, FileHandle):
+            return
+        if handle.disk is not None:
             disk, handle.disk = handle.disk, None
             with trio.CancelScope(shield=True):
                 await disk.close()  # releases its files and locks: merges may go on
-        if isinstance(handle, FileHandle) and handle.dirty and not handle.refused:
-            await self.store_description(handle)
-
-    async def store_description(self, handle: FileHandle) -> None:
-        """set_description with what was written since open; readers of this snapshot's
-        description and xml wait for it (PendingStores.settled)."""
-        node = handle.node
-        async with self.pending.store(node):
-            try:
-                try:
-                    text = bytes(handle.written).decode("utf-8")
-                except UnicodeDecodeError:
-                    message = "A description must be UTF-8 text; it ends mid-character."
-                    raise self.refused(node, errno.EINVAL, "description", message) from None
-                await self.tree.domain(node).set_description(node.snap, text.removesuffix("\n"))
-            except BaseException:
-                handle.refused = True  # reported once; release does not try again
-                raise
-            handle.dirty = handle.unsaved = False
+        if handle.written is not None:
+            await self.writes.release(handle.node, handle.written)
 
     async def close_disks(self) -> None:
         """Close every open snapshot disk (at unmount): their helper servers outlive us otherwise."""

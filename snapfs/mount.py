@@ -31,6 +31,7 @@ from .fs import SnapFS
 from .kcache import KernelCache
 from .notify import MountListener
 from .vfs import Tree
+from .writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
     global _operations, _kcache, _listener
     store = open_store(store_root)
     kcache = _kcache = KernelCache()
-    operations = _operations = SnapFS(Tree(store, disk.changes), kcache, disk.open_disk)
+    tree = Tree(store, disk.changes)
+    operations = _operations = SnapFS(tree, kcache, Writes(tree), disk.open_disk)
     try:
         _listener = MountListener(store.root)
     except OSError as exc:
