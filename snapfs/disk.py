@@ -33,12 +33,15 @@ import signal
 import struct
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from . import qemu
-from .domain import DomainCore
 from .errors import SnapfsError, busy, io_error, not_found
+
+if TYPE_CHECKING:
+    from .domain import DomainCore
 
 
 # ---- the entry points: a snapshot's disk, reached through its domain ----------------------
