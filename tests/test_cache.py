@@ -1,4 +1,4 @@
-"""The kernel's caches (fs.py CACHE_SECONDS, notify.py): the mount lets the kernel keep
+"""The kernel's caches (kcache.py CACHE_SECONDS, notify.py): the mount lets the kernel keep
 entries and attributes, and every change made by another process reaches it before that
 process's call returns. Each check first walks the whole tree, so that everything is in
 the kernel's caches, then changes the store from a command line process, then reads
