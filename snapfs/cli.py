@@ -336,7 +336,7 @@ def _passes_filters(view, snap: SnapshotRecord, args: argparse.Namespace) -> boo
     has_children = bool(view.children(snap.id))
     if (args.leaves and has_children) or (args.no_leaves and not has_children):
         return False
-    if args.no_metadata:  # every snapfs snapshot has metadata
+    if args.no_metadata and not args.metadata:  # every snapfs snapshot has metadata; both: no filter
         return False
     states = {"inactive": "shutoff", "active": "running", "disk_only": "disk-snapshot"}
     wanted = [state for flag, state in states.items() if getattr(args, flag)]
