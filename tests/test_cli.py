@@ -120,8 +120,8 @@ def test_rename_compress_desc_delete_children(cli_domain):
     ok(store, "snapshot-desc", "vm1", "b", "hello")
     assert "<description>hello</description>" in ok(store, "snapshot-dumpxml", "vm1", "b")
     ok(store, "snapshot-delete", "vm1", "renamed a", "--children")
-    assert ok(store, "snapshot-list", "vm1", "--name") == "\n"
     assert has_pattern(live(store, "vda"), 0x33, 0, 4 * CLUSTER), "delete --children changed the live disk"
+    assert ok(store, "snapshot-list", "vm1", "--name") == "\n"
 
 
 def test_define_from_virsh_xml_and_undefine(tmp_path):
