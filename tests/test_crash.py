@@ -425,7 +425,7 @@ def user_view_problems(root: str, model: Model) -> list[str]:
     listed = cli(root, ["list"])
     if listed.returncode != 0:
         return [f"snapfs list failed: {listed.stderr}"]
-    rows = [line.split() for line in listed.stdout.splitlines()[2:]]
+    rows = [line.split() for line in listed.stdout.splitlines()[2:] if line]
     want = [DOM, str(len(model.snaps)), model.current or "-"]
     if rows != [want]:
         return [f"snapfs list shows {rows}, want {[want]}"]
