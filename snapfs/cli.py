@@ -14,11 +14,14 @@ from collections.abc import Awaitable, Callable, Iterable
 import trio
 from lxml import etree
 
-from . import layers, xml
+from . import rules, xml
 from .api import drop_final_newline, open_store_core, version
-from .domain import DeactivateFlags, DomainCore, StoreCore
+from .catalog import StoreCore
+from .domain import DomainCore
 from .errors import SnapfsError, invalid, not_found
-from .store import SnapshotRecord, default_store_path
+from .records import SnapshotRecord, snapshot_order
+from .rules import DeactivateFlags
+from .store import default_store_path
 
 EXAMPLES = {
     "define": "snapfs define vm1.xml\n"
@@ -288,9 +291,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 # ---- orders ---------------------------------------------------------------------------------
 def store_order(records: Iterable[SnapshotRecord]) -> list[SnapshotRecord]:
-    """The store's order of snapshots: creation time, then name.
-    LEAD: repoint to the core's one shared ordering function when it lands."""
-    return sorted(records, key=lambda r: (r.creation_time, r.name))
+    """The store's order of snapshots: creation time, then name."""
+    return sorted(records, key=snapshot_order)
 
 
 def _virsh_order(records: Iterable[SnapshotRecord]) -> list[SnapshotRecord]:
@@ -356,7 +358,7 @@ def _selected(dom: DomainCore, args: argparse.Namespace) -> tuple[SnapshotRecord
     if start is None:
         chosen = list(view.snapshots.values())
     elif args.descendants:
-        chosen = [view.snapshots[i] for i in layers.subtree(view, start.id)[1:]]
+        chosen = [view.snapshots[i] for i in rules.subtree(view, start.id)[1:]]
     else:
         chosen = view.children(start.id)
     if args.roots:
@@ -430,7 +432,7 @@ def _snapshot_info(dom: DomainCore, snap: SnapshotRecord) -> str:
         ("Location", "external"),
         ("Parent", parent.name if parent else "-"),
         ("Children", str(len(view.children(snap.id)))),
-        ("Descendants", str(len(layers.subtree(view, snap.id)) - 1)),
+        ("Descendants", str(len(rules.subtree(view, snap.id)) - 1)),
         ("Metadata", "yes"),
         ("Compression", snap.compression),
         ("Created", _when(snap.creation_time)),
@@ -530,7 +532,7 @@ async def _delete(dom: DomainCore, args: argparse.Namespace) -> str:
         )
     snap = _chosen(dom, args)
     view = dom.view()
-    doomed = layers.subtree(view, snap.id)[1:] if args.children or args.children_only else []
+    doomed = rules.subtree(view, snap.id)[1:] if args.children or args.children_only else []
     for snap_id in reversed(doomed):
         await dom.merge(snap_id)
     if args.children_only:
