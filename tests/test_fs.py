@@ -19,6 +19,7 @@ import time
 
 import pytest
 from fsfixtures import (  # noqa: F401  (fixtures are used by name)
+    BASH_ENV,
     CLUSTER,
     PYTHON,
     REPO,
@@ -28,6 +29,7 @@ from fsfixtures import (  # noqa: F401  (fixtures are used by name)
     core_call,
     define_store,
     drive_fixture,
+    errno_of,
     fs_fixture,
     has_pattern,
     make_image,
@@ -626,3 +628,30 @@ def test_daemon_mode(tmp_path) -> None:
     while os.path.ismount(mnt) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.ismount(mnt)
+
+
+# ---- a refusal is the exit status of the echo that caused it (issue 15, item 3) ---------------
+BAD_DESCRIPTIONS = [
+    ("builtin-echo-control", "echo -e 'a\\x01b' > \"$1\"", errno.EINVAL, "control characters"),
+    ("bin-echo-control", "/bin/echo -e 'a\\x01b' > \"$1\"", errno.EINVAL, "control characters"),
+    ("builtin-printf-not-utf8", "printf 'ok \\xff\\xfe' > \"$1\"", errno.EINVAL, "UTF-8"),
+    ("builtin-printf-too-big", "printf '%*s' 70000 '' > \"$1\"", errno.EFBIG, "at most 65536 bytes"),
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "expected", "words"), [case[1:] for case in BAD_DESCRIPTIONS], ids=[case[0] for case in BAD_DESCRIPTIONS]
+)
+def test_a_refused_description_fails_the_shell_builtin(fs: FsEnv, script: str, expected: int, words: str) -> None:
+    """bash's builtin echo/printf write once and report only what write() returned: every
+    check on the bytes is made in write(), so the shell exits non-zero with the errno."""
+    make_chain(fs, DRIVER_PY, ["a"])
+    path = fs.snap("a", "description")
+    assert DRIVER_PY.write(path, b"unchanged\n") == 0
+    before = fs.fingerprint()
+    run = subprocess.run(["bash", "-c", script, "bash", path], capture_output=True, text=True, env=BASH_ENV)
+    assert run.returncode != 0, f"{script!r} exited 0: {run.stderr}"
+    assert errno_of(run.stderr) == expected, run.stderr
+    assert fs.fingerprint() == before
+    assert fs.read("vm1/snapshots/a/description") == "unchanged\n"
+    assert words in fs.last_error(), fs.last_error()
