@@ -52,8 +52,10 @@ async def open_disk(dom: DomainCore, snap_id: str, target: str) -> SnapshotDisk:
     _refuse_while_changing(dom, snap_id, target, [layer], "open")
     try:
         disk = await SnapshotDisk.open(layer)
-    except SnapfsError:
+    except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "open")
+        if exc.errno == errno.EBUSY:  # qemu.hold_read_locks names the layer file: name the snapshot
+            _refuse_while_written(dom, snap_id, target)
         raise
     try:
         _refuse_if_gone_or_changing(dom, snap_id, target, disk.chain, "open")
@@ -105,6 +107,17 @@ def _refuse_while_changing(dom: DomainCore, snap_id: str, target: str, paths: li
         f"unfinished {operation} changes its files; try again when it is done."
     )
     dom.record_error(what, message)
+    raise busy(message)
+
+
+def _refuse_while_written(dom: DomainCore, snap_id: str, target: str) -> None:
+    record = dom.view().snapshots.get(snap_id)
+    name = record.name if record else snap_id
+    message = (
+        f"Disk {target} of snapshot {name!r} cannot be opened while another process writes its files "
+        "(a merge in progress or a running QEMU); try again when it is done."
+    )
+    dom.record_error("open", message)
     raise busy(message)
 
 
