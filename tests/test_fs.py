@@ -655,3 +655,36 @@ def test_a_refused_description_fails_the_shell_builtin(fs: FsEnv, script: str, e
     assert fs.fingerprint() == before
     assert fs.read("vm1/snapshots/a/description") == "unchanged\n"
     assert words in fs.last_error(), fs.last_error()
+
+
+# ---- what the README says of tools that move or rewrite files (issue 15, item 11) -------------
+def test_a_move_to_another_filesystem_keeps_the_snapshot(fs: FsEnv, tmp_path) -> None:
+    """The kernel answers EXDEV before the mount sees the rename; `mv` then copies the
+    snapshot's files (its .raw disks too) and fails to remove them, so the snapshot stays."""
+    make_chain(fs, DRIVER_PY, ["a", "b"])
+    before = fs.fingerprint()
+    assert call(os.rename, fs.snap("b"), str(tmp_path / "renamed")) == errno.EXDEV
+    target = tmp_path / "moved"
+    run = subprocess.run(["mv", fs.snap("b"), str(target)], capture_output=True, text=True, env=BASH_ENV)
+    assert run.returncode == 1
+    assert {errno_of(line) for line in run.stderr.splitlines()} == {errno.EPERM}, run.stderr
+    assert snapshot_names(fs) == ["a", "b"] and fs.fingerprint() == before
+    assert (target / "xml").read_text() == fs.read("vm1/snapshots/b/xml")
+    assert (target / "disks" / "vda.raw").stat().st_size == 4 << 20  # the whole disk was copied
+    assert "rmdir /vm1/snapshots/b discards" in fs.last_error()
+
+
+def test_sed_in_place_cannot_edit_a_description(fs: FsEnv) -> None:
+    """`sed -i` writes a temporary file beside it and renames it over: both are refused,
+    and the description stays. Rewriting it through the file itself works."""
+    make_chain(fs, DRIVER_PY, ["a"])
+    path = fs.snap("a", "description")
+    assert DRIVER_PY.write(path, b"kernel 6.1\n") == 0
+    run = subprocess.run(["sed", "-i", "s/6.1/6.6/", path], capture_output=True, text=True, env=BASH_ENV)
+    assert run.returncode != 0 and "couldn't open temporary file" in run.stderr, run.stderr
+    assert fs.read("vm1/snapshots/a/description") == "kernel 6.1\n"
+    run = subprocess.run(
+        ["bash", "-c", 'printf \'%s\' "$(sed s/6.1/6.6/ "$1")" > "$1"', "bash", path], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert fs.read("vm1/snapshots/a/description") == "kernel 6.6\n"
