@@ -688,3 +688,85 @@ def test_sed_in_place_cannot_edit_a_description(fs: FsEnv) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert fs.read("vm1/snapshots/a/description") == "kernel 6.6\n"
+
+
+# ---- never stale: the kinds of file test_cache.py does not check (DESIGN section 2) -----------
+def cli_run(fs: FsEnv, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "snapfs.cli", "--store", fs.store, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def stat_and_read(path: str) -> bytes:
+    """A stat the kernel may answer from its cache, then a read: the size must match. The
+    path is stat'ed again at the end: a read makes the kernel ask for the attributes at the
+    next stat (atime), so only this last stat leaves them in its cache for the next check."""
+    size = os.stat(path).st_size
+    with open(path, "rb") as f:
+        data = f.read()
+    assert size == len(data), f"stale size of {path}: {size} != {len(data)}"
+    os.stat(path)
+    return data
+
+
+def test_last_error_and_domain_xml_are_never_stale(fs: FsEnv, tmp_path) -> None:
+    """last-error changes with no change of the metadata; the domain XML changes when the
+    domain is defined again with other disks. Both stat'ed (cached) first."""
+    assert stat_and_read(fs.p("vm1/last-error")) == b""
+    run = core_call(fs.store, 'store.domain("vm1").record_error("test", "nobody announces a refusal")')
+    assert run.returncode == 0, run.stderr
+    assert b"nobody announces a refusal" in stat_and_read(fs.p("vm1/last-error"))
+    old_xml = stat_and_read(fs.p("vm2/xml"))
+    disks = [f"{t}={make_image(str(tmp_path / 'images' / f'{t}.qcow2'), 'qcow2')}" for t in ("vda", "vdb")]
+    assert cli_run(fs, "undefine", "vm2").returncode == 0
+    assert cli_run(fs, "define", "--name", "vm2", "--disk", disks[0], "--disk", disks[1]).returncode == 0
+    new_xml = stat_and_read(fs.p("vm2/xml"))
+    assert b'<target dev="vdb"' in new_xml and b'<target dev="vdb"' not in old_xml
+
+
+def test_changes_file_is_never_stale(fs: FsEnv) -> None:
+    """A .changes (its size known to the kernel) after its parent is merged by another process."""
+    write_live(fs, 0x21, 0)
+    os.mkdir(fs.snap("a"))
+    write_live(fs, 0x22, CLUSTER)
+    os.mkdir(fs.snap("b"))
+    write_live(fs, 0x23, 3 * CLUSTER)  # not next to b's cluster: c gets one more extent
+    os.mkdir(fs.snap("c"))
+    path = fs.snap("c", "disks/vda.changes")
+    before = stat_and_read(path)
+    assert cli_run(fs, "snapshot-deactivate", "vm1", "b", "--merge").returncode == 0
+    after = stat_and_read(path)
+    assert len(after) != len(before), (before, after)
+
+
+def test_job_is_never_stale(tmp_path) -> None:
+    """job changes during a long operation of another process (a slow qemu-img commit)."""
+    wrapper = tmp_path / "slow-qemu-img"
+    wrapper.write_text('#!/bin/sh\ncase "$1" in commit|rebase) sleep 2;; esac\nexec qemu-img "$@"\n')
+    wrapper.chmod(0o755)
+    env = start_env(tmp_path)
+    fs = next(env)
+    try:
+        make_chain(fs, DRIVER_PY, ["a", "b"])
+        path = fs.p("vm1/job")
+        assert stat_and_read(path) == b""
+        merge = subprocess.Popen(
+            [PYTHON, "-m", "snapfs.cli", "--store", fs.store, "snapshot-deactivate", "vm1", "a", "--merge"],
+            cwd=REPO,
+            env={**os.environ, "SNAPFS_QEMU_IMG": str(wrapper)},
+        )
+        seen = b""
+        deadline = time.monotonic() + 20
+        while not seen and merge.poll() is None and time.monotonic() < deadline:
+            seen = stat_and_read(path)
+            time.sleep(0.05)
+        assert merge.wait(timeout=60) == 0
+        assert seen, "job showed nothing during the merge"
+        assert stat_and_read(path) == b""
+    finally:
+        env.close()
