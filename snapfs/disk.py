@@ -54,8 +54,8 @@ async def open_disk(dom: DomainCore, snap_id: str, target: str) -> SnapshotDisk:
         disk = await SnapshotDisk.open(layer)
     except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "open")
-        if exc.errno == errno.EBUSY:  # qemu.hold_read_locks names the layer file: name the snapshot
-            _refuse_while_written(dom, snap_id, target)
+        if exc.errno == errno.EBUSY:  # qemu's message names a layer file: name the snapshot
+            _refuse_while_written(dom, snap_id, target, "open")
         raise
     try:
         _refuse_if_gone_or_changing(dom, snap_id, target, disk.chain, "open")
@@ -74,8 +74,10 @@ async def changes(dom: DomainCore, snap_id: str, target: str) -> list[dict]:
     _refuse_while_changing(dom, snap_id, target, [layer], "read")
     try:
         extents = await changed_extents(layer)
-    except SnapfsError:
+    except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
+        if exc.errno == errno.EBUSY:
+            _refuse_while_written(dom, snap_id, target, "read")
         raise
     _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
     return extents
@@ -110,14 +112,14 @@ def _refuse_while_changing(dom: DomainCore, snap_id: str, target: str, paths: li
     raise busy(message)
 
 
-def _refuse_while_written(dom: DomainCore, snap_id: str, target: str) -> None:
+def _refuse_while_written(dom: DomainCore, snap_id: str, target: str, what: str) -> None:
     record = dom.view().snapshots.get(snap_id)
     name = record.name if record else snap_id
     message = (
-        f"Disk {target} of snapshot {name!r} cannot be opened while another process writes its files "
-        "(a merge in progress or a running QEMU); try again when it is done."
+        f"Disk {target} of snapshot {name!r} cannot be {'opened' if what == 'open' else 'read'} while another "
+        "process writes its files (a merge in progress or a running QEMU); try again when it is done."
     )
-    dom.record_error("open", message)
+    dom.record_error(what, message)
     raise busy(message)
 
 

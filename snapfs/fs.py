@@ -173,7 +173,7 @@ class SnapFS(pyfuse3.Operations):
 
     def refuse_if_read_only(self, node: Node, operation: str) -> None:
         """EROFS on a read-only mount. The kernel refuses first (`ro`); this holds after a
-        `mount -o remount,rw` too. Nothing is recorded: a read-only mount writes nothing."""
+        `mount -o remount,rw` too. Not recorded in last-error, as the kernel's EROFS is not."""
         if self.read_only:
             log.info("%s refused: %s is on a read-only mount", operation, self.tree.path(node))
             raise SnapfsError(errno.EROFS, f"{self.tree.path(node)} is on a read-only mount.")

@@ -301,12 +301,15 @@ def test_a_layer_written_elsewhere_names_the_snapshot_and_disk(fs: FsEnv) -> Non
                 break
             time.sleep(0.1)  # qemu-io is still starting
         assert code == errno.EBUSY
+        error = fs.last_error()
+        assert call(lambda: open(fs.snap("a", "disks/vda.changes"), "rb").read()) == errno.EBUSY
+        read_error = fs.last_error()
     finally:
         assert writer.stdin is not None
         writer.stdin.close()
         writer.wait(timeout=10)
-    error = fs.last_error()
-    assert "vda" in error and "'a'" in error, error
-    assert ".qcow2" not in error and fs.store not in error, error
+    for message, what in ((error, "opened"), (read_error, "read")):
+        assert f"Disk vda of snapshot 'a' cannot be {what} while another process writes" in message, message
+        assert ".qcow2" not in message and fs.store not in message, message
     with open(fs.snap("a", "disks/vda.raw"), "rb") as f:  # free again
         assert f.read(16) == bytes([0xA1]) * 16
