@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd, tests)")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount (modes enforced)")
+    p.add_argument("--read-only", action="store_true", help="refuse every change with EROFS (backup hosts)")
     _create_verbs(verb)
     _list_verb(verb)
     _reading_verbs(verb)
@@ -724,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "mount":
             from .mount import run_mount
 
-            return run_mount(args.store or default_store_path(), args.mountpoint, args.foreground, args.allow_other)
+            store = args.store or default_store_path()
+            return run_mount(store, args.mountpoint, args.foreground, args.allow_other, args.read_only)
         sys.stdout.write(trio.run(_main, args))
     except SnapfsError as exc:
         print(f"snapfs: error: {exc.message}", file=sys.stderr)
