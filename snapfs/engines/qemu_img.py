@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .. import qemu
+from .. import layerlock, qemu
 from ..durable import DirSyncs, fsync_file, sync_dir_of, unlink_if_present
 from ..errors import io_error
 from ..records import LIVE, DiskRecord
@@ -22,7 +22,8 @@ from ..store import DomainFiles
 from . import Progress
 
 # The keys of each step that name a file (relative to the domain directory) the step
-# writes, moves or deletes; a "backing" is only read.
+# writes, moves or deletes; a "backing" is only read. A file a step only deletes is held
+# against writers; the others against readers too (layerlock.hold).
 WRITES = {
     "overlay": ("dst",),
     "rename": ("src", "dst"),
@@ -32,6 +33,7 @@ WRITES = {
     "delete": ("path",),
 }
 METADATA_STEPS = ("meta_write", "meta_delete", "state")
+ONLY_DELETED = ("delete",)
 
 
 class QemuImgEngine:
@@ -85,9 +87,25 @@ class QemuImgEngine:
         return steps + [_step("delete", path=plan.layer(d, snap)) for d in disks]
 
     # ---- the precondition --------------------------------------------------------------------
-    async def check_ready(self, files: DomainFiles, steps: list[dict]) -> None:
-        """EBUSY if another process holds a layer the steps would write, move or delete."""
-        qemu.refuse_if_in_use(files.file(step[key]) for step in steps for key in WRITES.get(step["do"], ()))
+    def hold_layers(self, files: DomainFiles, steps: list[dict]) -> layerlock.HeldLayers:
+        """Check every layer the steps name and the chains under them (regular files
+        inside the store, no json: or protocol backing: ELOOP/EINVAL), then hold those the
+        steps write, move or delete with QEMU's locks until the caller closes the hold;
+        EBUSY if another process writes one or forbids writing it."""
+        bases = {disk.base for disk in files.record().disks}
+        held: dict[str, str] = {}
+        for step in steps:
+            named = [files.file(step[key]) for key in WRITES.get(step["do"], ())]
+            for path in named:
+                mode = "read" if step["do"] in ONLY_DELETED else "write"
+                if held.get(path) != "write":
+                    held[path] = mode
+            backing = step.get("backing")
+            if named and isinstance(backing, str) and not os.path.isabs(backing):
+                named.append(os.path.join(os.path.dirname(named[0]), backing))
+            for path in named:
+                layerlock.check_chain(path, bases)
+        return layerlock.hold(held)
 
     # ---- running a step --------------------------------------------------------------------------
     async def run(
@@ -124,9 +142,9 @@ class QemuImgEngine:
         may have left the dirty flag set, which `qemu-img check -r all` clears.
         """
         if repair_first:
-            for path in (into, top):
+            for path, backing_held in ((into, False), (top, True)):
                 if await qemu.is_dirty(path):
-                    await qemu.check_and_repair(path)
+                    await qemu.check_and_repair(path, backing_held)
         await qemu.commit_into_backing(top, progress)
         await _in_thread(fsync_file, into)
 
