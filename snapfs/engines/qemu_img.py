@@ -9,7 +9,9 @@ holds a layer a step would write, move or delete.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -219,6 +221,7 @@ async def _in_thread(fn, *args) -> None:
 
 
 def _install_now(tmp: str, dst: str, syncs: DirSyncs | None) -> None:
+    _give_layer_mode(tmp, dst)
     fsync_file(tmp)
     os.rename(tmp, dst)
     sync_dir_of(dst, syncs)
@@ -227,6 +230,22 @@ def _install_now(tmp: str, dst: str, syncs: DirSyncs | None) -> None:
 async def _install(tmp: str, dst: str, syncs: DirSyncs | None = None) -> None:
     """fsync tmp, rename it over dst, fsync the directory (now, or at syncs.flush())."""
     await _in_thread(_install_now, tmp, dst, syncs)
+
+
+def _give_layer_mode(tmp: str, dst: str) -> None:
+    """A new layer is 0600, whatever the umask and whatever made it (qemu-img, cp); 0640
+    with the store directory's group when that directory is group-readable: the store's
+    owner shares read access with a group (backups) by opening the store to it (README)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(dst)))))
+    try:
+        st = os.stat(root)
+    except OSError:
+        st = None
+    shared = st is not None and bool(st.st_mode & stat.S_IRGRP)
+    if shared:
+        with contextlib.suppress(PermissionError):  # not a member of that group: 0600 then
+            os.chown(tmp, -1, st.st_gid)
+    os.chmod(tmp, 0o640 if shared and os.stat(tmp).st_gid == st.st_gid else 0o600)
 
 
 def _move(src: str, dst: str, syncs: DirSyncs | None) -> None:
