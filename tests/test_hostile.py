@@ -85,7 +85,6 @@ def test_nobody_cannot_read_a_hostile_backing_through_the_mount(public_dir, secr
 
 
 # ---- (5) modes of the store ------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 12 (5): layers 0644 in a 0755 store, every .raw 0444")
 def test_second_uid_reads_no_layer(public_dir, mounts):
     store = new_store(public_dir)
     store.add_domain("vm1")
