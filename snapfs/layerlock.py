@@ -71,6 +71,14 @@ def open_regular(path: str, follow: bool = False) -> int:
     return fd
 
 
+def check_file(path: str, follow: bool = False) -> None:
+    """open_regular's refusals for `path`, if it exists."""
+    try:
+        os.close(open_regular(path, follow))
+    except FileNotFoundError:
+        pass
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "directory"), (stat.S_ISSOCK, "socket")):
         if test(mode):

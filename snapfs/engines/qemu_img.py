@@ -36,6 +36,9 @@ WRITES = {
 }
 METADATA_STEPS = ("meta_write", "meta_delete", "state")
 ONLY_DELETED = ("delete",)
+# Steps whose qemu-img opens the whole backing chain (the others open no chain: an overlay
+# is made with -u, a rename or a delete opens nothing), so the whole chain is checked first.
+OPENS_CHAIN = ("commit", "rebase", "recompress")
 
 
 class QemuImgEngine:
@@ -103,10 +106,13 @@ class QemuImgEngine:
                 if held.get(path) != "write":
                     held[path] = mode
             backing = step.get("backing")
-            if named and isinstance(backing, str) and not os.path.isabs(backing):
-                named.append(os.path.join(os.path.dirname(named[0]), backing))
+            if named and isinstance(backing, str):
+                named.append(os.path.join(os.path.dirname(named[0]), backing))  # an absolute one stays as is
             for path in named:
-                layerlock.check_chain(path, bases)
+                if step["do"] in OPENS_CHAIN:
+                    layerlock.check_chain(path, bases)
+                else:
+                    layerlock.check_file(path, follow=path in bases)
         return layerlock.hold(held)
 
     # ---- running a step --------------------------------------------------------------------------
