@@ -221,6 +221,7 @@ async def backing_file(path: str) -> str | None:
 
 async def top_layer_has_data(path: str) -> bool:
     """Whether the image itself (not its backing chain) holds any cluster."""
+    await trio.to_thread.run_sync(layerlock.check_chain, path)  # map opens the whole chain
     _, out = await qemu_img(["map", "--output=json", "-f", "qcow2", path], f"mapping {path}")
     return any(extent["depth"] == 0 and (extent["data"] or extent["zero"]) for extent in json.loads(out))
 
