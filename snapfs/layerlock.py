@@ -49,18 +49,24 @@ _FLOCK = "hhqqi4x"
 
 
 # ---- opening a layer ----------------------------------------------------------------------
-def open_regular(path: str, follow: bool = False) -> int:
-    """A read-only descriptor of `path`, which must be a regular file (never a symlink
-    unless `follow`): opened without blocking, so a FIFO is refused instead of waited on."""
+def open_regular(path: str, follow: bool = False, _hops: int = 1) -> int:
+    """A read-only descriptor of `path`, which must be a regular file: opened without
+    blocking, so a FIFO is refused instead of waited on. Unless `follow`, a symlink is
+    followed only to a regular file beside it (a bare name: the live layer's stable path
+    may be one while a QEMU runs, DESIGN section 8), never out of its directory."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno != errno.ELOOP:
+            raise
+        target = os.readlink(path)
+        if not _hops or "/" in target or target in (".", "..") or not target:
             raise SnapfsError(
-                errno.ELOOP, f"{path} is a symbolic link; snapfs uses only regular files inside the store as layers."
+                errno.ELOOP,
+                f"{path} is a symbolic link to {target[:200]}; snapfs uses only regular files in the store as layers.",
             ) from None
-        raise
+        return open_regular(os.path.join(os.path.dirname(path), target), _hops=0)
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)

@@ -102,7 +102,11 @@ def test_check_chain_refuses_what_is_not_a_layer(tmp_path):
     os.symlink(s1 + ".away", s1)
     assert refusal(live, {base}).errno == errno.ELOOP
     os.unlink(s1)
-    os.rename(s1 + ".away", s1)
+    os.rename(s1 + ".away", s1 + ".real")
+    os.symlink("s1.qcow2.real", s1)  # to a file beside it (a live layer's stable path, DESIGN section 8)
+    assert [path for path, _ in layerlock.check_chain(live, {base})] == [live, s1, base]
+    os.unlink(s1)
+    os.rename(s1 + ".real", s1)
     other = make_image(str(tmp_path / "other.qcow2"), "qcow2")
     outside = overlay(str(layers / "x.qcow2"), other)
     assert "not the domain's base" in refusal(outside, {base}).message
