@@ -157,16 +157,22 @@ def base_backing(path: str, fmt: str) -> str | None:
 
 
 # ---- a chain ---------------------------------------------------------------------------------
-def check_chain(top: str, bases: Collection[str] | None = None) -> list[tuple[str, str]]:
+def check_chain(top: str, bases: Collection[str] | None = None, seen: set[str] | None = None) -> list[tuple[str, str]]:
     """(file, format) of the chain under the layer `top`, top first, each checked before
     any qemu-img opens it: layers are regular files (no symlink, FIFO, device) linked by
     bare names within their directory; the chain leaves the store only for a base image
     (one of `bases` when given): a regular file, which if qcow2 has no backing file or
     data file of its own. A member that does not exist ends the walk (qemu-img will say
-    it is missing). Reads headers only, as qemu will: by the formats the headers record."""
+    it is missing). Reads headers only, as qemu will: by the formats the headers record.
+    `seen`: files checked already (with their chains), where the walk may stop; it gains
+    the files of this chain."""
     chain: list[tuple[str, str]] = []
     path, fmt, in_store = top, "qcow2", True
     while len(chain) < MAX_CHAIN:
+        if seen is not None:
+            if path in seen:
+                return chain
+            seen.add(path)
         try:
             fd = open_regular(path, follow=not in_store)
         except FileNotFoundError:

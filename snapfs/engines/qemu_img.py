@@ -99,6 +99,7 @@ class QemuImgEngine:
         EBUSY if another process writes one or forbids writing it."""
         bases = {disk.base for disk in files.record().disks}
         held: dict[str, str] = {}
+        checked: set[str] = set()  # chains share their lower parts
         for step in steps:
             named = [files.file(step[key]) for key in WRITES.get(step["do"], ())]
             for path in named:
@@ -110,7 +111,7 @@ class QemuImgEngine:
                 named.append(os.path.join(os.path.dirname(named[0]), backing))  # an absolute one stays as is
             for path in named:
                 if step["do"] in OPENS_CHAIN:
-                    layerlock.check_chain(path, bases)
+                    layerlock.check_chain(path, bases, checked)
                 else:
                     layerlock.check_file(path, follow=path in bases)
         return layerlock.hold(held)
