@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import qemu
+from . import layerlock, qemu
 from .errors import SnapfsError, busy, io_error, not_found
 
 if TYPE_CHECKING:
@@ -157,7 +157,8 @@ class SnapshotDisk:
         try:
             for path, _ in await qemu.backing_chain(top):
                 chain.append(path)
-                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                # a layer (beside top) is never a symlink; the base image outside the store may be one
+                fds.append(layerlock.open_regular(path, follow=os.path.dirname(path) != os.path.dirname(top)))
                 qemu.hold_read_locks(fds[-1], path)
             extents = [Extent.from_map(e) for e in await qemu.extent_map(top)]
         except BaseException:

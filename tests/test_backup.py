@@ -138,7 +138,7 @@ def test_raw_files_equal_qemu_img_convert(fs):
             path = raw_path(fs, name, target)
             st = os.stat(path)
             assert st.st_size == DISK_SIZE == len(expected)
-            assert st.st_mode & 0o777 == 0o444
+            assert st.st_mode & 0o777 == 0o400  # the layer's read bits: 0600 in a store of one owner
             whole, pieces = pread_all(path, ranges)
             assert whole == expected, f"{name}/{target}"
             for (offset, length), piece in zip(ranges, pieces, strict=True):
