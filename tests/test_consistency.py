@@ -32,8 +32,8 @@ import time
 
 import pytest
 import trio
+from factory import new_domain
 from fsfixtures import Mount, define_store
-from helpers import make_image, write_pattern
 
 from snapfs.catalog import StoreCore
 from snapfs.domain import DomainCore
@@ -192,19 +192,8 @@ def same(a: MetadataView, b: MetadataView) -> bool:
 
 @pytest.fixture
 def core(tmp_path) -> DomainCore:
-    images = tmp_path / "images"
-    images.mkdir()
-    vda = make_image(str(images / "vda.qcow2"), "qcow2")
-    vdb = make_image(str(images / "vdb.img"), "raw")
-    write_pattern(vda, 0xA1, 0)
-    write_pattern(vdb, 0xB1, 0, fmt="raw")
-
-    async def define() -> DomainCore:
-        store = StoreCore(str(tmp_path / "store"))
-        dom, _ = await store.define(DOM, [("vda", vda, "qcow2"), ("vdb", vdb, "raw")])
-        return dom
-
-    return trio.run(define)
+    new_domain(str(tmp_path), DOM)
+    return StoreCore(str(tmp_path / "store")).domain(DOM)
 
 
 def run(fn, *args):
