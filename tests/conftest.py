@@ -1,7 +1,8 @@
 """Shared fixtures: a temporary store, a two-disk domain (vda on a qcow2 base, vdb on a
 raw base, 4 MiB, 64 KiB clusters) and the base images' checksums.
 
-Every fixture makes real images with qemu-img; nothing here mocks qemu.
+Every fixture makes real images with qemu-img (through tests/factory.py); nothing here
+mocks qemu.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Fixtures for the FUSE tests: a store with real qemu-img images, mounted in a
 subprocess (`python -m snapfs.mount STORE MNT --foreground`), always unmounted.
 
-Imported by tests/test_fs.py (`from fsfixtures import *`); conftest.py belongs to the
-core suite and is not needed here.
+Mount is the one way the tests start a mount (options such as --allow-other, and an own
+process group for kill tests); define_store builds its store with tests/factory.py; the
+errno helpers come from tests/refusal.py and are re-exported here for the FUSE tests.
 """
 
 from __future__ import annotations

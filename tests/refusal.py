@@ -89,9 +89,12 @@ def errno_of(stderr: str) -> int:
 
 
 def os_errno(fn: Callable, *args) -> int:
-    """fn(*args) through the mount: 0, or the errno of the OSError it raised."""
+    """fn(*args) through the mount: 0, or the errno of the OSError it raised. A descriptor
+    os.open returned is closed (a leak would keep the mount busy)."""
     try:
-        fn(*args)
+        result = fn(*args)
     except OSError as exc:
         return exc.errno
+    if fn is os.open:
+        os.close(result)
     return 0

@@ -468,6 +468,7 @@ def test_crash_at_every_step(case: Case, templates, tmp_path):
     template = templates(case.template)
     steps = discover(case, template, str(tmp_path / "clean"))
     points = [f"{s}:{when}" for s in steps for when in ("before", "after")]
+    print(f"crash points of {case.id}: {len(points)}")  # the matrix's size, summed in the report
     sample = points[len(points) // 2]  # reopened through a fresh mount too
     with ThreadPoolExecutor(WORKERS) as pool:
         results = pool.map(
