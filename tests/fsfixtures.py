@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from factory import define_domain, make_bases
+from factory import define_domain, make_base, make_bases
 from helpers import (  # noqa: F401  (re-exported for the FUSE tests)
     CLUSTER,
     DISK_SIZE,
@@ -30,7 +30,7 @@ from helpers import (  # noqa: F401  (re-exported for the FUSE tests)
     tree_fingerprint,
     write_pattern,
 )
-from refusal import errno_of, os_errno
+from refusal import STRERROR, errno_of, os_errno  # noqa: F401  (STRERROR re-exported)
 
 MOUNT_WAIT = 15.0
 BASH_ENV = {**os.environ, "LC_ALL": "C"}
@@ -53,7 +53,7 @@ def define_store(tmp: str) -> StoreSetup:
     root = os.path.join(tmp, "store")
     bases = make_bases(images_dir)
     define_domain(root, "vm1", bases)
-    define_domain(root, "vm2", make_bases(images_dir, {}, prefix="vm2-", formats={"vda": "qcow2"}))
+    define_domain(root, "vm2", {"vda": (make_base(os.path.join(images_dir, "vm2.qcow2"), "qcow2", {}), "qcow2")})
     return StoreSetup(root, bases)
 
 
