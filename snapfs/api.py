@@ -153,6 +153,15 @@ class Domain:
     def last_error(self) -> str:
         return self.core.last_error()
 
+    def live_paths(self) -> dict[str, str]:
+        """{target: path of the disk's live layer}, where the domain's writes go; mirrors
+        Snapshot.layer_paths()."""
+        return {d.target: self.core.live_path(d.target) for d in self.core.disks}
+
+    def base_paths(self) -> dict[str, str]:
+        """{target: path of the disk's base image} as defined; snapfs never writes it."""
+        return {d.target: d.base for d in self.core.disks}
+
 
 class Snapshot:
     """A handle on one snapshot, keyed by its internal id: it survives a rename."""
@@ -204,6 +213,10 @@ class Snapshot:
 
     def get_description(self) -> str:
         return self._record().description
+
+    def get_compression(self) -> str:
+        """The compression asked for this snapshot's layers: none, gzip or zstd."""
+        return self._record().compression
 
     def set_compression(self, kind: str) -> None:
         _run(self.domain.core.set_compression, self.id, kind)

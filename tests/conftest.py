@@ -1,16 +1,17 @@
 """Shared fixtures: a temporary store, a two-disk domain (vda on a qcow2 base, vdb on a
 raw base, 4 MiB, 64 KiB clusters) and the base images' checksums.
 
-Every fixture makes real images with qemu-img; nothing here mocks qemu.
+Every fixture makes real images with qemu-img (through tests/factory.py); nothing here
+mocks qemu.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
-from helpers import CLUSTER, DISK_SIZE, MiB, expected_content, file_digest, make_image, write_pattern
+from factory import make_bases
+from helpers import CLUSTER, DISK_SIZE, MiB, expected_content, file_digest
 
 import snapfs
 
@@ -32,19 +33,11 @@ class BaseImage:
     content: bytes  # the whole image as raw bytes
 
 
-def _make_base(directory: str, target: str, fmt: str) -> BaseImage:
-    path = make_image(os.path.join(directory, f"base-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}"), fmt)
-    for offset, pattern in BASE_WRITES[target].items():
-        write_pattern(path, pattern, offset, fmt=fmt)
-    return BaseImage(target, path, fmt, expected_content(BASE_WRITES[target], DISK_SIZE))
-
-
 @pytest.fixture
 def base_images(tmp_path) -> dict[str, BaseImage]:
     """vda: a qcow2 base, vdb: a raw base, each with a few clusters of data."""
-    directory = tmp_path / "images"
-    directory.mkdir()
-    return {"vda": _make_base(str(directory), "vda", "qcow2"), "vdb": _make_base(str(directory), "vdb", "raw")}
+    bases = make_bases(str(tmp_path / "images"), BASE_WRITES, prefix="base-")
+    return {t: BaseImage(t, path, fmt, expected_content(BASE_WRITES[t], DISK_SIZE)) for t, (path, fmt) in bases.items()}
 
 
 @pytest.fixture

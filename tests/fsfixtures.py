@@ -1,36 +1,39 @@
 """Fixtures for the FUSE tests: a store with real qemu-img images, mounted in a
 subprocess (`python -m snapfs.mount STORE MNT --foreground`), always unmounted.
 
-Imported by tests/test_fs.py (`from fsfixtures import *`); conftest.py belongs to the
-core suite and is not needed here.
+Mount is the one way the tests start a mount (options such as --allow-other, and an own
+process group for kill tests); define_store builds its store with tests/factory.py; the
+errno helpers come from tests/refusal.py and are re-exported here for the FUSE tests.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import trio
-from helpers import file_digest, has_pattern, make_image, tree_fingerprint, write_pattern  # noqa: F401
+from factory import define_domain, make_base, make_bases
+from helpers import (  # noqa: F401  (re-exported for the FUSE tests)
+    CLUSTER,
+    DISK_SIZE,
+    PYTHON,
+    REPO,
+    MiB,
+    file_digest,
+    has_pattern,
+    make_image,
+    tree_fingerprint,
+    write_pattern,
+)
+from refusal import STRERROR, errno_of, os_errno  # noqa: F401  (STRERROR re-exported)
 
-from snapfs.catalog import StoreCore
-
-MiB = 1 << 20
-DISK_SIZE = 4 * MiB
-CLUSTER = 64 * 1024
-PYTHON = sys.executable
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOUNT_WAIT = 15.0
 BASH_ENV = {**os.environ, "LC_ALL": "C"}
-STRERROR = {os.strerror(code): code for code in errno.errorcode}
 
 
 # ---- images and patterns: shared with the core tests -----------------------------------
@@ -47,21 +50,11 @@ class StoreSetup:
 def define_store(tmp: str) -> StoreSetup:
     """vm1: vda on a qcow2 base and vdb on a raw base (4 MiB each); vm2: one qcow2 disk."""
     images_dir = os.path.join(tmp, "images")
-    os.makedirs(images_dir, exist_ok=True)
-    vda = make_image(os.path.join(images_dir, "vda.qcow2"), "qcow2")
-    vdb = make_image(os.path.join(images_dir, "vdb.img"), "raw")
-    other = make_image(os.path.join(images_dir, "vm2.qcow2"), "qcow2")
-    write_pattern(vda, 0xA1, 0)
-    write_pattern(vdb, 0xB1, 0, fmt="raw")
     root = os.path.join(tmp, "store")
-
-    async def define() -> None:
-        store = StoreCore(root)
-        await store.define("vm1", [("vda", vda, "qcow2"), ("vdb", vdb, "raw")])
-        await store.define("vm2", [("vda", other, "qcow2")])
-
-    trio.run(define)
-    return StoreSetup(root, {"vda": (vda, "qcow2"), "vdb": (vdb, "raw")})
+    bases = make_bases(images_dir)
+    define_domain(root, "vm1", bases)
+    define_domain(root, "vm2", {"vda": (make_base(os.path.join(images_dir, "vm2.qcow2"), "qcow2", {}), "qcow2")})
+    return StoreSetup(root, bases)
 
 
 def core_call(store_root: str, code: str) -> subprocess.CompletedProcess:
@@ -74,16 +67,25 @@ def core_call(store_root: str, code: str) -> subprocess.CompletedProcess:
 
 # ---- the mount ------------------------------------------------------------------------
 class Mount:
-    """A mount in a subprocess; stop() always leaves the mountpoint unmounted."""
+    """A mount in a subprocess; stop() always leaves the mountpoint unmounted. The one way
+    the tests start a mount: `options` are extra command-line options (--allow-other);
+    `own_session` puts the daemon in its own process group, so that kill_all() takes it and
+    its qemu-img children at once (as a power cut would)."""
 
     def __init__(
-        self, store_root: str, mountpoint: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+        self,
+        store_root: str,
+        mountpoint: str,
+        env: dict[str, str] | None = None,
+        options: tuple[str, ...] = (),
+        own_session: bool = False,
     ) -> None:
         self.store_root = store_root
-        self.args = args  # more options for snapfs.mount, e.g. ("--read-only",)
         self.path = mountpoint
         self.log_path = mountpoint.rstrip("/") + ".log"
         self.env = {**os.environ, **(env or {})}
+        self.options = options
+        self.own_session = own_session
         self.proc: subprocess.Popen | None = None
         self.unmount_errors: list[str] = []
 
@@ -91,11 +93,12 @@ class Mount:
         os.makedirs(self.path, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "snapfs.mount", self.store_root, self.path, "--foreground", *self.args],
+                [PYTHON, "-m", "snapfs.mount", self.store_root, self.path, "--foreground", *self.options],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
                 env=self.env,
+                start_new_session=self.own_session,
             )
         deadline = time.monotonic() + MOUNT_WAIT
         while not os.path.ismount(self.path):
@@ -129,11 +132,20 @@ class Mount:
             try:
                 code = self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                if self.own_session:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                else:
+                    self.proc.kill()
                 code = self.proc.wait(timeout=10)
         if os.path.ismount(self.path):
             subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
         return code
+
+    def kill_all(self) -> None:
+        """SIGKILL to the daemon's whole process group (own_session mounts only)."""
+        assert self.proc is not None and self.own_session
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
 
     def signal(self, signum: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -188,9 +200,9 @@ class FsEnv:
         return fingerprint(self.store)
 
 
-def start_env(tmp_path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Iterator[FsEnv]:
+def start_env(tmp_path, env: dict[str, str] | None = None, options: tuple[str, ...] = ()) -> Iterator[FsEnv]:
     setup = define_store(str(tmp_path))
-    mount = Mount(setup.root, str(tmp_path / "mnt"), env, args)
+    mount = Mount(setup.root, str(tmp_path / "mnt"), env, options)
     mount.start()
     try:
         yield FsEnv(setup, mount)
@@ -205,29 +217,12 @@ def fs_fixture(tmp_path) -> Iterator[FsEnv]:
 
 
 # ---- two ways to drive the filesystem -----------------------------------------------------
-def errno_of(stderr: str) -> int:
-    """The errno behind a C tool's message ('...: Permission denied')."""
-    if "to a subdirectory of itself" in stderr:
-        return errno.EINVAL  # how mv words EINVAL from rename(2)
-    for line in reversed(stderr.strip().splitlines()):
-        for text, code in STRERROR.items():
-            if line.rstrip().endswith(text):
-                return code
-    raise AssertionError(f"no errno in {stderr!r}")
-
-
 class PyDriver:
     """Python file calls; each returns 0 or the errno."""
 
     name = "py"
 
-    @staticmethod
-    def _call(fn, *args) -> int:
-        try:
-            fn(*args)
-        except OSError as exc:
-            return exc.errno
-        return 0
+    _call = staticmethod(os_errno)
 
     def mkdir(self, path: str) -> int:
         return self._call(os.mkdir, path)

@@ -6,10 +6,16 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 
 MiB = 1 << 20
 DISK_SIZE = 4 * MiB
 CLUSTER = 64 * 1024
+
+# The ways in: the interpreter (python -m snapfs.mount), the repository and the snapfs command.
+PYTHON = sys.executable
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
 
 
 def make_image(path: str, fmt: str, size: int = DISK_SIZE) -> str:
@@ -111,34 +117,34 @@ def apply_writes(data: bytes, writes: dict[int, int]) -> bytes:
 
 
 def layout_problems(domain) -> list[str]:
-    """What is wrong with a domain's layer files against its metadata (empty when right).
+    """What is wrong with a domain's layer files against its metadata (empty when right),
+    read through the public API (live_paths, base_paths, layer_paths, get_parent).
 
     Per disk: layers/<target>/ holds exactly live.qcow2 and one <id>.qcow2 per snapshot;
     each snapshot layer's backing link is its parent's layer basename (or the base image's
     absolute path for a root); live.qcow2 sits on current's layer (or the base)."""
-    core = domain.core
-    view = core.view()
+    snaps = [domain.snapshot_lookup_by_name(name) for name in domain.list_snapshot_names()]
+    current = domain.current_snapshot()
     problems = []
-    for disk in core.disks:
-        directory = core.files.layers_dir(disk.target)
-        want = {"live.qcow2"} | {f"{sid}.qcow2" for sid in view.snapshots}
+    for target, live in domain.live_paths().items():
+        directory = os.path.dirname(live)
+        want = {"live.qcow2"} | {f"{snap.id}.qcow2" for snap in snaps}
         have = set(os.listdir(directory))
         if have != want:
-            problems.append(f"{disk.target}: orphan {sorted(have - want)} missing {sorted(want - have)}")
+            problems.append(f"{target}: orphan {sorted(have - want)} missing {sorted(want - have)}")
             continue
+        base = domain.base_paths()[target]
 
-        def link(on: str | None, disk=disk) -> str:
-            return disk.base if on is None else f"{on}.qcow2"
+        def link(on, base=base) -> str:
+            return base if on is None else f"{on.id}.qcow2"
 
-        for sid, record in view.snapshots.items():
-            got = backing_filename(os.path.join(directory, f"{sid}.qcow2"))
-            if got != link(record.parent):
-                problems.append(f"{disk.target}: layer of {record.name!r} backs on {got}, want {link(record.parent)}")
-        got = backing_filename(os.path.join(directory, "live.qcow2"))
-        if got != link(view.current):
-            problems.append(f"{disk.target}: live layer backs on {got}, want {link(view.current)}")
-        if view.current is not None and view.current not in view.snapshots:
-            problems.append(f"current {view.current} is not a snapshot")
+        for snap in snaps:
+            got = backing_filename(snap.layer_paths()[target])
+            if got != link(snap.get_parent()):
+                problems.append(f"{target}: layer of {snap.name!r} backs on {got}, want {link(snap.get_parent())}")
+        got = backing_filename(live)
+        if got != link(current):
+            problems.append(f"{target}: live layer backs on {got}, want {link(current)}")
     return problems
 
 
@@ -171,15 +177,14 @@ def store_integrity_problems(store_root: str, domain_name: str) -> list[str]:
     stray = set(os.listdir(path)) - DOMAIN_DIR_ENTRIES
     if stray:
         problems.append(f"unexpected files in the domain directory: {sorted(stray)}")
-    domain = snapfs.Store(snapfs.api.StoreCore(store_root)).lookup_domain(domain_name)
-    view = domain.core.view()
-    metas = set(os.listdir(domain.core.files.snapshots_dir))
-    want = {f"{sid}.json" for sid in view.snapshots}
+    domain = snapfs.Store(snapfs.api.open_store_core(store_root)).lookup_domain(domain_name)  # no recovery
+    metas = set(os.listdir(os.path.join(path, "snapshots")))
+    want = {f"{domain.snapshot_lookup_by_name(name).id}.json" for name in domain.list_snapshot_names()}
     if metas != want:
         problems.append(f"snapshot metadata files: extra {sorted(metas - want)} missing {sorted(want - metas)}")
     problems += layout_problems(domain)
-    for disk in domain.core.disks:
-        directory = domain.core.files.layers_dir(disk.target)
+    for live in domain.live_paths().values():
+        directory = os.path.dirname(live)
         for name in sorted(os.listdir(directory)):
             problems += qemu_check_problems(os.path.join(directory, name))
     return problems

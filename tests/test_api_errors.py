@@ -16,27 +16,11 @@ import pytest
 import trio
 from conftest import DOMAIN_NAME, domain_xml
 from helpers import CLUSTER, MiB, make_image, read_raw, tree_fingerprint, write_pattern
+from refusal import api_refused
 
 import snapfs
 from snapfs import DeactivateFlags, DependentsError, SnapfsError
 from snapfs.catalog import StoreCore
-
-
-def refused(store_path: str, call, errnos: int | tuple[int, ...], *words: str) -> SnapfsError:
-    """Run call(); it must raise SnapfsError with one of errnos, a message holding every
-    word (case-insensitive), and change nothing in the store."""
-    errnos = errnos if isinstance(errnos, tuple) else (errnos,)
-    before = tree_fingerprint(store_path)
-    with pytest.raises(SnapfsError) as info:
-        call()
-    exc = info.value
-    assert exc.errno in errnos, (errno.errorcode.get(exc.errno), str(exc))
-    message = str(exc)
-    assert len(message) > 10 and "Traceback" not in message
-    for word in words:
-        assert word.lower() in message.lower(), (word, message)
-    assert tree_fingerprint(store_path) == before
-    return exc
 
 
 def snap_xml(name: str) -> str:
@@ -48,7 +32,7 @@ def snap_xml(name: str) -> str:
 @pytest.fixture
 def tree(domain):
     """s1 <- s2 <- live, and s1 <- s3: s1 has two children, s2 has the live disk."""
-    live = domain.core.live_path
+    live = domain.live_paths().get
     write_pattern(live("vda"), 0x31, 0)
     write_pattern(live("vdb"), 0x32, CLUSTER)
     s1 = domain.snapshot_create_xml(snap_xml("s1"))
@@ -79,9 +63,9 @@ BAD_NAMES = [
 @pytest.mark.parametrize("name, err, word", BAD_NAMES, ids=lambda v: repr(v)[:20] if isinstance(v, str) else None)
 def test_invalid_names_refused(store_path, tree, domain, name, err, word):
     if "\0" not in name and "\udcff" not in name:
-        refused(store_path, lambda: domain.snapshot_create_xml(snap_xml(name)), err, word)
-    refused(store_path, lambda: tree["s2"].rename(name), err, word)
-    refused(store_path, lambda: _create(domain, name), err, word)
+        api_refused(store_path, lambda: domain.snapshot_create_xml(snap_xml(name)), err, word)
+    api_refused(store_path, lambda: tree["s2"].rename(name), err, word)
+    api_refused(store_path, lambda: _create(domain, name), err, word)
     assert tree["s2"].name == "s2"
 
 
@@ -103,8 +87,8 @@ def test_valid_names_accepted(domain, name):
 
 
 def test_existing_name(store_path, tree, domain):
-    refused(store_path, lambda: domain.snapshot_create_xml(snap_xml("s1")), errno.EEXIST, "s1", "already")
-    refused(store_path, lambda: tree["s2"].rename("s3"), errno.EEXIST, "s3", "already")
+    api_refused(store_path, lambda: domain.snapshot_create_xml(snap_xml("s1")), errno.EEXIST, "s1", "already")
+    api_refused(store_path, lambda: tree["s2"].rename("s3"), errno.EEXIST, "s3", "already")
 
 
 # ---- XML --------------------------------------------------------------------------------
@@ -142,7 +126,7 @@ BAD_XML = {
 @pytest.mark.parametrize("case", sorted(BAD_XML))
 def test_bad_snapshot_xml(store_path, tree, domain, case):
     text, word = BAD_XML[case]
-    exc = refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EINVAL, word)
+    exc = api_refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EINVAL, word)
     assert sorted(domain.list_snapshot_names()) == ["s1", "s2", "s3"]
     assert "root:" not in str(exc)  # nothing of /etc/passwd leaks into the message
     assert domain.last_error().strip(), "a refusal is recorded in last-error"
@@ -150,17 +134,17 @@ def test_bad_snapshot_xml(store_path, tree, domain, case):
 
 def test_unknown_compression(store_path, tree, domain):
     text = "<domainsnapshot><name>c</name><compression>lz4</compression></domainsnapshot>"
-    refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EINVAL, "lz4")
+    api_refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EINVAL, "lz4")
     for kind in ("bzip2", "", "GZIP ", "zlib"):
-        refused(store_path, lambda kind=kind: tree["s1"].set_compression(kind), errno.EINVAL, "compression")
+        api_refused(store_path, lambda kind=kind: tree["s1"].set_compression(kind), errno.EINVAL, "compression")
     assert "c" not in domain.list_snapshot_names()
 
 
 def test_description_too_large(store_path, tree, domain):
     big = "d" * (64 * 1024 + 1)
-    refused(store_path, lambda: tree["s1"].set_description(big), errno.EFBIG, "description")
+    api_refused(store_path, lambda: tree["s1"].set_description(big), errno.EFBIG, "description")
     text = f"<domainsnapshot><name>big</name><description>{big}</description></domainsnapshot>"
-    refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EFBIG, "description")
+    api_refused(store_path, lambda: domain.snapshot_create_xml(text), errno.EFBIG, "description")
     tree["s1"].set_description("d" * (64 * 1024))  # exactly 64 KiB is fine
     assert len(tree["s1"].get_description()) == 64 * 1024
 
@@ -170,8 +154,8 @@ def test_description_too_large(store_path, tree, domain):
 
 def test_unknown_domain_and_snapshot(store, store_path, tree, domain):
     for name in ("nope", "", "../domains", "vm1/../vm1"):
-        refused(store_path, lambda name=name: store.lookup_domain(name), errno.ENOENT, "domain")
-    refused(store_path, lambda: domain.snapshot_lookup_by_name("nope"), errno.ENOENT, "nope")
+        api_refused(store_path, lambda name=name: store.lookup_domain(name), errno.ENOENT, "domain")
+    api_refused(store_path, lambda: domain.snapshot_lookup_by_name("nope"), errno.ENOENT, "nope")
     stale = tree["s3"]
     stale.deactivate(DeactivateFlags.DISCARD)
     for call in (
@@ -183,19 +167,19 @@ def test_unknown_domain_and_snapshot(store, store_path, tree, domain):
         lambda: stale.set_compression("gzip"),
         lambda: domain.create_with_snapshot(stale),
     ):
-        refused(store_path, call, errno.ENOENT, "snapshot")
+        api_refused(store_path, call, errno.ENOENT, "snapshot")
 
 
 def test_discard_with_dependents(store_path, tree, domain):
-    exc = refused(store_path, lambda: tree["s1"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY, "'s2'", "'s3'")
+    exc = api_refused(store_path, lambda: tree["s1"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY, "'s2'", "'s3'")
     assert isinstance(exc, DependentsError)
-    exc = refused(store_path, lambda: tree["s2"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY, "live disk")
+    exc = api_refused(store_path, lambda: tree["s2"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY, "live disk")
     assert isinstance(exc, DependentsError)
 
 
 @pytest.mark.parametrize("flags", [DeactivateFlags.MERGE | DeactivateFlags.DISCARD, 16, -1, 3, "merge", None])
 def test_invalid_deactivate_flags(store_path, tree, flags):
-    refused(store_path, lambda: tree["s2"].deactivate(flags), errno.EINVAL, "flags")
+    api_refused(store_path, lambda: tree["s2"].deactivate(flags), errno.EINVAL, "flags")
 
 
 # ---- images in use -----------------------------------------------------------------------------
@@ -238,7 +222,7 @@ def nbd(tmp_path):
 
 
 def test_live_layer_in_use(store_path, tree, domain, nbd):
-    nbd.hold(domain.core.live_path("vdb"))
+    nbd.hold(domain.live_paths()["vdb"])
     s1, s2 = tree["s1"], tree["s2"]
     calls = {
         "create": lambda: domain.snapshot_create_xml(snap_xml("new")),
@@ -249,11 +233,11 @@ def test_live_layer_in_use(store_path, tree, domain, nbd):
         "discard-force (live inside)": lambda: s2.deactivate(DeactivateFlags.DISCARD_FORCE),
     }
     for what, call in calls.items():
-        exc = refused(store_path, call, errno.EBUSY, "in use")
+        exc = api_refused(store_path, call, errno.EBUSY, "in use")
         assert "live.qcow2" in str(exc) or "vdb" in str(exc), (what, str(exc))
         assert "in use" in domain.last_error()
     nbd.release()
-    before = read_raw(domain.core.live_path("vdb"))
+    before = read_raw(domain.live_paths()["vdb"])
     domain.snapshot_create_xml(snap_xml("new"))  # works once the holder is gone
     assert read_raw(domain.snapshot_lookup_by_name("new").layer_paths()["vdb"]) == before
 
@@ -271,7 +255,7 @@ def test_frozen_layer_in_use_as_a_backing(store_path, tree, domain, nbd, tmp_pat
         lambda: s3.deactivate(DeactivateFlags.DISCARD_FORCE),
         lambda: s3.set_compression("zstd"),
     ):
-        refused(store_path, call, errno.EBUSY, "in use")
+        api_refused(store_path, call, errno.EBUSY, "in use")
     nbd.release()
     nbd.hold(s1.layer_paths()["vdb"], read_only=True)
     for call in (
@@ -279,7 +263,7 @@ def test_frozen_layer_in_use_as_a_backing(store_path, tree, domain, nbd, tmp_pat
         lambda: s1.deactivate(DeactivateFlags.DISCARD_FORCE),
         lambda: s1.set_compression("gzip"),
     ):
-        refused(store_path, call, errno.EBUSY, "in use")
+        api_refused(store_path, call, errno.EBUSY, "in use")
     # Revert onto s1 and create only read L(s1): allowed while it is exported read-only.
     domain.create_with_snapshot(s1)
     domain.snapshot_create_xml(snap_xml("on-s1"))
@@ -298,7 +282,7 @@ def test_domain_held_by_another_operation(store_path, tree, domain):
         "    print(errno.errorcode[exc.errno], exc)\n"
     )
     before = tree_fingerprint(store_path)
-    fd = os.open(os.path.join(domain.core.files.path, "lock"), os.O_RDWR)
+    fd = os.open(os.path.join(store_path, "domains", domain.name, "lock"), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         run = subprocess.run(
@@ -322,32 +306,34 @@ def test_domain_held_by_another_operation(store_path, tree, domain):
 
 def test_define_errors(store, store_path, domain, base_images, tmp_path):
     vda = base_images["vda"]
-    refused(
+    api_refused(
         store_path,
         lambda: store.define("d2", [("vda", str(tmp_path / "missing.img"), "raw")]),
         errno.ENOENT,
         "missing.img",
     )
-    refused(
+    api_refused(
         store_path,
         lambda: store.define("d2", [("vda", str(tmp_path), "raw")]),
         errno.EINVAL,
         f"{tmp_path} is not a regular file",
     )
-    refused(store_path, lambda: store.define(DOMAIN_NAME, [("vda", vda.path, "qcow2")]), errno.EEXIST, DOMAIN_NAME)
-    refused(store_path, lambda: store.define_xml(domain_xml(DOMAIN_NAME, "x", base_images)), errno.EEXIST, DOMAIN_NAME)
-    refused(store_path, lambda: store.define("d2", [("vda", vda.path, "vmdk")]), errno.EINVAL, "vmdk")
+    api_refused(store_path, lambda: store.define(DOMAIN_NAME, [("vda", vda.path, "qcow2")]), errno.EEXIST, DOMAIN_NAME)
+    api_refused(
+        store_path, lambda: store.define_xml(domain_xml(DOMAIN_NAME, "x", base_images)), errno.EEXIST, DOMAIN_NAME
+    )
+    api_refused(store_path, lambda: store.define("d2", [("vda", vda.path, "vmdk")]), errno.EINVAL, "vmdk")
     vmdk = make_image(str(tmp_path / "disk.vmdk"), "vmdk")
-    refused(store_path, lambda: store.define("d2", [("vda", vmdk, None)]), errno.EINVAL, "vmdk")
-    refused(store_path, lambda: store.define("d2", []), errno.EINVAL, "disk")
-    refused(
+    api_refused(store_path, lambda: store.define("d2", [("vda", vmdk, None)]), errno.EINVAL, "vmdk")
+    api_refused(store_path, lambda: store.define("d2", []), errno.EINVAL, "disk")
+    api_refused(
         store_path,
         lambda: store.define("d2", [("vda", vda.path, "qcow2"), ("vda", vda.path, "qcow2")]),
         errno.EINVAL,
         "twice",
     )
     for bad in ("", ".x", "a/b", "..", "x" * 256):
-        refused(
+        api_refused(
             store_path,
             lambda bad=bad: store.define(bad, [("vda", vda.path, "qcow2")]),
             (errno.EINVAL, errno.ENAMETOOLONG),
@@ -359,16 +345,16 @@ def test_define_errors(store, store_path, domain, base_images, tmp_path):
         <source file='{vda.path}'/><target dev='vdb'/></disk>
       <disk type='network' device='disk'><source protocol='nbd' name='x'/><target dev='vdc'/></disk>
     </devices></domain>"""
-    refused(store_path, lambda: store.define_xml(no_disks), errno.EINVAL, "disk")
-    refused(store_path, lambda: store.define_xml(XXE.replace("domainsnapshot", "domain")), errno.EINVAL, "DOCTYPE")
-    refused(store_path, lambda: store.define_xml("<domainsnapshot/>"), errno.EINVAL, "root")
-    refused(store_path, lambda: store.define_xml("<domain><devices/></domain>"), errno.EINVAL, "name")
+    api_refused(store_path, lambda: store.define_xml(no_disks), errno.EINVAL, "disk")
+    api_refused(store_path, lambda: store.define_xml(XXE.replace("domainsnapshot", "domain")), errno.EINVAL, "DOCTYPE")
+    api_refused(store_path, lambda: store.define_xml("<domainsnapshot/>"), errno.EINVAL, "root")
+    api_refused(store_path, lambda: store.define_xml("<domain><devices/></domain>"), errno.EINVAL, "name")
     assert store.list_domains() == [DOMAIN_NAME]
 
 
 def test_undefine_refused_with_snapshots(store, store_path, tree):
-    refused(store_path, lambda: store.undefine(DOMAIN_NAME), errno.EBUSY, "snapshot")
-    refused(store_path, lambda: store.undefine("nope"), errno.ENOENT, "nope")
+    api_refused(store_path, lambda: store.undefine(DOMAIN_NAME), errno.EBUSY, "snapshot")
+    api_refused(store_path, lambda: store.undefine("nope"), errno.ENOENT, "nope")
 
 
 # ---- last-error -----------------------------------------------------------------------------
@@ -376,16 +362,16 @@ def test_undefine_refused_with_snapshots(store, store_path, tree):
 
 def test_last_error_holds_the_latest_refusal(store_path, tree, domain):
     assert domain.last_error() == ""
-    refused(store_path, lambda: tree["s1"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY)
+    api_refused(store_path, lambda: tree["s1"].deactivate(DeactivateFlags.DISCARD), errno.EBUSY)
     first = domain.last_error()
     assert "s1" in first and "depend" in first and first.endswith("\n") and first.count("\n") == 1
     tree["s3"].rename("renamed")  # a success does not clear it
     domain.snapshot_create_xml(snap_xml("ok"))
     assert domain.last_error() == first
-    refused(store_path, lambda: domain.snapshot_create_xml(snap_xml("ok")), errno.EEXIST)
+    api_refused(store_path, lambda: domain.snapshot_create_xml(snap_xml("ok")), errno.EEXIST)
     second = domain.last_error()
     assert second != first and "'ok'" in second and "already" in second
-    refused(store_path, lambda: domain.snapshot_create_xml("<domainsnapshot>"), errno.EINVAL)
+    api_refused(store_path, lambda: domain.snapshot_create_xml("<domainsnapshot>"), errno.EINVAL)
     assert "well-formed" in domain.last_error()
     # The refusal line is visible to a second opener of the store.
     again = snapfs.open_store(store_path).lookup_domain(DOMAIN_NAME)
@@ -414,9 +400,9 @@ def test_a_domain_redefined_under_the_same_name_is_seen_anew(tmp_path):
 def test_create_with_snapshot_takes_a_name(store_path, tree, domain):
     domain.create_with_snapshot("s3")
     assert domain.current_snapshot() == tree["s3"]
-    assert read_raw(domain.core.live_path("vda")) == read_raw(tree["s3"].layer_paths()["vda"])
-    refused(store_path, lambda: domain.create_with_snapshot("nosuch"), errno.ENOENT, "nosuch")
-    refused(store_path, lambda: domain.create_with_snapshot(42), errno.EINVAL, "snapshot name")
+    assert read_raw(domain.live_paths()["vda"]) == read_raw(tree["s3"].layer_paths()["vda"])
+    api_refused(store_path, lambda: domain.create_with_snapshot("nosuch"), errno.ENOENT, "nosuch")
+    api_refused(store_path, lambda: domain.create_with_snapshot(42), errno.EINVAL, "snapshot name")
 
 
 @pytest.mark.parametrize(
@@ -435,7 +421,7 @@ def test_create_with_snapshot_takes_a_name(store_path, tree, domain):
     ],
 )
 def test_unknown_flag_bits_are_refused(store_path, tree, domain, call):
-    refused(store_path, lambda: call(domain, tree["s1"]), errno.EINVAL, "flags")
+    api_refused(store_path, lambda: call(domain, tree["s1"]), errno.EINVAL, "flags")
 
 
 def test_names_in_repr_and_parent(tree, domain):
@@ -448,7 +434,7 @@ def test_names_in_repr_and_parent(tree, domain):
 
 
 def test_snapfs_error_is_an_oserror(store_path, tree, domain):
-    exc = refused(store_path, lambda: domain.snapshot_lookup_by_name("nosuch"), errno.ENOENT)
+    exc = api_refused(store_path, lambda: domain.snapshot_lookup_by_name("nosuch"), errno.ENOENT)
     assert isinstance(exc, OSError) and exc.errno == errno.ENOENT
     assert str(exc) == exc.message == exc.strerror and not str(exc).startswith("[Errno")
     with pytest.raises(OSError):

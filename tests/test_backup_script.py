@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 from fsfixtures import CLUSTER, DISK_SIZE, PYTHON, REPO, fs_fixture, write_pattern  # noqa: F401
+from refusal import cli_refused
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -19,10 +20,7 @@ def backup(*args: str) -> subprocess.CompletedProcess:
 
 
 def refused(run: subprocess.CompletedProcess, says: str) -> None:
-    assert run.returncode != 0, run.stdout
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("snapfs-backup: "), run.stderr
-    assert "Traceback" not in run.stderr and says in lines[0], lines[0]
+    cli_refused(run, says, prefix="snapfs-backup: ")
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from fsfixtures import (  # noqa: F401  (fixtures are used by name)
     fs_fixture,
 )
 
-from snapfs.catalog import StoreCore
+import snapfs
 
 pytestmark = pytest.mark.timeout(240)
 SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[platform.machine()]
@@ -57,19 +57,18 @@ def prime(root: str) -> int:
 
 def assert_mount_agrees(fs: FsEnv, dom: str = "vm1") -> None:
     """What the mount shows of `dom`, read right now, against the store's metadata."""
-    core = StoreCore(fs.store)
-    view = core.domain(dom).view()
+    domain = snapfs.Store(snapfs.api.open_store_core(fs.store)).lookup_domain(dom)
     snapshots = fs.p(f"{dom}/snapshots")
-    names = sorted(r.name for r in view.snapshots.values())
+    names = sorted(domain.list_snapshot_names())
     assert sorted(os.listdir(snapshots)) == names
     assert os.stat(snapshots).st_nlink == 2 + len(names)
-    for record in view.snapshots.values():
-        directory = os.path.join(snapshots, record.name)
+    for name in names:
+        directory = os.path.join(snapshots, name)
         for entry in ("xml", "description", "state", "compression", "control"):
             path = os.path.join(directory, entry)
             with open(path, "rb") as f:
                 assert os.stat(path).st_size == len(f.read()), f"stale size of {path}"
-        parent = view.snapshots.get(record.parent) if record.parent else None
+        parent = domain.snapshot_lookup_by_name(name).get_parent()
         link = os.path.join(directory, "parent")
         if parent is None:
             assert not os.path.lexists(link)
@@ -77,8 +76,9 @@ def assert_mount_agrees(fs: FsEnv, dom: str = "vm1") -> None:
             assert os.readlink(link) == f"../{parent.name}"
             assert os.lstat(link).st_size == len(f"../{parent.name}")
     current = fs.p(f"{dom}/current")
-    if view.current:
-        target = f"snapshots/{view.snapshots[view.current].name}"
+    snap = domain.current_snapshot()
+    if snap:
+        target = f"snapshots/{snap.name}"
         assert os.readlink(current) == target
         assert os.lstat(current).st_size == len(target)
     else:

@@ -29,19 +29,17 @@ import itertools
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 
 import pytest
-import trio
+from factory import define_domain, make_bases
 from fsfixtures import Mount
-from helpers import CLUSTER, DISK_SIZE, make_image, read_raw, store_integrity_problems, write_pattern
+from helpers import CLUSTER, DISK_SIZE, SNAPFS, read_raw, store_integrity_problems, write_pattern
 
-from snapfs.catalog import StoreCore
+import snapfs
 
-SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
 DOM = "vm1"
 TARGETS = ("vda", "vdb")
 RUN_SECONDS = float(os.environ.get("SNAPFS_CONCURRENCY_SECONDS", "25"))
@@ -57,18 +55,8 @@ FS_RACES = {  # by operation
 
 
 def define(root: str, images: str, names: list[str]) -> None:
-    os.makedirs(images, exist_ok=True)
-
-    async def go() -> None:
-        store = StoreCore(root)
-        for name in names:
-            vda = make_image(os.path.join(images, f"{name}-vda.qcow2"), "qcow2")
-            vdb = make_image(os.path.join(images, f"{name}-vdb.img"), "raw")
-            write_pattern(vda, 0xA1, 0)
-            write_pattern(vdb, 0xB1, 0, fmt="raw")
-            await store.define(name, [("vda", vda, "qcow2"), ("vdb", vdb, "raw")])
-
-    trio.run(go)
+    for name in names:
+        define_domain(root, name, make_bases(images, prefix=f"{name}-"))
 
 
 def cli(root: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -92,7 +80,7 @@ class Ledger:
         self.failures: list[str] = []
         self.names = itertools.count()
         self.patterns = itertools.count(0x20)
-        self.core = StoreCore(root).domain(DOM)
+        self.domain = snapfs.Store(snapfs.api.open_store_core(root)).lookup_domain(DOM)
 
     def new_name(self, who: str) -> str:
         with self.lock:
@@ -115,7 +103,7 @@ class Ledger:
 
     def snapshot_names(self) -> list[str]:
         """Lock-free read of the metadata, as any reader does."""
-        return sorted(r.name for r in self.core.view().snapshots.values())
+        return sorted(self.domain.list_snapshot_names())
 
     @contextlib.contextmanager
     def domain_lock(self):
@@ -133,15 +121,16 @@ class Ledger:
         offset = random.randrange(1, DISK_SIZE // CLUSTER) * CLUSTER
         with self.domain_lock():
             for target in TARGETS:
-                write_pattern(self.core.live_path(target), pattern, offset)
+                write_pattern(self.domain.live_paths()[target], pattern, offset)
 
     def created_ok(self, name: str) -> None:
         """Record the new snapshot's content under the lock (unless it is already gone)."""
         with self.domain_lock():
-            record = self.core.view().by_name(name)
-            digests = None
-            if record is not None:
-                digests = {t: digest(self.core.layer_path(t, record.id)) for t in TARGETS}
+            try:
+                layers = self.domain.snapshot_lookup_by_name(name).layer_paths()
+                digests = {t: digest(layers[t]) for t in TARGETS}
+            except snapfs.SnapfsError:  # already gone
+                digests = None
         with self.lock:
             self.created.add(name)
             if digests is not None:
@@ -311,17 +300,17 @@ def test_many_hands_one_domain(tmp_path):
     assert any(ledger.outcomes[f"{w} done"] for w in ("cli merge", "fs merge", "cli discard", "fs rmdir"))
 
     assert store_integrity_problems(root, DOM) == []
-    names = {r.name for r in StoreCore(root).domain(DOM).view().snapshots.values()}
+    domain = snapfs.Store(snapfs.api.open_store_core(root)).lookup_domain(DOM)
+    names = set(domain.list_snapshot_names())
     survivors = ledger.created - ledger.removed
     missing, lingering = survivors - names, ledger.removed & names
     assert missing == set(), f"created, never removed, missing:\n{ledger.history(missing)}"
     assert lingering == set(), f"reported merged or discarded, still there:\n{ledger.history(lingering)}"
-    core = StoreCore(root).domain(DOM)
     for name, digests in ledger.content.items():
         if name in survivors:
-            record = core.view().by_name(name)
+            layers = domain.snapshot_lookup_by_name(name).layer_paths()
             for target in TARGETS:
-                assert digest(core.layer_path(target, record.id)) == digests[target], f"{name} {target} changed"
+                assert digest(layers[target]) == digests[target], f"{name} {target} changed"
 
 
 # ---- different domains do not wait for each other -------------------------------------------

@@ -32,9 +32,10 @@ import time
 
 import pytest
 import trio
+from factory import new_domain
 from fsfixtures import Mount, define_store
-from helpers import make_image, write_pattern
 
+import snapfs
 from snapfs.catalog import StoreCore
 from snapfs.domain import DomainCore
 from snapfs.store import DomainFiles, MetadataView, read_json
@@ -62,14 +63,10 @@ def mounted(tmp_path):
     """vm1 with s1 <- s2, current s1 (so s2 is a leaf nothing depends on), mounted with a
     short lock wait."""
     setup = define_store(str(tmp_path))
-
-    async def prepare() -> None:
-        dom = StoreCore(setup.root).domain(DOM)
-        s1 = await dom.create("s1")
-        await dom.create("s2")
-        await dom.revert(s1.id)
-
-    trio.run(prepare)
+    domain = api_domain(setup.root)
+    s1 = domain.snapshot_create_xml(snapshot_xml("s1"))
+    domain.snapshot_create_xml(snapshot_xml("s2"))
+    domain.create_with_snapshot(s1)
     mount = Mount(setup.root, str(tmp_path / "mnt"), {"SNAPFS_LOCK_WAIT": str(LOCK_WAIT)})
     mount.start()
     try:
@@ -78,8 +75,16 @@ def mounted(tmp_path):
         assert mount.stop() == 0, mount.log()
 
 
+def api_domain(store_root: str) -> snapfs.Domain:
+    return snapfs.Store(snapfs.api.open_store_core(store_root)).lookup_domain(DOM)
+
+
+def snapshot_xml(name: str) -> str:
+    return f"<domainsnapshot><name>{name}</name></domainsnapshot>"
+
+
 def names(store_root: str) -> set[str]:
-    return {r.name for r in StoreCore(store_root).domain(DOM).view().snapshots.values()}
+    return set(api_domain(store_root).list_snapshot_names())
 
 
 def last_error(store_root: str) -> str:
@@ -127,7 +132,7 @@ def test_a_refused_single_write_changes_nothing(mounted, write):
         lock.release()
     assert "Another operation holds domain" in last_error(root)
     # One more operation takes the lock: anything still queued would have run before it.
-    trio.run(StoreCore(root).domain(DOM).create, "s3")
+    api_domain(root).snapshot_create_xml(snapshot_xml("s3"))
     assert names(root) == {"s1", "s2", "s3"}
     assert os_write_once(control) == 0  # and the same single write, once free, acts once
     assert names(root) == {"s1", "s3"}
@@ -181,9 +186,9 @@ class Counting(DomainFiles):
         return super()._load_all()
 
 
-def fresh(files: DomainFiles) -> MetadataView:
+def fresh(path: str) -> MetadataView:
     """What a process opening the store now reads: everything, from disk."""
-    return DomainFiles(files.path).view()
+    return DomainFiles(path).view()
 
 
 def same(a: MetadataView, b: MetadataView) -> bool:
@@ -192,29 +197,24 @@ def same(a: MetadataView, b: MetadataView) -> bool:
 
 @pytest.fixture
 def core(tmp_path) -> DomainCore:
-    images = tmp_path / "images"
-    images.mkdir()
-    vda = make_image(str(images / "vda.qcow2"), "qcow2")
-    vdb = make_image(str(images / "vdb.img"), "raw")
-    write_pattern(vda, 0xA1, 0)
-    write_pattern(vdb, 0xB1, 0, fmt="raw")
+    new_domain(str(tmp_path), DOM)
+    return StoreCore(str(tmp_path / "store")).domain(DOM)
 
-    async def define() -> DomainCore:
-        store = StoreCore(str(tmp_path / "store"))
-        dom, _ = await store.define(DOM, [("vda", vda, "qcow2"), ("vdb", vdb, "raw")])
-        return dom
 
-    return trio.run(define)
+@pytest.fixture
+def where(tmp_path) -> str:
+    """The domain's directory in the store (DESIGN's layout): what DomainFiles reads."""
+    return str(tmp_path / "store" / "domains" / DOM)
 
 
 def run(fn, *args):
     return trio.run(fn, *args)
 
 
-def test_every_operation_bumps_the_generation_once_and_names_what_it_changed(core):
+def test_every_operation_bumps_the_generation_once_and_names_what_it_changed(core, where):
     """After each kind of operation, a cache exactly one generation behind (re-reading only
     the files the change names) equals a full reading from disk."""
-    reader = Counting(core.files.path)
+    reader = Counting(where)
     reader.view()
     ids: dict[str, str] = {}
 
@@ -243,44 +243,44 @@ def test_every_operation_bumps_the_generation_once_and_names_what_it_changed(cor
         ("discard-force e, live inside", lambda: core.discard_force(ids["e"])),
     ]
     for what, step in steps:
-        before = fresh(core.files).generation
+        before = fresh(where).generation
         run(step)
-        after = fresh(core.files)
+        after = fresh(where)
         assert after.generation == before + 1, what
         assert same(reader.view(), after), what
     assert reader.full_loads == 1, "a cache one generation behind re-reads only the named files"
-    assert sorted(r.name for r in fresh(core.files).snapshots.values()) == ["c2"]
+    assert sorted(r.name for r in fresh(where).snapshots.values()) == ["c2"]
 
 
-def test_a_cache_two_generations_behind_reloads_everything(core):
+def test_a_cache_two_generations_behind_reloads_everything(core, where):
     """Another process made two changes: the latest names only its own file, so applying
     it alone would miss the first; the generation gap sends the reader to a full reload."""
-    reader = Counting(core.files.path)
+    reader = Counting(where)
     reader.view()
     run(core.create, "s1")
     s2 = run(core.create, "s2")
-    state = read_json(core.files.file("state.json"))
+    state = read_json(os.path.join(where, "state.json"))
     assert state["changed"] == [s2.id]  # s1 is not named by the latest change
     view = reader.view()
     assert reader.full_loads == 2
-    assert same(view, fresh(core.files))
+    assert same(view, fresh(where))
     assert sorted(r.name for r in view.snapshots.values()) == ["s1", "s2"]
 
 
-def test_two_processes_plan_from_the_latest_state(core, tmp_path):
+def test_two_processes_plan_from_the_latest_state(core, where, tmp_path):
     """Two cores on one domain (two processes' caches), each a step or two behind the
     other, alternate operations; every plan sees what the other did: s2 made by B is seen
     by A's merge of s1 (one dependent, not the live disk), and so on."""
-    other = StoreCore(os.path.dirname(os.path.dirname(core.files.path))).domain(DOM)
+    other = StoreCore(os.path.dirname(os.path.dirname(where))).domain(DOM)
     assert other is not core and other.files is not core.files
     s1 = run(core.create, "s1")
     core.view()
     s2 = run(other.create, "s2")  # A's cache: one behind
     run(other.create, "s3")  # A's cache: two behind
     run(core.merge, s1.id)  # A plans: s2 is s1's only dependent (commit s2 into L(s1))
-    assert {r.name: r.parent for r in fresh(core.files).snapshots.values()} == {"s2": None, "s3": s2.id}
+    assert {r.name: r.parent for r in fresh(where).snapshots.values()} == {"s2": None, "s3": s2.id}
     run(other.discard_force, s2.id)  # B is one behind (A's merge): the subtree is s2 and s3
-    view = fresh(core.files)
+    view = fresh(where)
     assert view.snapshots == {} and view.current is None
     assert same(core.view(), view) and same(other.view(), view)
 
@@ -302,13 +302,13 @@ class ScanHook(DomainFiles):
         return super()._load_all()
 
 
-def test_a_full_reload_racing_a_writer_is_corrected(core):
+def test_a_full_reload_racing_a_writer_is_corrected(core, where):
     """A reader that read state.json at generation N and then scanned the snapshot files
     while a writer finished change N+1 holds newer files under generation N. That is safe:
     the next reading sees N+1, exactly one behind, and re-reads the files it names. (A
     file can never be older than its label: state.json is written last and read first.)"""
     s1 = run(core.create, "s1")
-    reader = ScanHook(core.files.path)
+    reader = ScanHook(where)
     reader.before_scan = lambda: run(core.set_description, s1.id, "written during the scan")
     stale = reader.view()
     assert stale.generation == 2  # define was 1, create s1 was 2
@@ -318,6 +318,6 @@ def test_a_full_reload_racing_a_writer_is_corrected(core):
     assert reader.view().generation == 5  # 2 -> 5: a gap, so a full reload
     run(core.rename, s1.id, "s1b")
     view = reader.view()
-    assert same(view, fresh(core.files))
+    assert same(view, fresh(where))
     assert view.snapshots[s1.id].name == "s1b" and view.snapshots[s1.id].description == "and again"
     assert reader.full_loads == 2  # the first, and the gap; the rename came in incrementally

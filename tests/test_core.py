@@ -52,7 +52,7 @@ class World:
         self.next_pattern = 0x10
 
     def live_path(self, target: str) -> str:
-        return self.domain.core.live_path(target)
+        return self.domain.live_paths()[target]
 
     def write(self, target: str, offset: int, pattern: int | None = None) -> int:
         """One cluster into the live layer; pattern 0 writes zeros (a zero cluster)."""
@@ -172,7 +172,7 @@ def test_create_reads_only_name_description_compression(world, base_images):
     assert root.findtext("compression") == "gzip"
     assert root.find("memory") is None
     for target, layer in snap.layer_paths().items():
-        assert layer.startswith(world.domain.core.files.path)
+        assert layer.startswith(os.path.dirname(world.domain.live_paths()[target]) + os.sep)
         assert image_info(layer)["format-specific"]["data"]["compression-type"] == "zlib"
         assert read_raw(layer) == world.snaps["full"][target]
     assert other not in snap.get_xml_desc()

@@ -24,35 +24,35 @@ check` clean on every layer; the base images never written.
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import pytest
 from conftest import BASE_WRITES
+from factory import define_domain, make_bases
+from fsfixtures import Mount
 from helpers import (
     CLUSTER,
     DISK_SIZE,
+    SNAPFS,
     MiB,
     expected_content,
     file_digest,
     has_pattern,
     image_info,
-    make_image,
     read_raw,
     store_integrity_problems,
     write_pattern,
     write_zeros,
 )
+from model import Model
 
 import snapfs
 
@@ -60,7 +60,6 @@ pytestmark = pytest.mark.timeout(400)
 
 TARGETS = ("vda", "vdb")
 DOM = "vm1"
-SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
 CRASH_STATUS = 86
 WORKERS = 3
 
@@ -79,117 +78,19 @@ def content_digest(content: Content) -> str:
 BASE = {t: content_of(BASE_WRITES[t]) for t in TARGETS}
 
 
-# ---- the model: what the user must see ----------------------------------------------------
-@dataclass(frozen=True)
-class Snap:
-    parent: str | None
-    content: dict  # target -> Content
-    description: str = ""
-    compression: str = "none"
-
-
-@dataclass
-class Model:
-    snaps: dict[str, Snap] = field(default_factory=dict)
-    current: str | None = None
-    live: dict = field(default_factory=lambda: dict(BASE))
-
-    def copy(self) -> Model:
-        return copy.deepcopy(self)
-
-    def children(self, name: str) -> list[str]:
-        return [n for n, s in self.snaps.items() if s.parent == name]
-
-    def subtree(self, name: str) -> list[str]:
-        order = [name]
-        for node in order:
-            order.extend(self.children(node))
-        return order
-
-    def ancestors(self, name: str | None) -> list[str]:
-        chain = []
-        while name is not None:
-            chain.append(name)
-            name = self.snaps[name].parent
-        return chain
-
-    def content(self, name: str | None) -> dict:
-        return dict(BASE) if name is None else dict(self.snaps[name].content)
-
-    # the rules of DESIGN section 1, written independently of snapfs/domain.py
-    def create(self, name: str, description: str = "", compression: str = "none") -> Model:
-        m = self.copy()
-        m.snaps[name] = Snap(self.current, dict(self.live), description, compression)
-        m.current = name
-        return m
-
-    def revert(self, name: str) -> Model:
-        m = self.copy()
-        m.current, m.live = name, self.content(name)
-        return m
-
-    def merge(self, name: str) -> Model:
-        m = self.copy()
-        gone = m.snaps.pop(name)
-        for child in self.children(name):
-            m.snaps[child] = replace(m.snaps[child], parent=gone.parent)
-        if m.current == name:
-            m.current = gone.parent
-        return m
-
-    def discard(self, name: str) -> Model:
-        assert not self.children(name) and self.current != name
-        return self.merge(name)
-
-    def discard_force(self, name: str) -> Model:
-        m = self.copy()
-        doomed = self.subtree(name)
-        for node in doomed:
-            del m.snaps[node]
-        if self.current in doomed:
-            parent = self.snaps[name].parent
-            m.current, m.live = parent, self.content(parent)
-        return m
-
-    def deactivate(self, name: str) -> Model:
-        m = self.copy()
-        if name in self.ancestors(self.current):
-            m.current = self.snaps[name].parent
-        return m
-
-    def rename(self, old: str, new: str) -> Model:
-        m = self.copy()
-        m.snaps[new] = m.snaps.pop(old)
-        for child in self.children(old):
-            m.snaps[child] = replace(m.snaps[child], parent=new)
-        if m.current == old:
-            m.current = new
-        return m
-
-    def describe(self, name: str, text: str) -> Model:
-        m = self.copy()
-        m.snaps[name] = replace(m.snaps[name], description=text)
-        return m
-
-    def compress(self, name: str, kind: str) -> Model:
-        m = self.copy()
-        m.snaps[name] = replace(m.snaps[name], compression=kind)
-        return m
-
-
 # ---- building the template ----------------------------------------------------------------
 class Builder:
     """Drives the API in-process and keeps the model in step."""
 
     def __init__(self, domain: snapfs.Domain) -> None:
         self.domain = domain
-        self.model = Model()
+        self.model = Model(BASE)
         self.live_writes = {t: dict(BASE_WRITES[t]) for t in TARGETS}
         self.pattern = 0x20
 
     def write(self, *offsets: int, zeros: bool = False) -> None:
         for target in TARGETS:
-            live = self.domain.core.live_path(target)
+            live = self.domain.live_paths()[target]
             for offset in offsets:
                 if zeros:
                     write_zeros(live, offset)
@@ -243,26 +144,17 @@ class Template:
     xml_dir: str
 
 
-def _make_bases(directory: str) -> dict[str, tuple[str, str]]:
-    bases = {}
-    for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):
-        path = make_image(os.path.join(directory, f"base-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}"), fmt)
-        for offset, pattern in BASE_WRITES[target].items():
-            write_pattern(path, pattern, offset, fmt=fmt)
-        bases[target] = (path, fmt)
-    return bases
-
-
 def make_template(directory: str, prepare=None) -> Template:
     os.makedirs(directory)
-    bases = _make_bases(directory)
-    store = snapfs.open_store(os.path.join(directory, "store"), create=True)
-    domain = store.define(DOM, [(t, path, fmt) for t, (path, fmt) in bases.items()])
+    bases = make_bases(directory, BASE_WRITES, prefix="base-")
+    domain = define_domain(os.path.join(directory, "store"), DOM, bases)
     b = Builder(domain)
     build_tree(b)
     if prepare:
         prepare(b)
-    template = Template(store.path, b.model, {p: file_digest(p) for p, _ in bases.values()}, directory)
+    template = Template(
+        os.path.join(directory, "store"), b.model, {p: file_digest(p) for p, _ in bases.values()}, directory
+    )
     with open(os.path.join(directory, "newz.xml"), "w") as f:
         f.write(
             "<domainsnapshot><name>newz</name><description>zstd, made in a crash test</description>"
@@ -435,38 +327,35 @@ def user_view_problems(root: str, model: Model) -> list[str]:
 def check_store(root: str, model: Model, template: Template, compressed: tuple | None = None) -> list[str]:
     """Everything about the store against the model (the store must already be recovered)."""
     problems = store_integrity_problems(root, DOM)
-    domain = snapfs.Store(snapfs.api.StoreCore(root)).lookup_domain(DOM)
-    core = domain.core
-    view = core.view()
-    by_id = view.snapshots
-    names = {r.name: r for r in by_id.values()}
-    if sorted(names) != sorted(model.snaps):
-        return problems + [f"metadata has snapshots {sorted(names)}, want {sorted(model.snaps)}"]
-    cur = by_id[view.current].name if view.current in by_id else view.current
+    domain = snapfs.Store(snapfs.api.open_store_core(root)).lookup_domain(DOM)
+    snaps = {name: domain.snapshot_lookup_by_name(name) for name in domain.list_snapshot_names()}
+    if sorted(snaps) != sorted(model.snaps):
+        return problems + [f"metadata has snapshots {sorted(snaps)}, want {sorted(model.snaps)}"]
+    current = domain.current_snapshot()
+    cur = current.name if current else None
     if cur != model.current:
         problems.append(f"current is {cur!r}, want {model.current!r}")
     for name, want in model.snaps.items():
-        record = names[name]
-        parent = by_id[record.parent].name if record.parent in by_id else record.parent
+        snap = snaps[name]
+        parent = snap.get_parent()
+        parent = parent.name if parent else None
         if parent != want.parent:
             problems.append(f"parent of {name!r} is {parent!r}, want {want.parent!r}")
-        if (record.description, record.compression) != (want.description, want.compression):
-            problems.append(f"{name!r}: description/compression {record.description!r}/{record.compression}")
-        for target in TARGETS:
-            layer = core.layer_path(target, record.id)
+        if (snap.get_description(), snap.get_compression()) != (want.description, want.compression):
+            problems.append(f"{name!r}: description/compression {snap.get_description()!r}/{snap.get_compression()}")
+        for target, layer in snap.layer_paths().items():
             if os.path.exists(layer) and content_digest(want.content[target]) != _digest(layer):
                 problems.append(f"content of snapshot {name!r} disk {target} is wrong")
-    for target in TARGETS:
-        live = core.live_path(target)
+    for target, live in domain.live_paths().items():
         if os.path.exists(live) and content_digest(model.live[target]) != _digest(live):
             problems.append(f"content of the live disk {target} is wrong")
     for path, digest in template.base_digests.items():
         if file_digest(path) != digest:
             problems.append(f"base image {path} was written")
-    if compressed and compressed[0] in names:
+    if compressed and compressed[0] in snaps:
         name, kind = compressed
         for target in TARGETS:
-            problems += _compression_problems(core.layer_path(target, names[name].id), kind)
+            problems += _compression_problems(snaps[name].layer_paths()[target], kind)
     return problems
 
 
@@ -509,7 +398,6 @@ def discover(case: Case, template: Template, directory: str) -> list[str]:
 
 def mount_view_problems(root: str, mnt: str, model: Model) -> list[str]:
     """Reopen through a fresh mount (which recovers the store before serving)."""
-    from fsfixtures import Mount
 
     mount = Mount(root, mnt)
     problems = []
@@ -580,6 +468,7 @@ def test_crash_at_every_step(case: Case, templates, tmp_path):
     template = templates(case.template)
     steps = discover(case, template, str(tmp_path / "clean"))
     points = [f"{s}:{when}" for s in steps for when in ("before", "after")]
+    print(f"crash points of {case.id}: {len(points)}")  # the matrix's size, summed in the report
     sample = points[len(points) // 2]  # reopened through a fresh mount too
     with ThreadPoolExecutor(WORKERS) as pool:
         results = pool.map(
@@ -593,8 +482,6 @@ def test_crash_at_every_step(case: Case, templates, tmp_path):
 # ---- a killed daemon ------------------------------------------------------------------------
 BIG_SIZE = 256 * MiB
 BIG_DATA = 192 * MiB
-PYTHON = sys.executable
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -614,41 +501,10 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-class Daemon:
-    """`python -m snapfs.mount STORE MNT --foreground` in its own session, so that a
-    kill can take the daemon and its qemu-img children at once (as a power cut would)."""
-
-    def __init__(self, root: str, mnt: str) -> None:
-        os.makedirs(mnt, exist_ok=True)
-        self.root, self.mnt, self.log = root, mnt, mnt + ".log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [PYTHON, "-m", "snapfs.mount", root, mnt, "--foreground"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 15
-        while not os.path.ismount(mnt):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        with open(self.log, errors="replace") as f:
-            return f.read()[-3000:]
-
-    def kill_all(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def unmount(self) -> int:
-        subprocess.run(["fusermount3", "-u", self.mnt], capture_output=True)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(timeout=10)
+def daemon(root: str, mnt: str) -> Mount:
+    """The mount daemon in its own session, so that kill_all() takes it and its qemu-img
+    children at once."""
+    return Mount(root, mnt, own_session=True).start()
 
 
 def _lazy_unmount(mnt: str) -> None:
@@ -666,16 +522,11 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
     """kill -9 of the mount daemon (and its qemu-img) while `echo merge > control` commits
     192 MiB, fusermount3 -u, remount: the merge is finished by the new mount's recovery
     and every snapshot and the live disk hold exactly what they held."""
-    images = tmp_path / "images"
-    images.mkdir()
-    vda = make_image(str(images / "vda.qcow2"), "qcow2", BIG_SIZE)
-    vdb = make_image(str(images / "vdb.img"), "raw")
-    write_pattern(vda, 0xA1, 0)
-    write_pattern(vdb, 0xB1, 0, fmt="raw")
-    digests = {p: file_digest(p) for p in (vda, vdb)}
-    store = snapfs.open_store(str(tmp_path / "store"), create=True)
-    domain = store.define(DOM, [("vda", vda, "qcow2"), ("vdb", vdb, "raw")])
-    live = {t: domain.core.live_path(t) for t in TARGETS}
+    bases = make_bases(str(tmp_path / "images"), sizes={"vda": BIG_SIZE})
+    digests = {p: file_digest(p) for p, _ in bases.values()}
+    root = str(tmp_path / "store")
+    domain = define_domain(root, DOM, bases)
+    live = domain.live_paths()
     write_pattern(live["vda"], 0x11, CLUSTER)
     write_pattern(live["vdb"], 0x12, CLUSTER, fmt="qcow2")
     domain.snapshot_create_xml("<domainsnapshot><name>s0</name></domainsnapshot>")
@@ -687,36 +538,36 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
     s0_layers = domain.snapshot_lookup_by_name("s0").layer_paths()
 
     mnt = str(tmp_path / "mnt")
-    daemon = Daemon(store.path, mnt)
+    mount = daemon(root, mnt)
     try:
         control = os.path.join(mnt, DOM, "snapshots", "s1", "control")
         echo = subprocess.Popen(["bash", "-c", f"echo merge > {control}"], stderr=subprocess.PIPE)
         committing = None
         deadline = time.monotonic() + 30
         while committing is None and time.monotonic() < deadline and echo.poll() is None:
-            committing = next((c for c in _children(daemon.proc.pid) if " commit " in c[1]), None)
-        assert committing is not None, f"no qemu-img commit was seen; echo: {echo.poll()} {daemon.output()}"
+            committing = next((c for c in _children(mount.proc.pid) if " commit " in c[1]), None)
+        assert committing is not None, f"no qemu-img commit was seen; echo: {echo.poll()} {mount.log()[-3000:]}"
         time.sleep(0.05)
         alive = os.path.exists(f"/proc/{committing[0]}")
-        daemon.kill_all()
+        mount.kill_all()
         echo.wait(timeout=20)
         assert echo.returncode != 0, "the merge was reported done although the daemon was killed"
         assert alive, "the commit ended before the kill; the test proved nothing"
-        assert os.path.exists(os.path.join(store.path, "domains", DOM, "journal.json"))
+        assert os.path.exists(os.path.join(root, "domains", DOM, "journal.json"))
         subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
         _lazy_unmount(mnt)
 
-        daemon = Daemon(store.path, mnt)  # recovers before serving
+        mount = daemon(root, mnt)  # recovers before serving
         assert sorted(os.listdir(os.path.join(mnt, DOM, "snapshots"))) == ["s0"]
         assert os.readlink(os.path.join(mnt, DOM, "current")) == "snapshots/s0"
-        assert daemon.unmount() == 0, daemon.output()
+        assert mount.stop() == 0, mount.log()[-3000:]
     finally:
         _lazy_unmount(mnt)
-        if daemon.proc.poll() is None:
-            daemon.kill_all()
+        if mount.proc.poll() is None:
+            mount.kill_all()
 
-    assert store_integrity_problems(store.path, DOM) == []
-    domain = snapfs.open_store(store.path).lookup_domain(DOM)
+    assert store_integrity_problems(root, DOM) == []
+    domain = snapfs.open_store(root).lookup_domain(DOM)
     assert domain.list_snapshot_names() == ["s0"]
     assert domain.snapshot_lookup_by_name("s0").layer_paths() == s0_layers
     want = {  # (image, {offset: (pattern, length)})

@@ -10,11 +10,9 @@ import sys
 import time
 
 import pytest
-from helpers import make_image
+from helpers import REPO, SNAPFS, make_image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-SNAPFS = os.path.join(BIN, "snapfs")
 needs_virsh = pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh (libvirt-clients) is not installed")
 
 

@@ -14,9 +14,11 @@ import re
 
 import pytest
 import trio
-from helpers import make_image, tree_fingerprint, write_pattern
+from factory import new_domain
+from helpers import tree_fingerprint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from refusal import maybe_refused
 
 from snapfs import CONTROL_WORDS, SnapfsError
 from snapfs.catalog import StoreCore
@@ -38,15 +40,9 @@ HOSTILE_NAMES = st.one_of(
 
 class World:
     def __init__(self, directory: str) -> None:
-        images = os.path.join(directory, "images")
-        os.makedirs(images)
-        vda = make_image(os.path.join(images, "vda.qcow2"), "qcow2")
-        vdb = make_image(os.path.join(images, "vdb.img"), "raw")
-        write_pattern(vda, 0xA1, 0)
-        write_pattern(vdb, 0xB1, 0, fmt="raw")
+        new_domain(directory, DOM)
         self.root = os.path.join(directory, "store")
         self.store = StoreCore(self.root)
-        trio.run(self.store.define, DOM, [("vda", vda, "qcow2"), ("vdb", vdb, "raw")])
         self.dom = self.store.domain(DOM)
         self.base = trio.run(self.dom.create, "base", "a description")
 
@@ -55,14 +51,7 @@ class World:
 
     def refused_cleanly(self, call, *args) -> SnapfsError | None:
         """Run a core call; on SnapfsError check the store did not change."""
-        before = self.fingerprint()
-        try:
-            trio.run(call, *args)
-        except SnapfsError as exc:
-            assert isinstance(exc.errno, int) and exc.message.strip(), exc
-            assert self.fingerprint() == before, f"a refusal changed the store: {exc}"
-            return exc
-        return None
+        return maybe_refused(self.root, lambda: trio.run(call, *args))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from snapfs.disk import SnapshotDisk, changed_extents
 def build_tree(domain: snapfs.Domain) -> dict[str, snapfs.Snapshot]:
     """root <- mid (zlib) <- deep (zstd); root <- branch. Writes cross cluster edges and
     include zero writes, so maps have data, zero, unallocated and compressed extents."""
-    live = {t: domain.core.live_path(t) for t in ("vda", "vdb")}
+    live = domain.live_paths()
     snaps = {}
     for t in live:
         write_pattern(live[t], 0x11, CLUSTER // 2, 3 * CLUSTER)
@@ -95,13 +95,13 @@ def test_an_open_image_blocks_a_merge_that_would_rewrite_it(domain):
         try:
             # merging "mid" rebases/commits into files of deep's chain: refused while open
             with pytest.raises(snapfs.SnapfsError) as refused:
-                await domain.core.merge(snaps["mid"].id)
+                await trio.to_thread.run_sync(snaps["mid"].deactivate, snapfs.DeactivateFlags.MERGE)
             assert refused.value.errno == errno.EBUSY and "open snapshot disk image" in refused.value.message
-            await domain.core.rename(snaps["deep"].id, "deep-renamed")  # metadata only: allowed
+            await trio.to_thread.run_sync(snaps["deep"].rename, "deep-renamed")  # metadata only: allowed
             assert await image.read(0, image.size) == expected
         finally:
             await image.close()
-        await domain.core.merge(snaps["mid"].id)
+        await trio.to_thread.run_sync(snaps["mid"].deactivate, snapfs.DeactivateFlags.MERGE)
 
     trio.run(scenario)
     assert read_raw(snaps["deep"].layer_paths()["vda"]) == expected

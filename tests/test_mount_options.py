@@ -61,7 +61,7 @@ def ro_fs_fixture(tmp_path):
     """vm1 with snapshots a <- b (a's description 'first'), mounted --read-only."""
     setup = define_store(str(tmp_path))
     make_snapshots(setup.root)  # before the mount: it can make none
-    mount = Mount(setup.root, str(tmp_path / "mnt"), args=("--read-only",)).start()
+    mount = Mount(setup.root, str(tmp_path / "mnt"), options=("--read-only",)).start()
     try:
         yield FsEnv(setup, mount)
     finally:

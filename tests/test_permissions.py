@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 
 import pytest
+from fsfixtures import Mount, define_store
 from helpers import tree_fingerprint
+
+import snapfs
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -24,7 +25,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)"),
 ]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
@@ -40,11 +40,9 @@ def as_nobody(script: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def store(tmp_path):
-    from fsfixtures import core_call, define_store
-
     setup = define_store(str(tmp_path))
-    made = core_call(setup.root, "await store.domain('vm1').create('s1', 'first')")
-    assert made.returncode == 0, made.stderr
+    domain = snapfs.open_store(setup.root).lookup_domain("vm1")
+    domain.snapshot_create_xml("<domainsnapshot><name>s1</name><description>first</description></domainsnapshot>")
     return setup.root
 
 
@@ -61,34 +59,12 @@ def mountpoint():
     shutil.rmtree(parent, ignore_errors=True)
 
 
-def mount(store: str, path: str, allow_other: bool) -> subprocess.Popen:
-    args = [sys.executable, "-m", "snapfs.mount", store, path, "--foreground"]
-    proc = subprocess.Popen(
-        args + (["--allow-other"] if allow_other else []),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 15
-    while not os.path.ismount(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the mount did not come up: {proc.communicate()[0]!r}")
-        time.sleep(0.05)
-    return proc
-
-
-def unmount(proc: subprocess.Popen, path: str) -> int:
-    subprocess.run(["fusermount3", "-u", path], capture_output=True)
-    try:
-        return proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout=10)
+def mount(store: str, path: str, allow_other: bool) -> Mount:
+    return Mount(store, path, options=("--allow-other",) if allow_other else ()).start()
 
 
 def test_without_allow_other_another_uid_cannot_get_in(store, mountpoint):
-    proc = mount(store, mountpoint, allow_other=False)
+    mounted = mount(store, mountpoint, allow_other=False)
     before = tree_fingerprint(store)
     try:
         assert sorted(os.listdir(mountpoint)) == ["vm1", "vm2"]  # root, the mounter, can
@@ -103,12 +79,12 @@ def test_without_allow_other_another_uid_cannot_get_in(store, mountpoint):
             assert run.returncode != 0, f"uid 65534 ran {script!r}: {run.stdout}"
             assert "Permission denied" in run.stderr, run.stderr
     finally:
-        assert unmount(proc, mountpoint) == 0
+        assert mounted.stop() == 0, mounted.log()
     assert tree_fingerprint(store) == before
 
 
 def test_with_allow_other_modes_are_enforced(store, mountpoint):
-    proc = mount(store, mountpoint, allow_other=True)
+    mounted = mount(store, mountpoint, allow_other=True)
     snap = os.path.join(mountpoint, "vm1", "snapshots", "s1")
     before = tree_fingerprint(store)
     try:
@@ -143,4 +119,4 @@ def test_with_allow_other_modes_are_enforced(store, mountpoint):
             with pytest.raises(PermissionError):
                 open(os.path.join(snap, name), "w").close()
     finally:
-        assert unmount(proc, mountpoint) == 0
+        assert mounted.stop() == 0, mounted.log()

@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 from fsfixtures import Mount
-from helpers import make_image, write_pattern
-
-SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
+from helpers import SNAPFS, make_image, write_pattern
 
 
 def slow_qemu_img(tmp_path) -> str:

@@ -16,14 +16,12 @@ checked on snapfs alone in test_cli.py.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
-from helpers import make_image
+from helpers import SNAPFS, make_image
 from lxml import etree
 
 pytestmark = [
@@ -31,7 +29,6 @@ pytestmark = [
     pytest.mark.timeout(600),
 ]
 
-SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
 TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}")
 
 # (command, how to compare): exact | table | info | xml | fails

@@ -1,7 +1,8 @@
 """A seeded random walk over the async core, checked against a plain in-memory model.
 
-The model is {snapshot name: {disk: bytes}} plus the live disk's bytes, the parent of
-each snapshot and the current one. Each step is one operation (create, revert, merge,
+The model (tests/model.py, shared with test_crash.py) holds each disk as bytes: every
+snapshot's and the live disk's, with each snapshot's parent and the current one. Each
+step is one operation (create, revert, merge,
 merge-force, discard (also when it must be refused), discard-force, deactivate, rename,
 set_compression) or a write of a random pattern (or zeros) at a random offset into the
 live disk. After every step the whole of every snapshot (its layer converted to raw) and
@@ -14,12 +15,13 @@ from __future__ import annotations
 import errno
 import os
 import random
-import subprocess
 import tempfile
 
 import pytest
 import trio
-from helpers import CLUSTER, file_digest, layout_problems, make_image
+from factory import define_domain, make_base
+from helpers import CLUSTER, expected_content, file_digest, layout_problems
+from model import Model
 
 import snapfs
 from snapfs.catalog import StoreCore
@@ -32,42 +34,11 @@ TARGETS = ("vda", "vdb")
 NAMES = ["a", "b", "c", "snap shot", "ünï", "x" * 255, "d.e", "f-1", "g_2", "h", "i", "j", "k", "l", "m"]
 
 
-class Model:
-    def __init__(self, bases: dict[str, bytes]) -> None:
-        self.bases = bases
-        self.live = {t: bytearray(b) for t, b in bases.items()}
-        self.content: dict[str, dict[str, bytes]] = {}
-        self.parent: dict[str, str | None] = {}
-        self.current: str | None = None
-
-    def children(self, name: str | None) -> list[str]:
-        return [n for n, p in self.parent.items() if p == name]
-
-    def subtree(self, name: str) -> list[str]:
-        order = [name]
-        for node in order:
-            order.extend(self.children(node))
-        return order
-
-    def ancestors(self, name: str | None) -> list[str]:
-        chain = []
-        while name is not None:
-            chain.append(name)
-            name = self.parent[name]
-        return chain
-
-    def state_of(self, name: str | None) -> dict[str, bytes]:
-        return dict(self.bases) if name is None else dict(self.content[name])
-
-    def has_dependents(self, name: str) -> bool:
-        return bool(self.children(name)) or self.current == name
-
-
 class Walk:
     def __init__(self, seed: int, workdir: str, bases: dict[str, bytes], base_paths: dict[str, str]) -> None:
         self.rng = random.Random(seed)
         self.workdir = workdir
-        self.model = Model(bases)
+        self.model = Model(bases)  # contents are the disks' bytes
         self.base_paths = base_paths
         self.base_digests = {p: file_digest(p) for p in base_paths.values()}
         self.limit = trio.CapacityLimiter(4)
@@ -93,19 +64,19 @@ class Walk:
     async def check(self, full_layout: bool) -> None:
         view = self.dom.view()
         names = {r.name: r for r in view.snapshots.values()}
-        assert set(names) == set(self.model.content), self.where()
+        assert set(names) == set(self.model.snaps), self.where()
         for name, record in names.items():
             parent = view.snapshots[record.parent].name if record.parent else None
-            assert parent == self.model.parent[name], f"parent of {name!r}; {self.where()}"
+            assert parent == self.model.snaps[name].parent, f"parent of {name!r}; {self.where()}"
         current = view.snapshots[view.current].name if view.current else None
         assert current == self.model.current, self.where()
 
         jobs: list[tuple[str, str, bytes]] = []
         for name, record in names.items():
             for t in TARGETS:
-                jobs.append((self.dom.layer_path(t, record.id), f"{name!r}/{t}", self.model.content[name][t]))
+                jobs.append((self.dom.layer_path(t, record.id), f"{name!r}/{t}", self.model.snaps[name].content[t]))
         for t in TARGETS:
-            jobs.append((self.dom.live_path(t), f"live/{t}", bytes(self.model.live[t])))
+            jobs.append((self.dom.live_path(t), f"live/{t}", self.model.live[t]))
         found: dict[str, bytes] = {}
 
         async def one(index: int, path: str, label: str) -> None:
@@ -138,24 +109,23 @@ class Walk:
             ["qemu-io", "-f", "qcow2", "-c", command, self.dom.live_path(target)], capture_stdout=True
         )
         assert b"error" not in result.stdout.lower(), result.stdout
-        m.live[target][offset : offset + length] = bytes([pattern]) * length
+        live = m.live[target]
+        self.model = m.write(target, live[:offset] + bytes([pattern]) * length + live[offset + length :])
         self.log.append(f"write {target} {command}")
 
     async def step_create(self) -> None:
         m = self.model
-        free = [n for n in NAMES if n not in m.content]
-        if not free or len(m.content) >= MAX_SNAPSHOTS:
+        free = [n for n in NAMES if n not in m.snaps]
+        if not free or len(m.snaps) >= MAX_SNAPSHOTS:
             return await self.step_write()
         name = self.rng.choice(free)
         compression = self.rng.choice([None, None, None, "gzip", "zstd"])
         self.log.append(f"create {name!r} compression={compression}")
         await self.dom.create(name, None, compression)
-        m.content[name] = {t: bytes(b) for t, b in m.live.items()}
-        m.parent[name] = m.current
-        m.current = name
+        self.model = m.create(name, compression=compression or "none")
 
     def pick(self) -> str | None:
-        return self.rng.choice(sorted(self.model.content)) if self.model.content else None
+        return self.rng.choice(sorted(self.model.snaps)) if self.model.snaps else None
 
     async def step_revert(self) -> None:
         name = self.pick()
@@ -163,8 +133,7 @@ class Walk:
             return await self.step_create()
         self.log.append(f"revert {name!r}")
         await self.dom.revert(self.id_of(name))
-        self.model.live = {t: bytearray(b) for t, b in self.model.content[name].items()}
-        self.model.current = name
+        self.model = self.model.revert(name)
 
     async def step_merge(self) -> None:
         m = self.model
@@ -176,11 +145,7 @@ class Walk:
         self.log.append(f"merge {name!r} ({flag.name}, {deps} dependents)")
         self.counts[f"merge-{min(deps, 2)}"] = self.counts.get(f"merge-{min(deps, 2)}", 0) + 1
         await self.dom.deactivate(self.id_of(name), flag)
-        for child in m.children(name):
-            m.parent[child] = m.parent[name]
-        if m.current == name:
-            m.current = m.parent[name]
-        del m.content[name], m.parent[name]
+        self.model = m.merge(name)
 
     async def step_discard(self) -> None:
         m = self.model
@@ -195,7 +160,7 @@ class Walk:
             self.refusals += 1
             return
         await self.dom.deactivate(self.id_of(name), DeactivateFlags.DISCARD)
-        del m.content[name], m.parent[name]
+        self.model = m.discard(name)
 
     async def step_discard_force(self) -> None:
         m = self.model
@@ -205,11 +170,7 @@ class Walk:
         doomed = m.subtree(name)
         self.log.append(f"discard-force {name!r} (subtree {doomed}, current {m.current!r})")
         await self.dom.deactivate(self.id_of(name), DeactivateFlags.DISCARD_FORCE)
-        if m.current in doomed:
-            m.current = m.parent[name]
-            m.live = {t: bytearray(b) for t, b in m.state_of(m.current).items()}
-        for node in doomed:
-            del m.content[node], m.parent[node]
+        self.model = m.discard_force(name)
 
     async def step_deactivate(self) -> None:
         m = self.model
@@ -218,8 +179,7 @@ class Walk:
             return await self.step_create()
         self.log.append(f"deactivate {name!r} (current {m.current!r})")
         await self.dom.deactivate(self.id_of(name), DeactivateFlags.NONE)
-        if name in m.ancestors(m.current):
-            m.current = m.parent[name]
+        self.model = m.deactivate(name)
 
     async def step_rename(self) -> None:
         m = self.model
@@ -228,21 +188,14 @@ class Walk:
             return await self.step_create()
         new = self.rng.choice(NAMES)
         self.log.append(f"rename {name!r} -> {new!r}")
-        if new in m.content and new != name:
+        if new in m.snaps and new != name:
             with pytest.raises(snapfs.SnapfsError) as info:
                 await self.dom.rename(self.id_of(name), new)
             assert info.value.errno == errno.EEXIST
             self.refusals += 1
             return
         await self.dom.rename(self.id_of(name), new)
-        if new != name:
-            m.content[new] = m.content.pop(name)
-            m.parent[new] = m.parent.pop(name)
-            for child, parent in m.parent.items():
-                if parent == name:
-                    m.parent[child] = new
-            if m.current == name:
-                m.current = new
+        self.model = m.rename(name, new)
 
     async def step_compress(self) -> None:
         name = self.pick()
@@ -251,12 +204,10 @@ class Walk:
         kind = self.rng.choice(["gzip", "zstd", "none"])
         self.log.append(f"compress {name!r} {kind}")
         await self.dom.set_compression(self.id_of(name), kind)
+        self.model = self.model.compress(name, kind)
 
     async def run(self, store_path: str, steps: int) -> None:
-        core = StoreCore(store_path)
-        self.dom, _ = await core.define(
-            "walk", [("vda", self.base_paths["vda"], "qcow2"), ("vdb", self.base_paths["vdb"], "raw")]
-        )
+        self.dom = StoreCore(store_path).domain("walk")
         table = [
             (self.step_write, 8),
             (self.step_create, 5),
@@ -278,16 +229,10 @@ class Walk:
 
 
 def _make_base(path: str, fmt: str, rng: random.Random) -> tuple[str, bytes]:
-    make_image(path, fmt, SIZE)
-    data = bytearray(SIZE)
-    commands = []
-    for cluster in rng.sample(range(SIZE // CLUSTER), 10):
-        pattern = rng.randrange(1, 256)
-        commands += ["-c", f"write -P {pattern} {cluster * CLUSTER} {CLUSTER}"]
-        data[cluster * CLUSTER : (cluster + 1) * CLUSTER] = bytes([pattern]) * CLUSTER
-    run = subprocess.run(["qemu-io", "-f", fmt, *commands, path], capture_output=True)
-    assert run.returncode == 0, run.stderr
-    return path, bytes(data)
+    """A base of SIZE with 10 random clusters of random patterns, and its bytes."""
+    writes = {cluster * CLUSTER: rng.randrange(1, 256) for cluster in rng.sample(range(SIZE // CLUSTER), 10)}
+    make_base(path, fmt, writes, SIZE)
+    return path, expected_content(writes, SIZE)
 
 
 @pytest.mark.timeout(240)
@@ -296,6 +241,7 @@ def test_random_walk(tmp_path, seed):
     rng = random.Random(seed ^ 0x5EED)
     vda, vda_data = _make_base(str(tmp_path / "vda.qcow2"), "qcow2", rng)
     vdb, vdb_data = _make_base(str(tmp_path / "vdb.img"), "raw", rng)
+    define_domain(str(tmp_path / "store"), "walk", {"vda": (vda, "qcow2"), "vdb": (vdb, "raw")})
     scratch = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
     with tempfile.TemporaryDirectory(dir=scratch) as workdir:
         walk = Walk(seed, workdir, {"vda": vda_data, "vdb": vdb_data}, {"vda": vda, "vdb": vdb})
