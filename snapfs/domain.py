@@ -204,9 +204,11 @@ class DomainCore:
     def journal(self) -> Journal:
         return Journal(self.files, self.disks)
 
-    async def finish_journal(self) -> None:
-        """Finish an operation that a crash interrupted (the caller holds the lock)."""
-        await self.journal().finish(self._engine_named)
+    async def finish_journal(self, crashed_only: bool = False) -> None:
+        """Finish an operation that a crash interrupted (the caller holds the lock);
+        `crashed_only`: not one that failed (its journal says so), which waits for the
+        next change on the domain."""
+        await self.journal().finish(self._engine_named, crashed_only)
 
     async def _operate(self, operation: str, planner: Callable[[MetadataView, Engine], Plan]):
         """Every change: lock, tidy and finish what an earlier operation left, plan, run.
@@ -266,7 +268,8 @@ class DomainCore:
             path = getattr(exc, "path", None)
             return f"broken: {os.path.basename(path)} is corrupt" if path else f"broken: {exc.message}"
         if journal is not None:
-            return f"unfinished {journal['operation']} {journal.get('subject') or ''}".rstrip()
+            what = f"unfinished {journal['operation']} {journal.get('subject') or ''}".rstrip()
+            return f"{what}: {journal['failed']}" if journal.get("failed") else what
         return None
 
     async def tell_changed(self) -> None:
@@ -277,16 +280,18 @@ class DomainCore:
                 await self._changed(self.name)
 
     async def recover(self) -> None:
-        """Finish an operation a crash interrupted, if the domain is free now. A journal
+        """Finish an operation a crash interrupted (not one that failed: that is left to
+        the next change on the domain), if the domain is free now. A journal
         whose lock is held belongs to an operation still running in a live process (a
         crashed process's flock is gone), so that domain is left to it. A failure is
         written to last-error, not raised: one domain never stops another's recovery."""
         try:
-            if self.files.read_journal() is None:
+            journal = self.files.read_journal()
+            if journal is None or journal.get("failed"):
                 return
             async with self.files.locked(wait=0):
                 try:
-                    await self.finish_journal()
+                    await self.finish_journal(crashed_only=True)
                 finally:
                     self.files.clear_job()
         except BaseException as caught:

@@ -73,11 +73,20 @@ class Journal:
                     f"{operation} failed and was undone, nothing changed ({cause.message.rstrip('.')}); "
                     f"{remedy(cause.errno)}, then try again.",
                 ) from exc
+            await self._mark_failed(journal, cause)
             raise SnapfsError(
                 cause.errno,
                 f"{operation} stopped part-way ({cause.message.rstrip('.')}); it is recorded, and the next change "
                 f"on domain {self.files.name!r} finishes it once you {remedy(cause.errno)}.",
             ) from exc
+
+    async def _mark_failed(self, journal: dict, cause: SnapfsError) -> None:
+        """Note in the journal that its operation failed (rather than being cut short by a
+        crash), so opening the store leaves it to the next change on the domain instead
+        of running it again. Best effort: on a full filesystem the note may not fit."""
+        journal["failed"] = cause.message
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(self.files.write_journal, journal)
 
     async def _roll_back(self, engine: Engine) -> None:
         """Undo a plan that changed no content: its temporary files and its journal go."""
@@ -86,10 +95,11 @@ class Journal:
             await trio.to_thread.run_sync(self.files.clear_journal)
             self.files.clear_job()
 
-    async def refuse_without_space(self, steps: list[dict]) -> None:
+    async def refuse_without_space(self, steps: list[dict], recovering: bool = False) -> None:
         """ENOSPC, with what is needed and what is free, when the steps' heavy work cannot
-        fit in the store's filesystem (an estimate from the layers' allocated sizes)."""
-        if os.environ.get("SNAPFS_SPACE_CHECK", "1") == "0":
+        fit in the store's filesystem (an estimate from the layers' allocated sizes).
+        SNAPFS_SPACE_CHECK=0 (tests) skips it before an operation, not in recovery."""
+        if not recovering and os.environ.get("SNAPFS_SPACE_CHECK", "1") == "0":
             return
         needed = await trio.to_thread.run_sync(space_needed, self.files, steps)
         if not needed:
@@ -103,17 +113,19 @@ class Journal:
                 f"{_mib(needed)} and {_mib(free)} is free; free some space (or discard a snapshot) and try again.",
             )
 
-    async def finish(self, engine_named: Callable[[str | None], Engine]) -> None:
+    async def finish(self, engine_named: Callable[[str | None], Engine], crashed_only: bool = False) -> None:
         """Finish an operation that a crash or a failure interrupted, if any; if it cannot
-        finish now, one sentence with the cause and the remedy (the journal stays)."""
+        finish now, one sentence with the cause and the remedy (the journal stays).
+        `crashed_only` (opening the store): leave one that failed to the next change."""
         journal = self.files.read_journal()
-        if journal is None:
+        if journal is None or (crashed_only and journal.get("failed")):
             return
         engine = engine_named(journal.get("engine"))
         try:
             await self._carry_out(engine, journal, recovering=True)
         except Exception as exc:
             cause = as_snapfs_error(exc)
+            await self._mark_failed(journal, cause)
             what = f"{journal['operation']} {journal.get('subject') or ''}".rstrip()
             raise SnapfsError(
                 cause.errno,
@@ -162,7 +174,7 @@ class Journal:
         point = f"{journal['operation']}:{index}:{step['do']}"
         fault_point(point, "before", recovering)
         if recovering:
-            await self.refuse_without_space([step])
+            await self.refuse_without_space([step], recovering=True)
         async with self._job(journal, index) as progress:
             # A qemu-img reader (a .changes map, an image being opened) may hold a
             # layer for a moment; qemu-img fails at open then, before writing anything.
