@@ -26,7 +26,7 @@ from dataclasses import asdict
 import trio
 
 import snapfs
-from snapfs.domain import StoreCore
+from snapfs.catalog import StoreCore
 from snapfs.store import SnapshotRecord, fsync_file, write_json
 
 PYTHON = sys.executable

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from . import rules, xml
+from . import disk, rules, xml
 from .engines import Engine
 from .errors import SnapfsError, invalid, io_error, not_found, single
 from .journal import Journal, operation_naming
@@ -110,6 +110,14 @@ class DomainCore:
         """The unfinished operation (any process) that writes, moves or deletes one of
         `paths`, or None."""
         return operation_naming(self.files, paths)
+
+    async def open_disk(self, snap_id: str, target: str) -> disk.SnapshotDisk:
+        """Snapshot `snap_id`'s disk `target` as bytes, open until close() (disk.py)."""
+        return await disk.open_disk(self, snap_id, target)
+
+    async def disk_changes(self, snap_id: str, target: str) -> list[dict]:
+        """The extents L(S) of disk `target` holds against its backing (disk.py)."""
+        return await disk.changes(self, snap_id, target)
 
     def record_error(self, operation: str, message: str) -> None:
         self.files.record_error(operation, message)

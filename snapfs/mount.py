@@ -24,10 +24,14 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from .domain import StoreCore
+from .catalog import StoreCore
+from .domain import DomainCore
 from .errors import SnapfsError
 from .fs import SnapFS
+from .kcache import KernelCache
 from .notify import MountListener
+from .vfs import Tree
+from .writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # pyfuse3 does not expose ("init() and fuse_session_new() requested different maximum
 # read size"); nor can pyfuse3 raise max_readahead.
 _operations: SnapFS | None = None  # the mounted filesystem, for the cleanup at the end
+_kcache: KernelCache | None = None  # what its kernel holds, forgotten on every change heard of
 _listener: MountListener | None = None  # where other processes tell us of their changes
 
 
@@ -101,21 +106,33 @@ def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
     """Mount (pyfuse3.init) after recovery; requests queue in the kernel until serve()."""
     path = check_mountpoint(mountpoint)
     recover(store_root)
-    global _operations, _listener
-    operations = _operations = SnapFS(open_store(store_root))
+    global _operations, _kcache, _listener
+    store = open_store(store_root)
+    kcache = _kcache = KernelCache()
+    tree = Tree(store, DomainCore.disk_changes)
+    operations = _operations = SnapFS(tree, kcache, Writes(tree), DomainCore.open_disk)
     try:
-        _listener = MountListener(operations.store.root)
-        operations.store.announcer.exclude_token = _listener.token
+        _listener = MountListener(store.root)
     except OSError as exc:
         # Nobody could tell this mount of a change: the kernel may keep nothing, so every
         # path is looked up again (slower, never stale).
         log.warning("cannot register in %s/run (%s): serving without kernel caches", store_root, exc.strerror)
-        operations.cache_seconds = 0
+        kcache.cache_seconds = 0
+    _wire_announcements(store, kcache, _listener)
     try:
         pyfuse3.init(operations, path, mount_options(allow_other))
     except RuntimeError as exc:
         _unregister()
         raise MountError(f"Cannot mount on {path}: {exc}.") from None
+
+
+def _wire_announcements(store: StoreCore, kcache: KernelCache, listener: MountListener | None) -> None:
+    """The one place where the mount hears of changes: those made through this process's
+    core reach kcache.forget directly; other processes tell every registered mount
+    through notify.py, except this one (its listener's token), which heard already.
+    (listener.serve(kcache.forget), started in _serve, answers them.)"""
+    store.subscribe(kcache.forget)
+    store.announcer.exclude_token = listener.token if listener is not None else None
 
 
 def _unregister() -> None:
@@ -126,8 +143,8 @@ def _unregister() -> None:
 async def _serve() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        if _listener is not None and _operations is not None:
-            nursery.start_soon(_listener.serve, _operations.domain_changed)
+        if _listener is not None and _kcache is not None:
+            nursery.start_soon(_listener.serve, _kcache.forget)
         try:
             await pyfuse3.main()
         finally:
@@ -136,7 +153,7 @@ async def _serve() -> None:
             nursery.cancel_scope.cancel()
             if _operations is not None:
                 with trio.CancelScope(shield=True):
-                    await _operations.close_images()  # their qemu-nbd servers outlive us otherwise
+                    await _operations.close_disks()  # their qemu-nbd servers outlive us otherwise
 
 
 async def _terminate_on_signal() -> None:

@@ -21,7 +21,7 @@ import pytest
 import trio
 from helpers import file_digest, has_pattern, make_image, tree_fingerprint, write_pattern  # noqa: F401
 
-from snapfs.domain import StoreCore
+from snapfs.catalog import StoreCore
 
 MiB = 1 << 20
 DISK_SIZE = 4 * MiB
@@ -67,7 +67,7 @@ def define_store(tmp: str) -> StoreSetup:
 def core_call(store_root: str, code: str) -> subprocess.CompletedProcess:
     """Run core API calls in another process: `code` is the body of `async def go(store)`."""
     body = "\n".join("    " + line for line in code.strip().splitlines())
-    script = f"import trio\nfrom snapfs.domain import StoreCore\nasync def go(store):\n{body}\n"
+    script = f"import trio\nfrom snapfs.catalog import StoreCore\nasync def go(store):\n{body}\n"
     script += f"trio.run(go, StoreCore({store_root!r}))\n"
     return subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
 

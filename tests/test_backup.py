@@ -343,7 +343,7 @@ def test_an_unfinished_merge_makes_its_files_busy(fs):
     build_tree(fs)
     expected = {name: expected_image(fs, name, "vda") for name in ("mid", "deeper")}
     script = (
-        "import trio\nfrom snapfs.domain import StoreCore\n"
+        "import trio\nfrom snapfs.catalog import StoreCore\n"
         "async def go():\n"
         f"    dom = StoreCore({fs.store!r}).domain('vm1')\n"
         "    await dom.merge(dom.lookup('deep').id)\n"

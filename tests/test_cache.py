@@ -1,4 +1,4 @@
-"""The kernel's caches (fs.py CACHE_SECONDS, notify.py): the mount lets the kernel keep
+"""The kernel's caches (kcache.py CACHE_SECONDS, notify.py): the mount lets the kernel keep
 entries and attributes, and every change made by another process reaches it before that
 process's call returns. Each check first walks the whole tree, so that everything is in
 the kernel's caches, then changes the store from a command line process, then reads
@@ -29,7 +29,7 @@ from fsfixtures import (  # noqa: F401  (fixtures are used by name)
     fs_fixture,
 )
 
-from snapfs.domain import StoreCore
+from snapfs.catalog import StoreCore
 
 pytestmark = pytest.mark.timeout(240)
 SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[platform.machine()]

@@ -39,7 +39,7 @@ import trio
 from fsfixtures import Mount
 from helpers import CLUSTER, DISK_SIZE, make_image, read_raw, store_integrity_problems, write_pattern
 
-from snapfs.domain import StoreCore
+from snapfs.catalog import StoreCore
 
 SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
 DOM = "vm1"

@@ -35,7 +35,8 @@ import trio
 from fsfixtures import Mount, define_store
 from helpers import make_image, write_pattern
 
-from snapfs.domain import DomainCore, StoreCore
+from snapfs.catalog import StoreCore
+from snapfs.domain import DomainCore
 from snapfs.store import DomainFiles, MetadataView, read_json
 
 DOM = "vm1"

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapfs import CONTROL_WORDS, SnapfsError
-from snapfs.domain import MAX_DESCRIPTION_BYTES, StoreCore
+from snapfs.catalog import StoreCore
+from snapfs.rules import MAX_DESCRIPTION_BYTES
 
 pytestmark = pytest.mark.timeout(300)
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

@@ -1,4 +1,4 @@
-"""Snapshot disks as bytes (snapfs/image.py): reads straight from the layer files, qemu's
+"""Snapshot disks as bytes (snapfs/disk.py): reads straight from the layer files, qemu's
 own reader for compressed clusters, and the extents a snapshot changed."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import trio
 from helpers import CLUSTER, DISK_SIZE, read_raw, write_pattern, write_zeros
 
 import snapfs
-from snapfs.image import SnapshotImage, changed_extents
+from snapfs.disk import SnapshotDisk, changed_extents
 
 
 def build_tree(domain: snapfs.Domain) -> dict[str, snapfs.Snapshot]:
@@ -42,7 +42,7 @@ def build_tree(domain: snapfs.Domain) -> dict[str, snapfs.Snapshot]:
 
 
 async def read_all(layer: str, ranges: list[tuple[int, int]]) -> tuple[int, bytes, list[bytes], bool]:
-    image = await SnapshotImage.open(layer)
+    image = await SnapshotDisk.open(layer)
     try:
         whole = await image.read(0, image.size)
         pieces = [await image.read(offset, length) for offset, length in ranges]
@@ -91,7 +91,7 @@ def test_an_open_image_blocks_a_merge_that_would_rewrite_it(domain):
     expected = read_raw(layer)
 
     async def scenario() -> None:
-        image = await SnapshotImage.open(layer)
+        image = await SnapshotDisk.open(layer)
         try:
             # merging "mid" rebases/commits into files of deep's chain: refused while open
             with pytest.raises(snapfs.SnapfsError) as refused:

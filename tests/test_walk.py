@@ -22,7 +22,8 @@ import trio
 from helpers import CLUSTER, file_digest, layout_problems, make_image
 
 import snapfs
-from snapfs.domain import DeactivateFlags, StoreCore
+from snapfs.catalog import StoreCore
+from snapfs.rules import DeactivateFlags
 
 SIZE = 2 * 1024 * 1024  # 32 clusters of 64 KiB
 STEPS = 220
