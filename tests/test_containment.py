@@ -411,3 +411,40 @@ def test_helpers_see_a_leftover(fstore):
     os.unlink(path)
     assert_store_clean(fstore.root)
     shutil.rmtree(fstore.images)
+
+
+# ---- the edges: one exception, children tied to snapfs's life --------------------------------
+def test_api_failure_is_one_snapfs_error(fstore):
+    """The Python API raises one SnapfsError with the cause, never an ExceptionGroup; the
+    journal stays, the job line is cleared, last-error is written."""
+    import snapfs
+
+    base = fstore.add_domain("vm1")
+    two_snapshots(fstore)
+    os.rename(base, base + ".away")
+    domain = snapfs.open_store(fstore.root).lookup_domain("vm1")
+    with pytest.raises(snapfs.SnapfsError) as caught:
+        domain.snapshot_lookup_by_name("s1").deactivate(snapfs.DeactivateFlags.MERGE)
+    assert not isinstance(caught.value, BaseExceptionGroup) and "stopped part-way" in str(caught.value), caught.value
+    assert fstore.journal_exists("vm1") and not os.path.exists(fstore.file("vm1", "job"))
+    assert "stopped part-way" in fstore.last_error("vm1")
+    snapfs.open_store(fstore.root)  # opening leaves a failed journal to the next change: no error
+    os.rename(base + ".away", base)
+    assert domain.list_snapshot_names() == ["s1", "s2"]  # reads work meanwhile
+    domain.snapshot_lookup_by_name("s2").set_description("after")  # finishes the merge
+    assert domain.list_snapshot_names() == ["s2"] and not fstore.journal_exists("vm1")
+
+
+def test_a_child_outlives_idle_worker_threads():
+    """qemu.py ties its children to snapfs's life with PR_SET_PDEATHSIG, which follows the
+    thread that spawned them: spawned from one of trio's worker threads (which end after
+    10 s idle) a long commit would be killed part-way. A 12 s child must end on its own."""
+    import trio
+
+    from snapfs import qemu
+
+    async def main() -> tuple[int, bytes]:
+        await trio.to_thread.run_sync(lambda: None)  # a worker thread, idle from now on
+        return await qemu._run("sh", ["-c", "sleep 12; echo done"], "sleeping")
+
+    assert trio.run(main) == (0, b"done\n")
