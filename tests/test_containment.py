@@ -267,7 +267,7 @@ def write(path: str, pattern: int, offset: int, length: int) -> None:
 
 @pytest.fixture(params=["checked", "unchecked"])
 def space_check(request, monkeypatch) -> str:
-    """"checked": snapfs's estimate refuses before anything is written; "unchecked"
+    """ "checked": snapfs's estimate refuses before anything is written; "unchecked"
     (SNAPFS_SPACE_CHECK=0): the step itself meets ENOSPC part-way, as when something else
     fills the filesystem during the operation."""
     if request.param == "unchecked":
