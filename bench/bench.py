@@ -73,7 +73,7 @@ def qemu_io_write(path: str, pattern: int, offset: int, length: int) -> None:
 
 
 def new_domain(root: str, disks: int = 2, size: int = GiB) -> snapfs.Domain:
-    store = snapfs.open_store(os.path.join(root, "store"))
+    store = snapfs.open_store(os.path.join(root, "store"), create=True)
     specs = []
     for i in range(disks):
         base = os.path.join(root, f"base{i}.qcow2")
@@ -379,7 +379,7 @@ def section_reads(root: str) -> None:
 
 # ---- 6. concurrency: ls of one domain during a merge on another --------------------------------
 def section_concurrency(root: str, size: int = 512 * MiB) -> None:
-    store = snapfs.open_store(os.path.join(root, "store"))
+    store = snapfs.open_store(os.path.join(root, "store"), create=True)
     bases = []
     for name in ("busy", "idle"):
         base = os.path.join(root, f"{name}.qcow2")

@@ -29,7 +29,7 @@ def main(demo: str) -> None:
     base = os.path.join(demo, "images", "vm1.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"], check=True)
 
-    store = snapfs.open_store(os.path.join(demo, "store"))
+    store = snapfs.open_store(os.path.join(demo, "store"), create=True)
     dom = store.define("vm1", [("vda", base, "qcow2")])
     live = dom.core.live_path("vda")
     qemu_io_write(live, 0x11, 0)

@@ -14,11 +14,19 @@ _snapfs() {
         esac
     done
     local verbs="define undefine list dumpxml mount snapshot-create snapshot-create-as snapshot-list
-        snapshot-dumpxml snapshot-info snapshot-current create-with-snapshot snapshot-revert
-        snapshot-deactivate snapshot-delete snapshot-rename snapshot-compress snapshot-desc"
+        snapshot-dumpxml snapshot-info snapshot-current snapshot-parent snapshot-edit create-with-snapshot
+        snapshot-revert snapshot-deactivate snapshot-delete snapshot-rename snapshot-compress snapshot-desc"
     if [[ -z $verb ]]; then
-        COMPREPLY=($(compgen -W "--store --help $verbs" -- "$cur"))
+        COMPREPLY=($(compgen -W "--store --help --version $verbs" -- "$cur"))
         [[ ${COMP_WORDS[COMP_CWORD - 1]} == --store ]] && COMPREPLY=($(compgen -d -- "$cur"))
+        return
+    fi
+    if [[ ${COMP_WORDS[COMP_CWORD - 1]} == --store ]]; then
+        COMPREPLY=($(compgen -d -- "$cur"))
+        return
+    fi
+    if [[ ${COMP_WORDS[COMP_CWORD - 1]} == --from && $verb == snapshot-list && ${#args[@]} -ge 1 ]]; then
+        COMPREPLY=($(compgen -W "$(snapfs "${store[@]}" snapshot-list "${args[0]}" --name 2>/dev/null)" -- "$cur"))
         return
     fi
     if [[ $cur == -* ]]; then

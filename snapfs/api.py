@@ -6,12 +6,16 @@ the command line and the mount share every rule.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Awaitable, Callable
+from importlib import metadata
 from typing import TypeVar
 
 import trio
 
 from .domain import DeactivateFlags, DomainCore, StoreCore
+from .errors import SnapfsError, invalid
 from .store import SnapshotRecord, default_store_path
 
 T = TypeVar("T")
@@ -21,11 +25,48 @@ def _run(fn: Callable[..., Awaitable[T]], *args) -> T:
     return trio.run(fn, *args)
 
 
-def open_store(path: str | None = None) -> Store:
-    """Open (creating if needed) a store and finish any operation a crash interrupted."""
-    store = Store(StoreCore(path or default_store_path()))
+def version() -> str:
+    try:
+        return metadata.version("snapfs")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def is_store(path: str) -> bool:
+    """A store is a directory holding domains/ (made by the first define)."""
+    return os.path.isdir(os.path.join(path, "domains"))
+
+
+def open_store_core(path: str, create: bool = False) -> StoreCore:
+    """The store at `path`; a path that is not a store is an error unless `create`
+    (only define makes a store: a mistyped path must not become an empty one)."""
+    if not create and not is_store(path):
+        raise SnapfsError(
+            errno.ENOENT,
+            f"There is no snapfs store at {os.path.abspath(path)} (check --store or $SNAPFS_STORE; "
+            "define creates a store).",
+        )
+    return StoreCore(path)
+
+
+def open_store(path: str | None = None, create: bool = False) -> Store:
+    """Open a store and finish any operation a crash interrupted. A path that is not a
+    store is an error (SnapfsError, ENOENT) unless create=True, which makes it."""
+    store = Store(open_store_core(path or default_store_path(), create))
     _run(store.core.recover)
     return store
+
+
+def _check_flags(flags: object, allowed: int = 0) -> int:
+    """libvirt refuses flag bits a call does not know; so does snapfs."""
+    if not isinstance(flags, int) or isinstance(flags, bool) or flags < 0 or flags & ~allowed:
+        raise invalid(f"Unsupported flags {flags!r}: this call accepts {'none' if not allowed else hex(allowed)}.")
+    return flags
+
+
+def drop_final_newline(text: str) -> str:
+    """A description loses one trailing newline, as the mount's description file does."""
+    return text[:-1] if isinstance(text, str) and text.endswith("\n") else text
 
 
 class Store:
@@ -69,24 +110,41 @@ class Domain:
     def xml_desc(self) -> str:
         return self.core.domain_xml()
 
+    def __repr__(self) -> str:
+        return f"<Domain {self.name}>"
+
     def snapshot_create_xml(self, xml_desc: str | bytes, flags: int = 0) -> Snapshot:
+        _check_flags(flags)
         record = _run(self.core.create_from_xml, xml_desc)
         return Snapshot(self, record.id)
 
     def snapshot_num(self, flags: int = 0) -> int:
+        _check_flags(flags)
         return len(self.core.view().snapshots)
 
     def list_snapshot_names(self, flags: int = 0) -> list[str]:
+        """In the store's order: creation time, then name."""
+        _check_flags(flags)
         records = sorted(self.core.view().snapshots.values(), key=lambda r: (r.creation_time, r.name))
         return [r.name for r in records]
 
     def snapshot_lookup_by_name(self, name: str, flags: int = 0) -> Snapshot:
+        _check_flags(flags)
         return Snapshot(self, self.core.lookup(name).id)
 
-    def create_with_snapshot(self, snapshot: Snapshot, flags: int = 0) -> None:
+    def create_with_snapshot(self, snapshot: Snapshot | str, flags: int = 0) -> None:
+        """Revert to `snapshot`: a Snapshot of this domain, or (a convenience) its name."""
+        _check_flags(flags)
+        if isinstance(snapshot, str):
+            snapshot = self.snapshot_lookup_by_name(snapshot)
+        if not isinstance(snapshot, Snapshot):
+            raise invalid(f"create_with_snapshot takes a Snapshot or a snapshot name, not {type(snapshot).__name__}.")
+        if snapshot.domain.name != self.name:
+            raise invalid(f"Snapshot {snapshot.name!r} belongs to domain {snapshot.domain.name!r}, not {self.name!r}.")
         _run(self.core.revert, snapshot.id)
 
-    def current_snapshot(self) -> Snapshot | None:
+    def current_snapshot(self, flags: int = 0) -> Snapshot | None:
+        _check_flags(flags)
         current = self.core.view().current
         return Snapshot(self, current) if current else None
 
@@ -109,7 +167,10 @@ class Snapshot:
         return self._record().name
 
     def __repr__(self) -> str:
-        return f"<Snapshot {self.domain.name}/{self.id}>"
+        try:
+            return f"<Snapshot {self.domain.name}/{self.name}>"
+        except SnapfsError:
+            return f"<Snapshot {self.domain.name}/(gone: {self.id})>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Snapshot) and other.id == self.id and other.domain.name == self.domain.name
@@ -118,16 +179,26 @@ class Snapshot:
         return hash(self.id)
 
     def get_xml_desc(self, flags: int = 0) -> str:
+        _check_flags(flags)
         return self.domain.core.snapshot_xml(self.id)
 
     def deactivate(self, flags: int = DeactivateFlags.NONE) -> None:
+        _check_flags(
+            flags,
+            int(
+                DeactivateFlags.MERGE
+                | DeactivateFlags.MERGE_FORCE
+                | DeactivateFlags.DISCARD
+                | DeactivateFlags.DISCARD_FORCE
+            ),
+        )
         _run(self.domain.core.deactivate, self.id, flags)
 
     def rename(self, name: str) -> None:
         _run(self.domain.core.rename, self.id, name)
 
     def set_description(self, text: str) -> None:
-        _run(self.domain.core.set_description, self.id, text)
+        _run(self.domain.core.set_description, self.id, drop_final_newline(text))
 
     def get_description(self) -> str:
         return self._record().description
@@ -135,7 +206,8 @@ class Snapshot:
     def set_compression(self, kind: str) -> None:
         _run(self.domain.core.set_compression, self.id, kind)
 
-    def get_parent(self) -> Snapshot | None:
+    def get_parent(self, flags: int = 0) -> Snapshot | None:
+        _check_flags(flags)
         parent = self._record().parent
         return Snapshot(self.domain, parent) if parent else None
 

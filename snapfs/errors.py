@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno as _errno
 
 
-class SnapfsError(Exception):
+class SnapfsError(OSError):
     """A refused or failed operation: `errno` for the filesystem, `message` for people."""
 
     def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(err, message)  # an OSError: errno and strerror set
         self.errno = err
         self.message = message
 

@@ -60,7 +60,7 @@ def store_path(tmp_path) -> str:
 
 @pytest.fixture
 def store(store_path) -> snapfs.Store:
-    return snapfs.open_store(store_path)
+    return snapfs.open_store(store_path, create=True)
 
 
 def domain_xml(name: str, uuid: str, images: dict[str, BaseImage]) -> str:

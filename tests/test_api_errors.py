@@ -408,3 +408,66 @@ def test_a_domain_redefined_under_the_same_name_is_seen_anew(tmp_path):
         assert (disk.target, disk.base) == ("vdb", second)
 
     trio.run(scenario)
+
+
+# ---- issue 15, item 6 -----------------------------------------------------------------------
+def test_create_with_snapshot_takes_a_name(store_path, tree, domain):
+    domain.create_with_snapshot("s3")
+    assert domain.current_snapshot() == tree["s3"]
+    assert read_raw(domain.core.live_path("vda")) == read_raw(tree["s3"].layer_paths()["vda"])
+    refused(store_path, lambda: domain.create_with_snapshot("nosuch"), errno.ENOENT, "nosuch")
+    refused(store_path, lambda: domain.create_with_snapshot(42), errno.EINVAL, "snapshot name")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d, s: d.snapshot_create_xml(snap_xml("new"), 1),
+        lambda d, s: d.snapshot_num(1 << 30),
+        lambda d, s: d.list_snapshot_names(2),
+        lambda d, s: d.snapshot_lookup_by_name("s1", 4),
+        lambda d, s: d.create_with_snapshot(s, 1),
+        lambda d, s: d.current_snapshot(8),
+        lambda d, s: s.get_xml_desc(1),
+        lambda d, s: s.get_parent(1),
+        lambda d, s: s.deactivate(DeactivateFlags.MERGE | 16),
+        lambda d, s: d.snapshot_num(-1),
+    ],
+)
+def test_unknown_flag_bits_are_refused(store_path, tree, domain, call):
+    refused(store_path, lambda: call(domain, tree["s1"]), errno.EINVAL, "flags")
+
+
+def test_names_in_repr_and_parent(tree, domain):
+    assert repr(tree["s2"]) == "<Snapshot vm1/s2>"
+    assert repr(domain) == "<Domain vm1>"
+    parent = tree["s2"].get_parent()
+    assert parent == tree["s1"] and repr(parent) == "<Snapshot vm1/s1>" and parent.name == "s1"
+    tree["s1"].rename("first")
+    assert repr(tree["s2"].get_parent()) == "<Snapshot vm1/first>"
+
+
+def test_snapfs_error_is_an_oserror(store_path, tree, domain):
+    exc = refused(store_path, lambda: domain.snapshot_lookup_by_name("nosuch"), errno.ENOENT)
+    assert isinstance(exc, OSError) and exc.errno == errno.ENOENT
+    assert str(exc) == exc.message == exc.strerror and not str(exc).startswith("[Errno")
+    with pytest.raises(OSError):
+        tree["s1"].deactivate(DeactivateFlags.DISCARD)
+    assert isinstance(DependentsError("x"), OSError)
+
+
+def test_description_loses_one_trailing_newline(tree):
+    tree["s1"].set_description("two lines\nhere\n")
+    assert tree["s1"].get_description() == "two lines\nhere"
+    tree["s1"].set_description("kept\n\n")
+    assert tree["s1"].get_description() == "kept\n"
+
+
+def test_open_store_never_makes_a_store(tmp_path):
+    typo = str(tmp_path / "typo")
+    with pytest.raises(SnapfsError) as info:
+        snapfs.open_store(typo)
+    assert info.value.errno == errno.ENOENT and "no snapfs store" in str(info.value)
+    assert not os.path.exists(typo)
+    made = snapfs.open_store(typo, create=True)
+    assert made.list_domains() == [] and snapfs.open_store(typo).path == made.path

@@ -375,8 +375,8 @@ def test_domains_do_not_wait_for_each_other_cli(tmp_path):
     finally:
         out, err = merge.communicate(timeout=60)
     assert merge.returncode == 0, err
-    assert cli(root, "snapshot-list", "A", "--name").stdout == ""
-    assert cli(root, "snapshot-list", "B", "--name").stdout == "b1\n"
+    assert cli(root, "snapshot-list", "A", "--name").stdout == "\n"
+    assert cli(root, "snapshot-list", "B", "--name").stdout == "b1\n\n"
     for dom in ("A", "B"):
         assert store_integrity_problems(root, dom) == []
 

@@ -256,7 +256,7 @@ def _make_bases(directory: str) -> dict[str, tuple[str, str]]:
 def make_template(directory: str, prepare=None) -> Template:
     os.makedirs(directory)
     bases = _make_bases(directory)
-    store = snapfs.open_store(os.path.join(directory, "store"))
+    store = snapfs.open_store(os.path.join(directory, "store"), create=True)
     domain = store.define(DOM, [(t, path, fmt) for t, (path, fmt) in bases.items()])
     b = Builder(domain)
     build_tree(b)
@@ -370,7 +370,7 @@ CASES = [
     Case(
         "discard-force-live-inside",
         "discard-force",
-        ["snapshot-delete", DOM, "c", "--children"],
+        ["snapshot-deactivate", DOM, "c", "--deleteforce"],
         lambda m: m.discard_force("c"),
         {"overlay", "meta_delete", "delete"},
     ),
@@ -425,7 +425,7 @@ def user_view_problems(root: str, model: Model) -> list[str]:
     listed = cli(root, ["list"])
     if listed.returncode != 0:
         return [f"snapfs list failed: {listed.stderr}"]
-    rows = [line.split() for line in listed.stdout.splitlines()[2:]]
+    rows = [line.split() for line in listed.stdout.splitlines()[2:] if line]
     want = [DOM, str(len(model.snaps)), model.current or "-"]
     if rows != [want]:
         return [f"snapfs list shows {rows}, want {[want]}"]
@@ -673,7 +673,7 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
     write_pattern(vda, 0xA1, 0)
     write_pattern(vdb, 0xB1, 0, fmt="raw")
     digests = {p: file_digest(p) for p in (vda, vdb)}
-    store = snapfs.open_store(str(tmp_path / "store"))
+    store = snapfs.open_store(str(tmp_path / "store"), create=True)
     domain = store.define(DOM, [("vda", vda, "qcow2"), ("vdb", vdb, "raw")])
     live = {t: domain.core.live_path(t) for t in TARGETS}
     write_pattern(live["vda"], 0x11, CLUSTER)

@@ -93,7 +93,7 @@ def test_snapshot_xml_is_accepted_by_virsh_redefine(libvirt_domain):
         "snapshot-list vmt --tree",
         "snapshot-dumpxml vmt a",
     )
-    tree = snapfs(store, "snapshot-list", "vmt", "--tree")
+    tree = snapfs(store, "snapshot-list", "vmt", "--tree").removesuffix("\n")  # virsh -q: no blank line after
     assert tree in out
     assert "<description>first</description>" in out
 
@@ -115,7 +115,7 @@ def test_same_sequence_gives_the_same_tree(libvirt_domain):
         snapfs(store, *step)
     source = str(tmp_path / "source.xml")
     theirs = virsh(f"define {source}", *(" ".join(step) for step in steps), "snapshot-list vmt --tree")
-    ours = snapfs(store, "snapshot-list", "vmt", "--tree")
+    ours = snapfs(store, "snapshot-list", "vmt", "--tree").removesuffix("\n")  # virsh -q: no blank line after
     assert ours.strip() and ours in theirs, f"snapfs:\n{ours}\nvirsh:\n{theirs}"
 
 
@@ -181,3 +181,15 @@ def test_bash_completion_from_a_real_store(tmp_path):
     assert sorted(complete(store, "snapshot-info", "vm1", "before-")) == ["before-reboot", "before-upgrade"]
     assert "--merge" in complete(store, "snapshot-deactivate", "vm1", "before-upgrade", "--m")
     assert complete(store, "snapshot-compress", "vm1", "before-upgrade", "z") == ["zstd"]
+
+
+def test_bash_completion_knows_the_virsh_verbs(tmp_path):
+    store = str(tmp_path / "store")
+    disk = make_image(str(tmp_path / "d.qcow2"), "qcow2")
+    snapfs(store, "define", "--name", "vm1", "--disk", f"vda={disk}")
+    snapfs(store, "snapshot-create-as", "vm1", "before-upgrade")
+    assert {"snapshot-parent", "snapshot-edit"} <= set(complete(store, "snapshot-"))
+    assert complete(store, "snapshot-parent", "vm1", "bef") == ["before-upgrade"]
+    assert complete(store, "snapshot-list", "vm1", "--from", "b") == ["before-upgrade"]
+    assert "--children-only" in complete(store, "snapshot-delete", "vm1", "before-upgrade", "--ch")
+    assert "--descendants" in complete(store, "snapshot-list", "vm1", "--d")
