@@ -15,14 +15,18 @@ from typing import TypeVar
 import trio
 
 from .domain import DeactivateFlags, DomainCore, StoreCore
-from .errors import SnapfsError, invalid
+from .errors import SnapfsError, invalid, single
 from .store import SnapshotRecord, default_store_path
 
 T = TypeVar("T")
 
 
 def _run(fn: Callable[..., Awaitable[T]], *args) -> T:
-    return trio.run(fn, *args)
+    """Run one core call; a failure comes out as one exception, never a group."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        raise single(group) from None
 
 
 def version() -> str:
