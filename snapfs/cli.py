@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import trio
 from lxml import etree
 
-from . import layers, xml
+from . import rules, xml
 from .api import drop_final_newline, open_store_core, version
 from .domain import DeactivateFlags, DomainCore, StoreCore
 from .errors import SnapfsError, invalid, not_found, single
@@ -357,7 +357,7 @@ def _selected(dom: DomainCore, args: argparse.Namespace) -> tuple[SnapshotRecord
     if start is None:
         chosen = list(view.snapshots.values())
     elif args.descendants:
-        chosen = [view.snapshots[i] for i in layers.subtree(view, start.id)[1:]]
+        chosen = [view.snapshots[i] for i in rules.subtree(view, start.id)[1:]]
     else:
         chosen = view.children(start.id)
     if args.roots:
@@ -431,7 +431,7 @@ def _snapshot_info(dom: DomainCore, snap: SnapshotRecord) -> str:
         ("Location", "external"),
         ("Parent", parent.name if parent else "-"),
         ("Children", str(len(view.children(snap.id)))),
-        ("Descendants", str(len(layers.subtree(view, snap.id)) - 1)),
+        ("Descendants", str(len(rules.subtree(view, snap.id)) - 1)),
         ("Metadata", "yes"),
         ("Compression", snap.compression),
         ("Created", _when(snap.creation_time)),
@@ -531,7 +531,7 @@ async def _delete(dom: DomainCore, args: argparse.Namespace) -> str:
         )
     snap = _chosen(dom, args)
     view = dom.view()
-    doomed = layers.subtree(view, snap.id)[1:] if args.children or args.children_only else []
+    doomed = rules.subtree(view, snap.id)[1:] if args.children or args.children_only else []
     for snap_id in reversed(doomed):
         await dom.merge(snap_id)
     if args.children_only:
