@@ -14,9 +14,12 @@ from typing import TypeVar
 
 import trio
 
-from .domain import DeactivateFlags, DomainCore, StoreCore
+from .catalog import StoreCore
+from .domain import DomainCore
 from .errors import SnapfsError, invalid, single
-from .store import SnapshotRecord, default_store_path
+from .records import SnapshotRecord
+from .rules import DeactivateFlags
+from .store import default_store_path
 
 T = TypeVar("T")
 
@@ -129,8 +132,7 @@ class Domain:
     def list_snapshot_names(self, flags: int = 0) -> list[str]:
         """In the store's order: creation time, then name."""
         _check_flags(flags)
-        records = sorted(self.core.view().snapshots.values(), key=lambda r: (r.creation_time, r.name))
-        return [r.name for r in records]
+        return [r.name for r in self.core.view().in_order()]
 
     def snapshot_lookup_by_name(self, name: str, flags: int = 0) -> Snapshot:
         _check_flags(flags)

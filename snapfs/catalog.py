@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import trio
 
-from . import notify, xml
+from . import layerlock, notify, xml
 from .domain import DomainCore
 from .durable import atomic_write, write_json
 from .engines import Engine
@@ -140,6 +140,7 @@ class StoreCore:
                 messages.append(f"{target}: {path} probed as {fmt}; recorded, and never probed again.")
             if fmt not in BASE_FORMATS:
                 raise invalid(f"Disk {target}: format {fmt!r} is not supported; use qcow2 or raw.")
+            await _refuse_own_backing(target, path, fmt)
             records.append(DiskRecord(target, path, fmt, await self.engine.virtual_size(path, fmt)))
         return records, messages
 
@@ -181,6 +182,22 @@ class StoreCore:
                     f"Domain {core.name!r} has changes in its live disk {disk.target} that would be lost; "
                     "pass --remove-snapshots to delete them with it."
                 )
+
+
+async def _refuse_own_backing(target: str, path: str, fmt: str) -> None:
+    """A base image must be the whole disk: its own backing chain would let a snapshot (and
+    anyone a mount shares it with) read files the definition never named, a json: or
+    protocol backing or an external data file anything qemu can open. Read from the
+    header; the backing file itself is never opened."""
+    try:
+        backing = await trio.to_thread.run_sync(layerlock.base_backing, path, fmt)
+    except SnapfsError as exc:
+        raise SnapfsError(exc.errno, f"Disk {target}: {exc.message}") from None
+    if backing is not None:
+        raise invalid(
+            f"Disk {target}: base image {path} has its own backing file {backing!r}, which snapfs does not follow; "
+            f"make it a whole image first (qemu-img convert -O qcow2 {path} FLAT.qcow2) and define that."
+        )
 
 
 def _remove_domain(files: DomainFiles) -> None:

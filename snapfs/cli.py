@@ -17,9 +17,12 @@ from lxml import etree
 
 from . import rules, xml
 from .api import drop_final_newline, open_store_core, version
-from .domain import DeactivateFlags, DomainCore, StoreCore
+from .catalog import StoreCore
+from .domain import DomainCore
 from .errors import SnapfsError, invalid, not_found, single
-from .store import SnapshotRecord, default_store_path
+from .records import SnapshotRecord, snapshot_order
+from .rules import DeactivateFlags
+from .store import default_store_path
 
 EXAMPLES = {
     "define": "snapfs define vm1.xml\n"
@@ -116,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd, tests)")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount (modes enforced)")
+    p.add_argument("--read-only", action="store_true", help="refuse every change with EROFS (backup hosts)")
     _create_verbs(verb)
     _list_verb(verb)
     _reading_verbs(verb)
@@ -289,9 +293,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 # ---- orders ---------------------------------------------------------------------------------
 def store_order(records: Iterable[SnapshotRecord]) -> list[SnapshotRecord]:
-    """The store's order of snapshots: creation time, then name.
-    LEAD: repoint to the core's one shared ordering function when it lands."""
-    return sorted(records, key=lambda r: (r.creation_time, r.name))
+    """The store's order of snapshots: creation time, then name."""
+    return sorted(records, key=snapshot_order)
 
 
 def _virsh_order(records: Iterable[SnapshotRecord]) -> list[SnapshotRecord]:
@@ -730,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "mount":
             from .mount import run_mount
 
-            return run_mount(args.store or default_store_path(), args.mountpoint, args.foreground, args.allow_other)
+            store = args.store or default_store_path()
+            return run_mount(store, args.mountpoint, args.foreground, args.allow_other, args.read_only)
         sys.stdout.write(trio.run(_main, args))
     except BaseException as caught:  # noqa: BLE001  (the edge: every failure is one sentence)
         return _failed(single(caught))

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import qemu
+from . import layerlock, qemu
 from .errors import SnapfsError, busy, io_error, not_found
 
 if TYPE_CHECKING:
@@ -52,8 +52,10 @@ async def open_disk(dom: DomainCore, snap_id: str, target: str) -> SnapshotDisk:
     _refuse_while_changing(dom, snap_id, target, [layer], "open")
     try:
         disk = await SnapshotDisk.open(layer)
-    except SnapfsError:
+    except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "open")
+        if exc.errno == errno.EBUSY:  # qemu's message names a layer file: name the snapshot
+            _refuse_while_written(dom, snap_id, target, "open")
         raise
     try:
         _refuse_if_gone_or_changing(dom, snap_id, target, disk.chain, "open")
@@ -72,8 +74,10 @@ async def changes(dom: DomainCore, snap_id: str, target: str) -> list[dict]:
     _refuse_while_changing(dom, snap_id, target, [layer], "read")
     try:
         extents = await changed_extents(layer)
-    except SnapfsError:
+    except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
+        if exc.errno == errno.EBUSY:
+            _refuse_while_written(dom, snap_id, target, "read")
         raise
     _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
     return extents
@@ -103,6 +107,17 @@ def _refuse_while_changing(dom: DomainCore, snap_id: str, target: str, paths: li
     message = (
         f"Disk {target} of snapshot {name!r} cannot be {'opened' if what == 'open' else 'read'} while the "
         f"unfinished {operation} changes its files; try again when it is done."
+    )
+    dom.record_error(what, message)
+    raise busy(message)
+
+
+def _refuse_while_written(dom: DomainCore, snap_id: str, target: str, what: str) -> None:
+    record = dom.view().snapshots.get(snap_id)
+    name = record.name if record else snap_id
+    message = (
+        f"Disk {target} of snapshot {name!r} cannot be {'opened' if what == 'open' else 'read'} while another "
+        "process writes its files (a merge in progress or a running QEMU); try again when it is done."
     )
     dom.record_error(what, message)
     raise busy(message)
@@ -142,7 +157,8 @@ class SnapshotDisk:
         try:
             for path, _ in await qemu.backing_chain(top):
                 chain.append(path)
-                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                # a layer (beside top) is never a symlink; the base image outside the store may be one
+                fds.append(layerlock.open_regular(path, follow=os.path.dirname(path) != os.path.dirname(top)))
                 qemu.hold_read_locks(fds[-1], path)
             extents = [Extent.from_map(e) for e in await qemu.extent_map(top)]
         except BaseException:

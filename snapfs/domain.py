@@ -235,9 +235,9 @@ class DomainCore:
                     plan = planner(self.view(), engine)
                     steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
                     if steps:
-                        await journal.refuse_unless_ready(engine, steps)
-                        changed = True
-                        await journal.run(operation, plan.subject, engine, steps)
+                        with await journal.refuse_unless_ready(engine, steps):  # the layers stay held
+                            changed = True
+                            await journal.run(operation, plan.subject, engine, steps)
                     return plan.result
                 finally:
                     self.files.clear_job()  # the job line is the lock holder's

@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -54,6 +55,10 @@ T = TypeVar("T")
 # new one made under the same name is a new id, so a new inode with an empty cache:
 # cached pages can never be another snapshot's bytes. Inode numbers are never reused.
 RAW_DIRECT_IO = True
+
+# `rm -rf` of a snapshot tries every file in it: the same refusal within this many seconds
+# of the last is recorded in last-error once, not once per file.
+REPEAT_SECONDS = 2.0
 
 
 class OpenDisk(Protocol):
@@ -119,7 +124,9 @@ class SnapFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, tree: Tree, kcache: KernelCache, writes: Writes, open_disk: DiskOpener) -> None:
+    def __init__(
+        self, tree: Tree, kcache: KernelCache, writes: Writes, open_disk: DiskOpener, read_only: bool = False
+    ) -> None:
         super().__init__()
         self.tree = tree
         self.kcache = kcache
@@ -127,8 +134,11 @@ class SnapFS(pyfuse3.Operations):
         self.open_disk = open_disk
         self.inodes = kcache.inodes
         self.pending = writes.pending
+        self.read_only = read_only  # mounted with -o ro: the kernel refuses changes first
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
+        self._repeated: tuple[str, str, str] | None = None  # the last refusal recorded by refused_once
+        self._repeated_at = 0.0
 
     # ---- errors -----------------------------------------------------------------------
     def domain_of(self, key: object, by_handle: bool) -> str:
@@ -144,6 +154,29 @@ class SnapFS(pyfuse3.Operations):
     def refused(self, node: Node, err: int, operation: str, message: str) -> SnapfsError:
         """A refusal made by the filesystem itself, recorded in last-error: raise it."""
         return refusal(self.tree, node, err, operation, message)
+
+    def refused_once(self, node: Node, err: int, operation: str, message: str) -> SnapfsError:
+        """refused(), but the same refusal again within REPEAT_SECONDS of the last, while
+        last-error still holds it, is not recorded again (`rm -rf` asks once per file)."""
+        key, now = (node.dom, operation, message), time.monotonic()
+        repeated = key == self._repeated and now - self._repeated_at < REPEAT_SECONDS and self._still_recorded(key)
+        self._repeated, self._repeated_at = key, now
+        return SnapfsError(err, message) if repeated else self.refused(node, err, operation, message)
+
+    def _still_recorded(self, key: tuple[str, str, str]) -> bool:
+        dom, operation, message = key
+        try:
+            line = self.tree.store.domain(dom).last_error()
+        except SnapfsError:
+            return False
+        return line.rstrip("\n").endswith(f"{operation}: {' '.join(message.split())}")
+
+    def refuse_if_read_only(self, node: Node, operation: str) -> None:
+        """EROFS on a read-only mount. The kernel refuses first (`ro`); this holds after a
+        `mount -o remount,rw` too. Not recorded in last-error, as the kernel's EROFS is not."""
+        if self.read_only:
+            log.info("%s refused: %s is on a read-only mount", operation, self.tree.path(node))
+            raise SnapfsError(errno.EROFS, f"{self.tree.path(node)} is on a read-only mount.")
 
     # ---- the tree as the kernel sees it ----------------------------------------------------
     async def attrs(self, node: Node, now: Reading, epoch: int) -> pyfuse3.EntryAttributes:
@@ -201,6 +234,7 @@ class SnapFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
         self.tree.check(node, self.tree.reading())
+        self.refuse_if_read_only(node, "setattr")
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise self.refused(node, errno.EPERM, "setattr", f"The mode and owner of {self.tree.path(node)} are fixed.")
         if fields.update_size:
@@ -225,8 +259,11 @@ class SnapFS(pyfuse3.Operations):
 
     @handler()
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """The store's filesystem (what `df` of the mount should say: the snapshots' space)."""
+        store = await trio.to_thread.run_sync(os.statvfs, self.tree.store.root)
         data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = 4096
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(data, name, getattr(store, name))
         data.f_namemax = 255
         return data
 
@@ -272,6 +309,8 @@ class SnapFS(pyfuse3.Operations):
         if node.kind in DIRECTORIES:
             raise FUSEError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        if writable:
+            self.refuse_if_read_only(node, "open")
         if writable and node.kind not in WRITABLE:
             raise self.refused(node, errno.EACCES, "open", f"{self.tree.path(node, now)} is read-only.")
         await self.pending.settled(node)
@@ -356,6 +395,7 @@ class SnapFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.node(parent_inode)
         self.tree.check(parent, self.tree.reading())
+        self.refuse_if_read_only(parent, "mkdir")
         if parent.kind is not Kind.SNAPSHOTS:
             where = self.tree.path(parent)
             message = f"Directories are made only in snapshots/ (mkdir = create a snapshot), not in {where}."
@@ -376,6 +416,7 @@ class SnapFS(pyfuse3.Operations):
         now = self.tree.reading()
         self.tree.check(parent, now)
         child = self.found(parent, name, now)
+        self.refuse_if_read_only(child, "rmdir")
         if parent.kind is not Kind.SNAPSHOTS:
             message = f"Only snapshots can be removed (rmdir = discard), not {self.tree.path(child, now)}."
             raise self.refused(parent, errno.EACCES, "rmdir", message)
@@ -400,6 +441,7 @@ class SnapFS(pyfuse3.Operations):
         now = self.tree.reading()
         self.tree.check(old_parent, now)
         source = self.found(old_parent, name_old, now)
+        self.refuse_if_read_only(source, "rename")
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise self.refused(old_parent, errno.EINVAL, "rename", "Snapshots cannot be exchanged (RENAME_EXCHANGE).")
         if old_parent.kind is not Kind.SNAPSHOTS or new_parent != old_parent:
@@ -422,6 +464,7 @@ class SnapFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.inodes.node(parent_inode)
+        self.refuse_if_read_only(parent, "create")
         raise self.refused(parent, errno.EACCES, "create", f"Files cannot be created in {self.tree.path(parent)}.")
 
     @handler()
@@ -429,6 +472,7 @@ class SnapFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.node(parent_inode)
+        self.refuse_if_read_only(parent, "mknod")
         raise self.refused(parent, errno.EACCES, "mknod", f"Files cannot be created in {self.tree.path(parent)}.")
 
     @handler()
@@ -436,6 +480,7 @@ class SnapFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.node(parent_inode)
+        self.refuse_if_read_only(parent, "symlink")
         message = f"Symbolic links cannot be created in {self.tree.path(parent)}."
         raise self.refused(parent, errno.EACCES, "symlink", message)
 
@@ -444,9 +489,23 @@ class SnapFS(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
+        self.refuse_if_read_only(node, "link")
         raise self.refused(node, errno.EPERM, "link", f"{self.tree.path(node)} cannot be hard-linked.")
 
     @handler()
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """EPERM (as sysfs: no file here is ever removed; "Permission denied" would suggest
+        that root may), with what to do instead, recorded once per `rm -rf`."""
         parent = self.inodes.node(parent_inode)
-        raise self.refused(parent, errno.EACCES, "unlink", f"Files in {self.tree.path(parent)} cannot be removed.")
+        self.refuse_if_read_only(parent, "unlink")
+        raise self.refused_once(parent, errno.EPERM, "unlink", self.unlink_refusal(parent))
+
+    def unlink_refusal(self, parent: Node) -> str:
+        now = self.tree.reading()
+        if not parent.snap:
+            return f"Files in {self.tree.path(parent, now)} cannot be removed."
+        snapshot = self.tree.path(Node(Kind.SNAPSHOT, parent.dom, parent.snap), now)
+        return (
+            f"Files in snapshot {snapshot} cannot be removed: rmdir {snapshot} discards the snapshot, "
+            f"echo merge > {snapshot}/control removes it and keeps its changes."
+        )

@@ -44,10 +44,14 @@ class Journal:
     def pending(self) -> bool:
         return self.files.read_journal() is not None
 
-    async def refuse_unless_ready(self, engine: Engine, steps: list[dict]) -> None:
-        """The engine's precondition, before anything is written. A reader that holds a
-        layer for a moment (a qemu-img map behind a .changes file) is waited for, briefly."""
-        await patiently(lambda: engine.check_ready(self.files, steps), IN_USE_WAIT_SECONDS)
+    async def refuse_unless_ready(self, engine: Engine, steps: list[dict]) -> contextlib.AbstractContextManager:
+        """The engine's precondition, before anything is written, and its hold on the
+        layers the steps change: the caller keeps it (`with`) until the journal is cleared.
+        A reader that holds a layer for a moment (a qemu-img map behind a .changes file) is
+        waited for, briefly."""
+        held: list[contextlib.AbstractContextManager] = []
+        await patiently(lambda: held.append(engine.hold_layers(self.files, steps)), IN_USE_WAIT_SECONDS)
+        return held[0]
 
     async def run(self, operation: str, subject: str, engine: Engine, steps: list[dict]) -> None:
         """Check the space the steps need, write the journal, then carry it out. A plan
@@ -122,7 +126,8 @@ class Journal:
             return
         engine = engine_named(journal.get("engine"))
         try:
-            await self._carry_out(engine, journal, recovering=True)
+            with await self.refuse_unless_ready(engine, journal["steps"]):
+                await self._carry_out(engine, journal, recovering=True)
         except Exception as exc:
             cause = as_snapfs_error(exc)
             await self._mark_failed(journal, cause)

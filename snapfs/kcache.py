@@ -89,8 +89,7 @@ class KernelCache:
         entry.st_nlink = attrs.nlink
         entry.st_size = attrs.size
         entry.st_blocks = attrs.blocks
-        entry.st_uid = self._uid
-        entry.st_gid = self._gid
+        entry.st_uid, entry.st_gid = attrs.owner or (self._uid, self._gid)
         entry.st_blksize = 4096
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attrs.time_ns
         return entry

@@ -5,7 +5,7 @@ mounted (or with the sentence saying why it is not), so `snapfs mount DIR && ls 
 works. SIGINT and SIGTERM end the loop with pyfuse3.terminate() and unmount cleanly;
 `fusermount3 -u DIR` ends it too.
 
-For tests and systemd: python -m snapfs.mount STORE MOUNTPOINT --foreground
+For tests and systemd: python -m snapfs.mount STORE MOUNTPOINT --foreground [--read-only]
 """
 
 from __future__ import annotations
@@ -73,11 +73,17 @@ def check_mountpoint(mountpoint: str) -> str:
     return path
 
 
-def mount_options(allow_other: bool) -> set[str]:
-    options = set(pyfuse3.default_options)  # default_permissions
-    options |= {"fsname=snapfs", "subtype=snapfs"}
+def mount_options(store_root: str, allow_other: bool, read_only: bool = False) -> set[str]:
+    """default_permissions; the store's path as the source findmnt and df show (libfuse
+    splits options at commas, so a comma or backslash in it is escaped); `ro` makes the
+    kernel refuse every change with EROFS before it reaches a handler."""
+    source = os.path.abspath(store_root).replace("\\", "\\\\").replace(",", "\\,")
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={source}", "subtype=snapfs"}
     if allow_other:
         options.add("allow_other")
+    if read_only:
+        options.add("ro")
     return options
 
 
@@ -102,15 +108,17 @@ def recover(store_root: str) -> None:
         raise MountError(f"Recovering store {store_root} failed: {exc.message}") from None
 
 
-def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
-    """Mount (pyfuse3.init) after recovery; requests queue in the kernel until serve()."""
+def mount(store_root: str, mountpoint: str, allow_other: bool, read_only: bool = False) -> None:
+    """Mount (pyfuse3.init) after recovery; requests queue in the kernel until serve().
+    A read-only mount still recovers the store (an interrupted operation is finished, so
+    what it serves is a consistent state) and still hears of every change."""
     path = check_mountpoint(mountpoint)
     recover(store_root)
     global _operations, _kcache, _listener
     store = open_store(store_root)
     kcache = _kcache = KernelCache()
     tree = Tree(store, DomainCore.disk_changes)
-    operations = _operations = SnapFS(tree, kcache, Writes(tree), DomainCore.open_disk)
+    operations = _operations = SnapFS(tree, kcache, Writes(tree), DomainCore.open_disk, read_only=read_only)
     try:
         _listener = MountListener(store.root)
     except OSError as exc:
@@ -120,7 +128,7 @@ def mount(store_root: str, mountpoint: str, allow_other: bool) -> None:
         kcache.cache_seconds = 0
     _wire_announcements(store, kcache, _listener)
     try:
-        pyfuse3.init(operations, path, mount_options(allow_other))
+        pyfuse3.init(operations, path, mount_options(store.root, allow_other, read_only))
     except RuntimeError as exc:
         _unregister()
         raise MountError(f"Cannot mount on {path}: {exc}.") from None
@@ -188,16 +196,17 @@ def serve() -> int:
     return code
 
 
-def run_mount(store_root: str, mountpoint: str, foreground: bool, allow_other: bool) -> int:
-    """Mount store_root on mountpoint; 0 when mounted (daemon) or cleanly unmounted."""
+def run_mount(store_root: str, mountpoint: str, foreground: bool, allow_other: bool, read_only: bool = False) -> int:
+    """Mount store_root on mountpoint; 0 when mounted (daemon) or cleanly unmounted.
+    read_only: every change through the mount is refused with EROFS (backup hosts)."""
     if foreground:
         try:
-            mount(store_root, mountpoint, allow_other)
+            mount(store_root, mountpoint, allow_other, read_only)
         except MountError as exc:
             print(f"snapfs: {exc}", file=sys.stderr)
             return 1
         return serve()
-    return _daemonize(lambda: mount(store_root, mountpoint, allow_other))
+    return _daemonize(lambda: mount(store_root, mountpoint, allow_other, read_only))
 
 
 def _daemonize(do_mount: Callable[[], None]) -> int:
@@ -265,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("--foreground", action="store_true")
     parser.add_argument("--allow-other", action="store_true")
+    parser.add_argument("--read-only", action="store_true", help="refuse every change with EROFS")
     args = parser.parse_args(argv)
     setup_logging()
-    return run_mount(args.store, args.mountpoint, args.foreground, args.allow_other)
+    return run_mount(args.store, args.mountpoint, args.foreground, args.allow_other, args.read_only)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,38 @@
-"""Async wrappers over qemu-img: the only module that runs it, or knows qemu's lock bytes.
+"""Async wrappers over qemu-img: the only module that runs it.
 
-Every call goes through `trio.run_process`, so a long commit never blocks the event loop.
+Every child is spawned from the trio thread and waited for without blocking the loop (_Child).
 Failures become `SnapfsError`: qemu's image lock -> EBUSY, anything else -> EIO, each
 carrying qemu's own message.
+
+The layers an operation changes are held with QEMU's own locks by snapfs itself for the
+whole operation (layerlock.py), so the calls on them here open them with
+file.locking=off (those that write) or -U (those that only read); a chain is checked by
+layerlock.check_chain before qemu-img opens it where a file may not be what it should
+(the mount). The mount's calls are bounded in time (MOUNT_QEMU_SECONDS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
-import fcntl
 import functools
 import json
 import os
 import re
 import signal
-import struct
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 
 import trio
 
+from . import layerlock
 from .durable import unlink_if_present
 from .errors import SnapfsError, single
+from .layerlock import hold_read_locks  # noqa: F401  (the mount's disk reader takes it from here)
 
 QEMU_IMG = os.environ.get("SNAPFS_QEMU_IMG", "qemu-img")
+MOUNT_QEMU_SECONDS = float(os.environ.get("SNAPFS_MOUNT_QEMU_SECONDS", "60"))
 LOCK_ERRORS = ('Failed to get "write" lock', 'Failed to get shared "write" lock')
 _ENV = {**os.environ, "LC_ALL": "C"}
 
@@ -166,9 +174,21 @@ async def qemu_img(
     return await _run(QEMU_IMG, args, what, ok, progress)
 
 
+def _unlocked(path: str, backing_held: bool = False) -> list[str]:
+    """--image-opts for a qcow2 layer that snapfs holds itself (layerlock.hold): qemu-img
+    must not take the locks, or it would find snapfs's own. backing_held: its backing file
+    (which it must have) is held too."""
+    opts = f"driver=qcow2,file.driver=file,file.filename={_opt(path)},file.locking=off"
+    return ["--image-opts", opts + (",backing.file.locking=off" if backing_held else "")]
+
+
+def _opt(value: str) -> str:
+    return value.replace(",", ",,")  # qemu's option syntax doubles a comma in a value
+
+
 async def info(path: str, fmt: str | None = None) -> dict:
-    """`qemu-img info` of one image (no chain)."""
-    args = ["info", "--output=json"]
+    """`qemu-img info` of one image (no chain), without taking its locks (-U)."""
+    args = ["info", "-U", "--output=json"]
     if fmt:
         args += ["-f", fmt]
     _, out = await qemu_img([*args, path], f"reading {path}")
@@ -193,9 +213,12 @@ async def create_overlay(path: str, backing: str, backing_fmt: str, size: int) -
 
 
 async def commit_into_backing(top: str, progress: Progress | None = None) -> None:
-    """Write top's clusters into its backing file; top is left as it was (-d)."""
+    """Write top's clusters into its backing file; top is left as it was (-d). Both are
+    held by snapfs (layerlock.hold) for the operation."""
     await qemu_img(
-        ["commit", "-q", "-f", "qcow2", "-d", top], f"merging {top} into its backing file", progress=progress
+        ["commit", "-q", "-d", *_unlocked(top, backing_held=True)],
+        f"merging {top} into its backing file",
+        progress=progress,
     )
 
 
@@ -209,7 +232,7 @@ async def rebase_safe(path: str, backing: str, backing_fmt: str, progress: Progr
 async def same_content(a: str, b: str) -> bool:
     """Whether two images (each with its backing chain) read the same; qcow2 both."""
     code, _ = await qemu_img(
-        ["compare", "-q", "-f", "qcow2", "-F", "qcow2", a, b], f"comparing {a} with {b}", ok=(0, 1)
+        ["compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", a, b], f"comparing {a} with {b}", ok=(0, 1)
     )
     return code == 0
 
@@ -221,7 +244,7 @@ async def convert_layer(
 
     Only clusters allocated in `src` itself are written (-B keeps the backing).
     """
-    args = ["convert", "-q", "-t", "writeback", "-f", "qcow2", "-O", "qcow2"]
+    args = ["convert", "-q", "-U", "-t", "writeback", "-f", "qcow2", "-O", "qcow2"]
     if compression != "none":
         args += ["-c", "-o", f"compression_type={'zlib' if compression == 'gzip' else compression}"]
     args += ["-B", backing, "-F", backing_fmt, src, dst]
@@ -233,9 +256,10 @@ async def convert_layer(
         raise
 
 
-async def check_and_repair(path: str) -> None:
-    """`qemu-img check -r all`: clears a dirty flag left by a crash during a commit."""
-    await qemu_img(["check", "-q", "-r", "all", "-f", "qcow2", path], f"repairing {path}", ok=(0, 1, 3))
+async def check_and_repair(path: str, backing_held: bool = False) -> None:
+    """`qemu-img check -r all`: clears a dirty flag left by a crash during a commit (the
+    layer, and its backing when backing_held, are held by snapfs)."""
+    await qemu_img(["check", "-q", "-r", "all", *_unlocked(path, backing_held)], f"repairing {path}", ok=(0, 1, 3))
 
 
 async def is_dirty(path: str) -> bool:
@@ -250,85 +274,59 @@ async def backing_file(path: str) -> str | None:
     return (await info(path, "qcow2")).get("backing-filename")
 
 
-# QEMU's image locking (block/file-posix.c): a user holding permission bit i locks byte
-# 100 + i, a user refusing to share it locks byte 200 + i, with OFD locks. Bit 1 is WRITE.
-_QEMU_WRITE_LOCK_BYTES = (101, 201)
-_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-_FLOCK = "hhqqi4x"
-
-
-def refuse_if_in_use(paths: Iterable[str]) -> None:
-    """EBUSY if another process (a running QEMU, qemu-nbd, a qemu-img reader) writes one
-    of the images (those that exist) or forbids writing it, read off QEMU's own lock
-    bytes without opening the image: the same test qemu-img's "Failed to get "write"
-    lock" comes from, in microseconds instead of a process start. A reader that merely
-    uses the image as a backing file forbids writing it too, so it is seen."""
-    for path in dict.fromkeys(paths):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            held = any(_write_lock_held(fd, byte) for byte in _QEMU_WRITE_LOCK_BYTES)
-        finally:
-            os.close(fd)
-        if held:
-            raise SnapfsError(
-                errno.EBUSY,
-                f"{path} is in use by another process (a running QEMU, qemu-nbd, or an open snapshot disk image).",
-            )
-
-
-def _write_lock_held(fd: int, byte: int) -> bool:
-    probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
-    return struct.unpack(_FLOCK, fcntl.fcntl(fd, _F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK
-
-
 async def top_layer_has_data(path: str) -> bool:
     """Whether the image itself (not its backing chain) holds any cluster."""
+    await trio.to_thread.run_sync(layerlock.check_chain, path)  # map opens the whole chain
     _, out = await qemu_img(["map", "--output=json", "-f", "qcow2", path], f"mapping {path}")
     return any(extent["depth"] == 0 and (extent["data"] or extent["zero"]) for extent in json.loads(out))
 
 
 async def backing_chain(path: str) -> list[tuple[str, str]]:
-    """(file, format) of the image and every backing file, top first: the index is
-    `depth` in `qemu-img map`."""
-    _, out = await qemu_img(["info", "--backing-chain", "--output=json", "-f", "qcow2", path], f"reading {path}")
+    """(file, format) of the layer and every backing file, top first: the index is
+    `depth` in `qemu-img map`. Each file is checked (layerlock.check_chain: regular files,
+    no symlink out of the store, no json: or protocol backing) before qemu-img opens it,
+    and qemu-img is given MOUNT_QEMU_SECONDS."""
+    await trio.to_thread.run_sync(layerlock.check_chain, path)
+    with _bounded(path):
+        _, out = await qemu_img(["info", "--backing-chain", "--output=json", "-f", "qcow2", path], f"reading {path}")
     return [(os.path.abspath(i["filename"]), i["format"]) for i in json.loads(out)]
 
 
 async def extent_map(path: str) -> list[dict]:
-    """`qemu-img map --output=json` of the image through its whole chain."""
-    _, out = await qemu_img(["map", "--output=json", "-f", "qcow2", path], f"mapping {path}")
+    """`qemu-img map --output=json` of the layer through its whole chain, checked first
+    and bounded in time as backing_chain is (the mount's .raw and .changes use it)."""
+    await trio.to_thread.run_sync(layerlock.check_chain, path)
+    with _bounded(path):
+        _, out = await qemu_img(["map", "--output=json", "-f", "qcow2", path], f"mapping {path}")
     return json.loads(out)
+
+
+@contextlib.contextmanager
+def _bounded(path: str) -> Iterator[None]:
+    """At most MOUNT_QEMU_SECONDS for a qemu-img run (cancelling kills it); EIO after."""
+    with trio.move_on_after(MOUNT_QEMU_SECONDS) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise SnapfsError(errno.EIO, f"qemu-img did not finish reading {path} within {MOUNT_QEMU_SECONDS:.0f} s.")
 
 
 async def start_nbd_server(image: str, socket_path: str, pid_file: str) -> int:
     """A read-only qemu-nbd on a unix socket (qemu-nbd --fork returns once it serves). Not
     --persistent: it exits when its one client disconnects, so a killed mount leaves none."""
-    await _run(
-        "qemu-nbd",
-        [
-            "--fork",
-            "--read-only",
-            "-f",
-            "qcow2",
-            f"--socket={socket_path}",
-            f"--pid-file={pid_file}",
-            image,
-        ],
-        f"exporting {image}",
-    )
+    await trio.to_thread.run_sync(layerlock.check_chain, image)
+    with _bounded(image):
+        await _run(
+            "qemu-nbd",
+            [
+                "--fork",
+                "--read-only",
+                "-f",
+                "qcow2",
+                f"--socket={socket_path}",
+                f"--pid-file={pid_file}",
+                image,
+            ],
+            f"exporting {image}",
+        )
     with open(pid_file) as f:
         return int(f.read().strip())
-
-
-def hold_read_locks(fd: int, path: str) -> None:
-    """Take the locks a QEMU reader takes (consistent read, and no writer allowed) on an
-    open image, so qemu-img, qemu and snapfs's own in-use check see it as in use; refuse
-    (EBUSY) if a writer (a commit in progress, a running QEMU) holds it."""
-    for byte in (100, 201):
-        fcntl.fcntl(fd, _F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
-    if _write_lock_held(fd, 101):
-        raise SnapfsError(errno.EBUSY, f"{path} is being written by another process; try again when it is done.")

@@ -401,7 +401,14 @@ class StoreFiles:
         self._domains: dict[str, DomainFiles] = {}
 
     def ensure(self) -> None:
+        """Make the store if it is not there: its directory 0700 whatever the umask (VM disks
+        are nobody else's business; to share read access with a group, see the README)."""
         try:
+            if not os.path.isdir(self.root):
+                os.makedirs(os.path.dirname(self.root), exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.root, 0o700)
+                    os.chmod(self.root, 0o700)
             os.makedirs(self.domains_dir, exist_ok=True)
         except OSError as exc:
             raise SnapfsError(exc.errno or errno.EIO, f"Cannot use store {self.root}: {exc.strerror}.") from exc

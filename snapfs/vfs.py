@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import errno
 import json
+import os
 import stat
 import time
 from collections import OrderedDict
@@ -113,6 +114,7 @@ class Attributes:
     size: int
     nlink: int
     time_ns: int  # atime, mtime and ctime alike
+    owner: tuple[int, int] | None = None  # (uid, gid) when not the mount's: a disk's are its layer's
 
     @property
     def blocks(self) -> int:
@@ -345,9 +347,23 @@ class Tree:
                 raise gone()
             return Attributes(stat.S_IFLNK | 0o777, len(target.encode("utf-8")), 1, stamp)
         if node.kind is Kind.RAW:
-            return Attributes(stat.S_IFREG | 0o444, self.disk(node, now).size, 1, stamp)  # the virtual size
+            mode, owner = self._layer_access(node, now)
+            return Attributes(mode, self.disk(node, now).size, 1, stamp, owner)  # the virtual size
+        if node.kind is Kind.CHANGES:
+            mode, owner = self._layer_access(node, now)
+            return Attributes(mode, len(self.content(node, now)), 1, stamp, owner)
         mode = stat.S_IFREG | (0o644 if node.kind in WRITABLE else 0o444)
         return Attributes(mode, len(self.content(node, now)), 1, stamp)
+
+    @staticmethod
+    def _layer_access(node: Node, now: Reading) -> tuple[int, tuple[int, int] | None]:
+        """A snapshot disk's file is readable by whom its layer file in the store is (its
+        read bits, owner and group), so --allow-other shares what the store's owner chose."""
+        try:
+            st = os.stat(now.domain(node.dom).layer_path(node.disk, node.snap))
+        except OSError:
+            return stat.S_IFREG | 0o400, None
+        return stat.S_IFREG | (st.st_mode & 0o444), (st.st_uid, st.st_gid)
 
     @staticmethod
     def _directory_links(node: Node, now: Reading) -> int:

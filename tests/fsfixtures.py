@@ -76,8 +76,11 @@ def core_call(store_root: str, code: str) -> subprocess.CompletedProcess:
 class Mount:
     """A mount in a subprocess; stop() always leaves the mountpoint unmounted."""
 
-    def __init__(self, store_root: str, mountpoint: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, store_root: str, mountpoint: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.store_root = store_root
+        self.args = args  # more options for snapfs.mount, e.g. ("--read-only",)
         self.path = mountpoint
         self.log_path = mountpoint.rstrip("/") + ".log"
         self.env = {**os.environ, **(env or {})}
@@ -88,7 +91,7 @@ class Mount:
         os.makedirs(self.path, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "snapfs.mount", self.store_root, self.path, "--foreground"],
+                [PYTHON, "-m", "snapfs.mount", self.store_root, self.path, "--foreground", *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
@@ -185,9 +188,9 @@ class FsEnv:
         return fingerprint(self.store)
 
 
-def start_env(tmp_path, env: dict[str, str] | None = None) -> Iterator[FsEnv]:
+def start_env(tmp_path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Iterator[FsEnv]:
     setup = define_store(str(tmp_path))
-    mount = Mount(setup.root, str(tmp_path / "mnt"), env)
+    mount = Mount(setup.root, str(tmp_path / "mnt"), env, args)
     mount.start()
     try:
         yield FsEnv(setup, mount)

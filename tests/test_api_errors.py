@@ -19,7 +19,7 @@ from helpers import CLUSTER, MiB, make_image, read_raw, tree_fingerprint, write_
 
 import snapfs
 from snapfs import DeactivateFlags, DependentsError, SnapfsError
-from snapfs.domain import StoreCore
+from snapfs.catalog import StoreCore
 
 
 def refused(store_path: str, call, errnos: int | tuple[int, ...], *words: str) -> SnapfsError:

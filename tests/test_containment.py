@@ -106,7 +106,6 @@ def run_with_writer(store: FailStore, writer_start: int, *args: str) -> Writer:
     return writer
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (1): a write done during a merge of current is lost")
 @pytest.mark.timeout(240)
 def test_no_write_lost_during_merge_of_current_or_create(fstore):
     fstore.add_domain("vm1", size=1024 * MiB)

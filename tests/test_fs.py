@@ -19,6 +19,7 @@ import time
 
 import pytest
 from fsfixtures import (  # noqa: F401  (fixtures are used by name)
+    BASH_ENV,
     CLUSTER,
     PYTHON,
     REPO,
@@ -28,6 +29,7 @@ from fsfixtures import (  # noqa: F401  (fixtures are used by name)
     core_call,
     define_store,
     drive_fixture,
+    errno_of,
     fs_fixture,
     has_pattern,
     make_image,
@@ -335,8 +337,8 @@ def test_read_only_files(fs: FsEnv, drive) -> None:
         assert_refused(fs, drive.write(fs.p(rel), b"x\n"), errno.EACCES, before, "read-only")
     assert_refused(fs, call(os.truncate, fs.p("vm1/xml"), 0), errno.EACCES, before)
     assert_refused(fs, call(os.chmod, fs.snap("a", "description"), 0o600), errno.EPERM, before)
-    assert_refused(fs, call(os.unlink, fs.snap("a", "xml")), errno.EACCES, before)
-    assert_refused(fs, call(os.unlink, fs.p("vm1/current")), errno.EACCES, before)
+    assert_refused(fs, call(os.unlink, fs.snap("a", "xml")), errno.EPERM, before, "rmdir")
+    assert_refused(fs, call(os.unlink, fs.p("vm1/current")), errno.EPERM, before)
     assert_refused(fs, call(os.symlink, "x", fs.p("vm1/link")), errno.EACCES, before)
 
 
@@ -626,3 +628,145 @@ def test_daemon_mode(tmp_path) -> None:
     while os.path.ismount(mnt) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.ismount(mnt)
+
+
+# ---- a refusal is the exit status of the echo that caused it (issue 15, item 3) ---------------
+BAD_DESCRIPTIONS = [
+    ("builtin-echo-control", "echo -e 'a\\x01b' > \"$1\"", errno.EINVAL, "control characters"),
+    ("bin-echo-control", "/bin/echo -e 'a\\x01b' > \"$1\"", errno.EINVAL, "control characters"),
+    ("builtin-printf-not-utf8", "printf 'ok \\xff\\xfe' > \"$1\"", errno.EINVAL, "UTF-8"),
+    ("builtin-printf-too-big", "printf '%*s' 70000 '' > \"$1\"", errno.EFBIG, "at most 65536 bytes"),
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "expected", "words"), [case[1:] for case in BAD_DESCRIPTIONS], ids=[case[0] for case in BAD_DESCRIPTIONS]
+)
+def test_a_refused_description_fails_the_shell_builtin(fs: FsEnv, script: str, expected: int, words: str) -> None:
+    """bash's builtin echo/printf write once and report only what write() returned: every
+    check on the bytes is made in write(), so the shell exits non-zero with the errno."""
+    make_chain(fs, DRIVER_PY, ["a"])
+    path = fs.snap("a", "description")
+    assert DRIVER_PY.write(path, b"unchanged\n") == 0
+    before = fs.fingerprint()
+    run = subprocess.run(["bash", "-c", script, "bash", path], capture_output=True, text=True, env=BASH_ENV)
+    assert run.returncode != 0, f"{script!r} exited 0: {run.stderr}"
+    assert errno_of(run.stderr) == expected, run.stderr
+    assert fs.fingerprint() == before
+    assert fs.read("vm1/snapshots/a/description") == "unchanged\n"
+    assert words in fs.last_error(), fs.last_error()
+
+
+# ---- what the README says of tools that move or rewrite files (issue 15, item 11) -------------
+def test_a_move_to_another_filesystem_keeps_the_snapshot(fs: FsEnv, tmp_path) -> None:
+    """The kernel answers EXDEV before the mount sees the rename; `mv` then copies the
+    snapshot's files (its .raw disks too) and fails to remove them, so the snapshot stays."""
+    make_chain(fs, DRIVER_PY, ["a", "b"])
+    before = fs.fingerprint()
+    assert call(os.rename, fs.snap("b"), str(tmp_path / "renamed")) == errno.EXDEV
+    target = tmp_path / "moved"
+    run = subprocess.run(["mv", fs.snap("b"), str(target)], capture_output=True, text=True, env=BASH_ENV)
+    assert run.returncode == 1
+    assert {errno_of(line) for line in run.stderr.splitlines()} == {errno.EPERM}, run.stderr
+    assert snapshot_names(fs) == ["a", "b"] and fs.fingerprint() == before
+    assert (target / "xml").read_text() == fs.read("vm1/snapshots/b/xml")
+    assert (target / "disks" / "vda.raw").stat().st_size == 4 << 20  # the whole disk was copied
+    assert "rmdir /vm1/snapshots/b discards" in fs.last_error()
+
+
+def test_sed_in_place_cannot_edit_a_description(fs: FsEnv) -> None:
+    """`sed -i` writes a temporary file beside it and renames it over: both are refused,
+    and the description stays. Rewriting it through the file itself works."""
+    make_chain(fs, DRIVER_PY, ["a"])
+    path = fs.snap("a", "description")
+    assert DRIVER_PY.write(path, b"kernel 6.1\n") == 0
+    run = subprocess.run(["sed", "-i", "s/6.1/6.6/", path], capture_output=True, text=True, env=BASH_ENV)
+    assert run.returncode != 0 and "couldn't open temporary file" in run.stderr, run.stderr
+    assert fs.read("vm1/snapshots/a/description") == "kernel 6.1\n"
+    run = subprocess.run(
+        ["bash", "-c", 'printf \'%s\' "$(sed s/6.1/6.6/ "$1")" > "$1"', "bash", path], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert fs.read("vm1/snapshots/a/description") == "kernel 6.6\n"
+
+
+# ---- never stale: the kinds of file test_cache.py does not check (DESIGN section 2) -----------
+def cli_run(fs: FsEnv, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "snapfs.cli", "--store", fs.store, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def stat_and_read(path: str) -> bytes:
+    """A stat the kernel may answer from its cache, then a read: the size must match. The
+    path is stat'ed again at the end: a read makes the kernel ask for the attributes at the
+    next stat (atime), so only this last stat leaves them in its cache for the next check."""
+    size = os.stat(path).st_size
+    with open(path, "rb") as f:
+        data = f.read()
+    assert size == len(data), f"stale size of {path}: {size} != {len(data)}"
+    os.stat(path)
+    return data
+
+
+def test_last_error_and_domain_xml_are_never_stale(fs: FsEnv, tmp_path) -> None:
+    """last-error changes with no change of the metadata; the domain XML changes when the
+    domain is defined again with other disks. Both stat'ed (cached) first."""
+    assert stat_and_read(fs.p("vm1/last-error")) == b""
+    run = core_call(fs.store, 'store.domain("vm1").record_error("test", "nobody announces a refusal")')
+    assert run.returncode == 0, run.stderr
+    assert b"nobody announces a refusal" in stat_and_read(fs.p("vm1/last-error"))
+    old_xml = stat_and_read(fs.p("vm2/xml"))
+    disks = [f"{t}={make_image(str(tmp_path / 'images' / f'{t}.qcow2'), 'qcow2')}" for t in ("vda", "vdb")]
+    assert cli_run(fs, "undefine", "vm2").returncode == 0
+    assert cli_run(fs, "define", "--name", "vm2", "--disk", disks[0], "--disk", disks[1]).returncode == 0
+    new_xml = stat_and_read(fs.p("vm2/xml"))
+    assert b'<target dev="vdb"' in new_xml and b'<target dev="vdb"' not in old_xml
+
+
+def test_changes_file_is_never_stale(fs: FsEnv) -> None:
+    """A .changes (its size known to the kernel) after its parent is merged by another process."""
+    write_live(fs, 0x21, 0)
+    os.mkdir(fs.snap("a"))
+    write_live(fs, 0x22, CLUSTER)
+    os.mkdir(fs.snap("b"))
+    write_live(fs, 0x23, 3 * CLUSTER)  # not next to b's cluster: c gets one more extent
+    os.mkdir(fs.snap("c"))
+    path = fs.snap("c", "disks/vda.changes")
+    before = stat_and_read(path)
+    assert cli_run(fs, "snapshot-deactivate", "vm1", "b", "--merge").returncode == 0
+    after = stat_and_read(path)
+    assert len(after) != len(before), (before, after)
+
+
+def test_job_is_never_stale(tmp_path) -> None:
+    """job changes during a long operation of another process (a slow qemu-img commit)."""
+    wrapper = tmp_path / "slow-qemu-img"
+    wrapper.write_text('#!/bin/sh\ncase "$1" in commit|rebase) sleep 2;; esac\nexec qemu-img "$@"\n')
+    wrapper.chmod(0o755)
+    env = start_env(tmp_path)
+    fs = next(env)
+    try:
+        make_chain(fs, DRIVER_PY, ["a", "b"])
+        path = fs.p("vm1/job")
+        assert stat_and_read(path) == b""
+        merge = subprocess.Popen(
+            [PYTHON, "-m", "snapfs.cli", "--store", fs.store, "snapshot-deactivate", "vm1", "a", "--merge"],
+            cwd=REPO,
+            env={**os.environ, "SNAPFS_QEMU_IMG": str(wrapper)},
+        )
+        seen = b""
+        deadline = time.monotonic() + 20
+        while not seen and merge.poll() is None and time.monotonic() < deadline:
+            seen = stat_and_read(path)
+            time.sleep(0.05)
+        assert merge.wait(timeout=60) == 0
+        assert seen, "job showed nothing during the merge"
+        assert stat_and_read(path) == b""
+    finally:
+        env.close()

@@ -56,7 +56,6 @@ def hostile_image(directory: str, backing: str) -> str:
 
 
 # ---- (4) a hostile backing chain -------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 12 (4): define never looks at the base image's own backing chain")
 @pytest.mark.parametrize("kind", ["file", "json"])
 def test_define_refuses_a_hostile_backing_chain(public_dir, secret, kind):
     store = new_store(public_dir)
@@ -66,7 +65,6 @@ def test_define_refuses_a_hostile_backing_chain(public_dir, secret, kind):
     assert not os.path.exists(os.path.join(store.root, "domains", "evil"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (4): nobody reads a root-only file behind a hostile backing chain")
 def test_nobody_cannot_read_a_hostile_backing_through_the_mount(public_dir, secret, mounts):
     store = new_store(public_dir)
     image = hostile_image(public_dir, secret)
@@ -87,7 +85,6 @@ def test_nobody_cannot_read_a_hostile_backing_through_the_mount(public_dir, secr
 
 
 # ---- (5) modes of the store ------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 12 (5): layers 0644 in a 0755 store, every .raw 0444")
 def test_second_uid_reads_no_layer(public_dir, mounts):
     store = new_store(public_dir)
     store.add_domain("vm1")
@@ -140,7 +137,6 @@ def fifos_fixture():
             pass
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (6): a FIFO in place of a layer hangs revert, delete and reads")
 def test_fifo_in_place_of_a_layer_is_refused(fstore, mounts, fifos, tmp_path):
     fstore.add_domain("vm1")
     layer = fstore.snap("vm1", "s1")
@@ -167,7 +163,6 @@ def test_fifo_in_place_of_a_layer_is_refused(fstore, mounts, fifos, tmp_path):
     assert_store_clean(fstore.root)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (7): a symlink in place of a layer is followed and written")
 def test_symlink_out_of_the_store_is_refused(fstore, mounts, tmp_path):
     fstore.add_domain("vm1")
     layer = fstore.snap("vm1", "s1")

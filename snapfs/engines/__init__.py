@@ -10,6 +10,7 @@ steps (meta_write, meta_delete, state) are the journal's own, passed through unc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -32,8 +33,11 @@ class Engine(Protocol):
         """The idempotent steps that carry out one layer intent, for every disk."""
         ...
 
-    async def check_ready(self, files: DomainFiles, steps: list[dict]) -> None:
-        """Refuse (SnapfsError) before anything is written if the steps cannot run now."""
+    def hold_layers(self, files: DomainFiles, steps: list[dict]) -> contextlib.AbstractContextManager:
+        """Refuse (SnapfsError) before anything is written if the steps cannot run now;
+        otherwise hold what they change (no other process may open it for writing) until
+        the returned context manager exits: after the last step, in the operation and in
+        recovery alike."""
         ...
 
     async def run(

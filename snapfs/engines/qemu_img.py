@@ -9,12 +9,14 @@ holds a layer a step would write, move or delete.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Awaitable, Callable
 
 import trio
 
-from .. import qemu
+from .. import layerlock, qemu
 from ..durable import DirSyncs, fsync_file, sync_dir_of, unlink_if_present
 from ..errors import io_error
 from ..records import LIVE, DiskRecord
@@ -22,7 +24,8 @@ from ..store import DomainFiles
 from . import Progress
 
 # The keys of each step that name a file (relative to the domain directory) the step
-# writes, moves or deletes; a "backing" is only read.
+# writes, moves or deletes; a "backing" is only read. A file a step only deletes is held
+# against writers; the others against readers too (layerlock.hold).
 WRITES = {
     "overlay": ("dst",),
     "rename": ("src", "dst"),
@@ -32,6 +35,10 @@ WRITES = {
     "delete": ("path",),
 }
 METADATA_STEPS = ("meta_write", "meta_delete", "state")
+ONLY_DELETED = ("delete",)
+# Steps whose qemu-img opens the whole backing chain (the others open no chain: an overlay
+# is made with -u, a rename or a delete opens nothing), so the whole chain is checked first.
+OPENS_CHAIN = ("commit", "rebase", "recompress")
 
 
 class QemuImgEngine:
@@ -85,9 +92,29 @@ class QemuImgEngine:
         return steps + [_step("delete", path=plan.layer(d, snap)) for d in disks]
 
     # ---- the precondition --------------------------------------------------------------------
-    async def check_ready(self, files: DomainFiles, steps: list[dict]) -> None:
-        """EBUSY if another process holds a layer the steps would write, move or delete."""
-        qemu.refuse_if_in_use(files.file(step[key]) for step in steps for key in WRITES.get(step["do"], ()))
+    def hold_layers(self, files: DomainFiles, steps: list[dict]) -> layerlock.HeldLayers:
+        """Check every layer the steps name and the chains under them (regular files
+        inside the store, no json: or protocol backing: ELOOP/EINVAL), then hold those the
+        steps write, move or delete with QEMU's locks until the caller closes the hold;
+        EBUSY if another process writes one or forbids writing it."""
+        bases = {disk.base for disk in files.record().disks}
+        held: dict[str, str] = {}
+        checked: set[str] = set()  # chains share their lower parts
+        for step in steps:
+            named = [files.file(step[key]) for key in WRITES.get(step["do"], ())]
+            for path in named:
+                mode = "read" if step["do"] in ONLY_DELETED else "write"
+                if held.get(path) != "write":
+                    held[path] = mode
+            backing = step.get("backing")
+            if named and isinstance(backing, str):
+                named.append(os.path.join(os.path.dirname(named[0]), backing))  # an absolute one stays as is
+            for path in named:
+                if step["do"] in OPENS_CHAIN:
+                    layerlock.check_chain(path, bases, checked)
+                else:
+                    layerlock.check_file(path, follow=path in bases)
+        return layerlock.hold(held)
 
     # ---- running a step --------------------------------------------------------------------------
     async def run(
@@ -124,9 +151,9 @@ class QemuImgEngine:
         may have left the dirty flag set, which `qemu-img check -r all` clears.
         """
         if repair_first:
-            for path in (into, top):
+            for path, backing_held in ((into, False), (top, True)):
                 if await qemu.is_dirty(path):
-                    await qemu.check_and_repair(path)
+                    await qemu.check_and_repair(path, backing_held)
         await qemu.commit_into_backing(top, progress)
         await _in_thread(fsync_file, into)
 
@@ -201,6 +228,7 @@ async def _in_thread(fn, *args) -> None:
 
 
 def _install_now(tmp: str, dst: str, syncs: DirSyncs | None) -> None:
+    _give_layer_mode(tmp, dst)
     fsync_file(tmp)
     os.rename(tmp, dst)
     sync_dir_of(dst, syncs)
@@ -209,6 +237,22 @@ def _install_now(tmp: str, dst: str, syncs: DirSyncs | None) -> None:
 async def _install(tmp: str, dst: str, syncs: DirSyncs | None = None) -> None:
     """fsync tmp, rename it over dst, fsync the directory (now, or at syncs.flush())."""
     await _in_thread(_install_now, tmp, dst, syncs)
+
+
+def _give_layer_mode(tmp: str, dst: str) -> None:
+    """A new layer is 0600, whatever the umask and whatever made it (qemu-img, cp); 0640
+    with the store directory's group when that directory is group-readable: the store's
+    owner shares read access with a group (backups) by opening the store to it (README)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(dst)))))
+    try:
+        st = os.stat(root)
+    except OSError:
+        st = None
+    shared = st is not None and bool(st.st_mode & stat.S_IRGRP)
+    if shared:
+        with contextlib.suppress(PermissionError):  # not a member of that group: 0600 then
+            os.chown(tmp, -1, st.st_gid)
+    os.chmod(tmp, 0o640 if shared and os.stat(tmp).st_gid == st.st_gid else 0o600)
 
 
 def _move(src: str, dst: str, syncs: DirSyncs | None) -> None:
