@@ -16,7 +16,7 @@ import trio
 
 from .catalog import StoreCore
 from .domain import DomainCore
-from .errors import SnapfsError, invalid
+from .errors import SnapfsError, invalid, single
 from .records import SnapshotRecord
 from .rules import DeactivateFlags
 from .store import default_store_path
@@ -25,7 +25,11 @@ T = TypeVar("T")
 
 
 def _run(fn: Callable[..., Awaitable[T]], *args) -> T:
-    return trio.run(fn, *args)
+    """Run one core call; a failure comes out as one exception, never a group."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        raise single(group) from None
 
 
 def version() -> str:

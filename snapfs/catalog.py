@@ -76,8 +76,14 @@ class StoreCore:
         return core
 
     async def recover(self) -> None:
+        """Try to finish every domain's interrupted operation; one that cannot finish now
+        writes its last-error and is left for the next change on it (never raised)."""
         for name in self.domain_names():
-            await self.domain(name).recover()
+            try:
+                core = self.domain(name)
+            except SnapfsError:
+                continue  # undefined meanwhile
+            await core.recover()
 
     async def define(
         self,

@@ -9,6 +9,7 @@ import shlex
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 
 import trio
@@ -18,7 +19,7 @@ from . import rules, xml
 from .api import drop_final_newline, open_store_core, version
 from .catalog import StoreCore
 from .domain import DomainCore
-from .errors import SnapfsError, invalid, not_found
+from .errors import SnapfsError, invalid, not_found, single
 from .records import SnapshotRecord, snapshot_order
 from .rules import DeactivateFlags
 from .store import default_store_path
@@ -611,19 +612,26 @@ async def _extension(dom: DomainCore, args: argparse.Namespace) -> str:
     return f"Domain snapshot {snap.name} description set\n"
 
 
+def _list_row(dom: DomainCore) -> list[str]:
+    """Name, snapshots, current; and a status when the domain is broken (a corrupt metadata
+    file) or waits for an unfinished operation."""
+    health = dom.health()
+    if health and health.startswith("broken"):
+        return [dom.name, "-", "-", health]
+    row = [dom.name, str(len(dom.view().snapshots)), _current_name(dom) or "-"]
+    return row + [health] if health else row
+
+
 async def _store_verb(store: StoreCore, args: argparse.Namespace) -> str:
     if args.verb == "define":
         return await _define(store, args)
     if args.verb == "list" and args.name:
         return "".join(f"{n}\n" for n in store.domain_names())
     if args.verb == "list":
-        return _table(
-            ["Name", "Snapshots", "Current"],
-            [
-                [n, str(len(store.domain(n).view().snapshots)), _current_name(store.domain(n)) or "-"]
-                for n in store.domain_names()
-            ],
-        )
+        rows = [_list_row(store.domain(n)) for n in store.domain_names()]
+        if all(len(row) == 3 for row in rows):
+            return _table(["Name", "Snapshots", "Current"], rows)
+        return _table(["Name", "Snapshots", "Current", "Status"], [row + [""] * (4 - len(row)) for row in rows])
     await store.undefine(args.domain, args.remove_snapshots)
     return f"Domain '{args.domain}' has been undefined\n"
 
@@ -728,12 +736,24 @@ def main(argv: list[str] | None = None) -> int:
             store = args.store or default_store_path()
             return run_mount(store, args.mountpoint, args.foreground, args.allow_other, args.read_only)
         sys.stdout.write(trio.run(_main, args))
-    except SnapfsError as exc:
-        print(f"snapfs: error: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as caught:  # noqa: BLE001  (the edge: every failure is one sentence)
+        return _failed(single(caught))
     return 0
+
+
+def _failed(exc: BaseException) -> int:
+    """One line on stderr for a failure and the exit status: 130 for Ctrl-C, 1 otherwise.
+    A traceback only with SNAPFS_DEBUG=1."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("snapfs: interrupted; an operation cut short is finished by the next change.", file=sys.stderr)
+        return 130
+    if isinstance(exc, SystemExit):
+        raise exc
+    if os.environ.get("SNAPFS_DEBUG") == "1":
+        traceback.print_exception(exc)
+    message = exc.message if isinstance(exc, SnapfsError) else f"unexpected {type(exc).__name__}: {exc}"
+    print(f"snapfs: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

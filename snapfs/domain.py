@@ -8,6 +8,7 @@ steps, and runs those through the journal (journal.py). Readings take no lock.
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -15,7 +16,7 @@ import trio
 
 from . import disk, rules, xml
 from .engines import Engine
-from .errors import SnapfsError, invalid, io_error, not_found
+from .errors import SnapfsError, invalid, io_error, not_found, single
 from .journal import Journal, operation_naming
 from .records import LIVE, DiskRecord, DomainRecord, MetadataView, SnapshotRecord
 from .rules import CONTROL_WORDS, MAX_DESCRIPTION_BYTES, DeactivateFlags, Plan
@@ -211,35 +212,73 @@ class DomainCore:
     def journal(self) -> Journal:
         return Journal(self.files, self.disks)
 
-    async def finish_journal(self) -> None:
-        """Finish an operation that a crash interrupted (the caller holds the lock)."""
-        await self.journal().finish(self._engine_named)
+    async def finish_journal(self, crashed_only: bool = False) -> None:
+        """Finish an operation that a crash interrupted (the caller holds the lock);
+        `crashed_only`: not one that failed (its journal says so), which waits for the
+        next change on the domain."""
+        await self.journal().finish(self._engine_named, crashed_only)
 
     async def _operate(self, operation: str, planner: Callable[[MetadataView, Engine], Plan]):
+        """Every change: lock, tidy and finish what an earlier operation left, plan, run.
+        Every failure leaves one SnapfsError (or the interruption itself), last-error
+        written and the job line cleared: the core's edge, where trio's exception groups
+        end."""
         changed = False  # set before anything is written: a failure part-way is news too
         try:
             async with self.files.locked():
-                journal = self.journal()
-                changed = journal.pending()
-                await journal.finish(self._engine_named)
-                engine = self._engine()
-                plan = planner(self.view(), engine)
-                steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
-                if steps:
-                    with await journal.refuse_unless_ready(engine, steps):  # the layers stay held
-                        changed = True
-                        await journal.run(operation, plan.subject, engine, steps)
-                return plan.result
-        except SnapfsError as exc:
-            self.record_error(operation, exc.message)
-            raise
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            message = f"{operation} failed unexpectedly: {exc}"
-            self.record_error(operation, message)
-            raise io_error(message) from exc
+                try:
+                    journal = self.journal()
+                    changed = journal.pending()
+                    await trio.to_thread.run_sync(self.files.remove_temporaries, self.engine.temporary_suffixes)
+                    await journal.finish(self._engine_named)
+                    engine = self._engine()
+                    plan = planner(self.view(), engine)
+                    steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
+                    if steps:
+                        with await journal.refuse_unless_ready(engine, steps):  # the layers stay held
+                            changed = True
+                            await journal.run(operation, plan.subject, engine, steps)
+                    return plan.result
+                finally:
+                    self.files.clear_job()  # the job line is the lock holder's
+        except BaseException as caught:
+            failure = self._failed(operation, caught)
+            raise failure  # noqa: B904  (the failure keeps its own cause)
         finally:
             if changed:
                 await self.tell_changed()
+
+    def _failed(self, operation: str, caught: BaseException) -> BaseException:
+        """The one exception a failed operation raises, its sentence in last-error."""
+        exc = single(caught)
+        if isinstance(exc, SnapfsError):
+            self.record_error(operation, exc.message)
+            return exc
+        if isinstance(exc, (KeyboardInterrupt, trio.Cancelled)):
+            self.record_error(operation, f"{operation} was interrupted; the next change on the domain finishes it.")
+            return exc
+        if isinstance(exc, Exception):
+            message = f"{operation} failed unexpectedly: {type(exc).__name__}: {exc}"
+            self.record_error(operation, message)
+            error = io_error(message)
+            error.__cause__ = exc
+            return error
+        return exc
+
+    def health(self) -> str | None:
+        """Why the domain cannot be used (a corrupt metadata file), or what it is waiting
+        for (an operation that did not finish), in a few words; None when all is well."""
+        try:
+            self.record()
+            self.view()
+            journal = self.files.read_journal()
+        except SnapfsError as exc:
+            path = getattr(exc, "path", None)
+            return f"broken: {os.path.basename(path)} is corrupt" if path else f"broken: {exc.message}"
+        if journal is not None:
+            what = f"unfinished {journal['operation']} {journal.get('subject') or ''}".rstrip()
+            return f"{what}: {journal['failed']}" if journal.get("failed") else what
+        return None
 
     async def tell_changed(self) -> None:
         """Tell the store's subscribers that the domain changed; never with the lock held
@@ -249,16 +288,26 @@ class DomainCore:
                 await self._changed(self.name)
 
     async def recover(self) -> None:
-        """Finish an operation a crash interrupted. A journal whose lock is held belongs
-        to an operation still running in a live process (a crashed process's flock is
-        gone), so that domain is left to it instead of being waited for."""
-        if self.files.read_journal() is None:
-            return
+        """Finish an operation a crash interrupted (not one that failed: that is left to
+        the next change on the domain), if the domain is free now. A journal
+        whose lock is held belongs to an operation still running in a live process (a
+        crashed process's flock is gone), so that domain is left to it. A failure is
+        written to last-error, not raised: one domain never stops another's recovery."""
         try:
+            journal = self.files.read_journal()
+            if journal is None or journal.get("failed"):
+                return
             async with self.files.locked(wait=0):
-                await self.finish_journal()
-        except SnapfsError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-        finally:
-            await self.tell_changed()
+                try:
+                    await self.finish_journal(crashed_only=True)
+                finally:
+                    self.files.clear_job()
+        except BaseException as caught:
+            exc = single(caught)
+            if not isinstance(exc, Exception):
+                raise exc  # noqa: B904
+            if not (isinstance(exc, SnapfsError) and exc.errno == errno.EBUSY):
+                self.record_error("recover", exc.message if isinstance(exc, SnapfsError) else repr(exc))
+                await self.tell_changed()  # it may have got part of the way
+            return
+        await self.tell_changed()

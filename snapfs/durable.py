@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from .errors import busy, not_found
+from .errors import CorruptError, busy, not_found
 
 
 def fsync_dir(path: str) -> None:
@@ -61,12 +61,18 @@ def sync_dir_of(path: str, syncs: DirSyncs | None) -> None:
 
 
 def atomic_write(path: str, data: bytes, syncs: DirSyncs | None = None) -> None:
+    """Replace path with data: write a temporary beside it, fsync, rename. A failure
+    (ENOSPC, EIO) removes the temporary and leaves path as it was."""
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        unlink_if_present(tmp)
+        raise
     sync_dir_of(path, syncs)
 
 
@@ -75,8 +81,17 @@ def write_json(path: str, obj: object, syncs: DirSyncs | None = None) -> None:
 
 
 def read_json(path: str) -> dict:
+    """A JSON object from path; CorruptError (EUCLEAN, naming the file) if it holds
+    anything else. FileNotFoundError passes through."""
     with open(path, "rb") as f:
-        return json.load(f)
+        data = f.read()
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CorruptError(path, "not valid JSON" if data.strip() else "empty") from exc
+    if not isinstance(obj, dict):
+        raise CorruptError(path, "not a JSON object")
+    return obj
 
 
 def unlink_if_present(path: str) -> None:

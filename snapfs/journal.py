@@ -20,7 +20,7 @@ import trio
 
 from .durable import DirSyncs
 from .engines import Engine, Progress
-from .errors import SnapfsError
+from .errors import SnapfsError, single
 from .records import DiskRecord, SnapshotRecord
 from .store import DomainFiles
 
@@ -54,46 +54,102 @@ class Journal:
         return held[0]
 
     async def run(self, operation: str, subject: str, engine: Engine, steps: list[dict]) -> None:
-        """Write the journal, then carry it out."""
+        """Check the space the steps need, write the journal, then carry it out. A plan
+        that fails before it changed any content is rolled back (no journal is left)."""
         name_changed_snapshots(steps)
+        await self.refuse_without_space(steps)
         journal = {"operation": operation, "subject": subject, "engine": engine.name, "steps": steps, "done": 0}
-        await trio.to_thread.run_sync(self.files.write_journal, journal)
         try:
-            await self._carry_out(engine, journal, recovering=False)
-        except SnapfsError as exc:
+            await trio.to_thread.run_sync(self.files.write_journal, journal)
+        except OSError as exc:  # the temporary is gone (atomic_write): nothing was recorded
             raise SnapfsError(
-                exc.errno,
-                f"{operation} stopped part-way ({exc.message.rstrip('.')}); it is recorded and will be "
-                f"finished by the next operation on domain {self.files.name!r}.",
+                exc.errno or errno.EIO, f"{operation} was not started: cannot record it ({exc.strerror})."
+            ) from exc
+        progress = [0]
+        try:
+            await self._carry_out(engine, journal, recovering=False, reached=progress)
+        except Exception as exc:
+            cause = as_snapfs_error(exc)
+            if _abortable(steps, progress[0]):
+                await self._roll_back(engine)
+                raise SnapfsError(
+                    cause.errno,
+                    f"{operation} failed and was undone, nothing changed ({cause.message.rstrip('.')}); "
+                    f"{remedy(cause.errno)}, then try again.",
+                ) from exc
+            await self._mark_failed(journal, cause)
+            raise SnapfsError(
+                cause.errno,
+                f"{operation} stopped part-way ({cause.message.rstrip('.')}); it is recorded, and the next change "
+                f"on domain {self.files.name!r} finishes it once you {remedy(cause.errno)}.",
             ) from exc
 
-    async def finish(self, engine_named: Callable[[str | None], Engine]) -> None:
-        """Finish an operation that a crash interrupted, if any."""
+    async def _mark_failed(self, journal: dict, cause: SnapfsError) -> None:
+        """Note in the journal that its operation failed (rather than being cut short by a
+        crash), so opening the store leaves it to the next change on the domain instead
+        of running it again. Best effort: on a full filesystem the note may not fit."""
+        journal["failed"] = cause.message
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(self.files.write_journal, journal)
+
+    async def _roll_back(self, engine: Engine) -> None:
+        """Undo a plan that changed no content: its temporary files and its journal go."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.files.remove_temporaries, engine.temporary_suffixes)
+            await trio.to_thread.run_sync(self.files.clear_journal)
+            self.files.clear_job()
+
+    async def refuse_without_space(self, steps: list[dict], recovering: bool = False) -> None:
+        """ENOSPC, with what is needed and what is free, when the steps' heavy work cannot
+        fit in the store's filesystem (an estimate from the layers' allocated sizes).
+        SNAPFS_SPACE_CHECK=0 (tests) skips it before an operation, not in recovery."""
+        if not recovering and os.environ.get("SNAPFS_SPACE_CHECK", "1") == "0":
+            return
+        needed = await trio.to_thread.run_sync(space_needed, self.files, steps)
+        if not needed:
+            return
+        st = await trio.to_thread.run_sync(os.statvfs, self.files.path)
+        free = st.f_bavail * st.f_frsize
+        if needed > free:
+            raise SnapfsError(
+                errno.ENOSPC,
+                f"Not enough space on the store's filesystem for this on domain {self.files.name!r}: it needs about "
+                f"{_mib(needed)} and {_mib(free)} is free; free some space (or discard a snapshot) and try again.",
+            )
+
+    async def finish(self, engine_named: Callable[[str | None], Engine], crashed_only: bool = False) -> None:
+        """Finish an operation that a crash or a failure interrupted, if any; if it cannot
+        finish now, one sentence with the cause and the remedy (the journal stays).
+        `crashed_only` (opening the store): leave one that failed to the next change."""
         journal = self.files.read_journal()
-        if journal is None:
+        if journal is None or (crashed_only and journal.get("failed")):
             return
         engine = engine_named(journal.get("engine"))
-        with await self.refuse_unless_ready(engine, journal["steps"]):
-            await self._carry_out(engine, journal, recovering=True)
-        await trio.to_thread.run_sync(self._remove_leftovers, engine.temporary_suffixes)
-        self.files.clear_job()
+        try:
+            with await self.refuse_unless_ready(engine, journal["steps"]):
+                await self._carry_out(engine, journal, recovering=True)
+        except Exception as exc:
+            cause = as_snapfs_error(exc)
+            await self._mark_failed(journal, cause)
+            what = f"{journal['operation']} {journal.get('subject') or ''}".rstrip()
+            raise SnapfsError(
+                cause.errno,
+                f"Domain {self.files.name!r} has an unfinished {what} that cannot finish now "
+                f"({cause.message.rstrip('.')}); {remedy(cause.errno)}, and the next change on the domain "
+                "finishes it. Until then changes are refused; reading works.",
+            ) from exc
+        finally:
+            self.files.clear_job()
+        await trio.to_thread.run_sync(self.files.remove_temporaries, engine.temporary_suffixes)
 
-    def _remove_leftovers(self, suffixes: tuple[str, ...]) -> None:
-        """Temporary files of the interrupted operation (the engine's files being built,
-        atomic writes' .tmp files): never anything a layer needs."""
-        for disk in self.disks:
-            for entry in os.scandir(self.files.layers_dir(disk.target)):
-                if entry.name.endswith(suffixes) or ".tmp" in entry.name:
-                    os.unlink(entry.path)
-        for entry in os.scandir(self.files.snapshots_dir):
-            if ".tmp" in entry.name:
-                os.unlink(entry.path)
-
-    async def _carry_out(self, engine: Engine, journal: dict, recovering: bool) -> None:
+    async def _carry_out(
+        self, engine: Engine, journal: dict, recovering: bool, reached: list[int] | None = None
+    ) -> None:
         """Run the steps from journal["done"] on. Progress is recorded (after an fsync of
         every directory the unrecorded steps changed) only where re-running the steps
         since the last record could be wrong: see _must_record. Overlays that need no
-        record between them (one per disk, in a create or a revert) run side by side."""
+        record between them (one per disk, in a create or a revert) run side by side.
+        `reached[0]` is kept at the index of the step running now."""
         steps = journal["steps"]
         syncs = DirSyncs()
         index = journal["done"]
@@ -102,11 +158,13 @@ class Journal:
                 await trio.to_thread.run_sync(syncs.flush)
                 journal["done"] = index
                 await trio.to_thread.run_sync(self.files.write_journal, journal)
+            if reached is not None:
+                reached[0] = index
             group = _side_by_side(steps, journal["done"], index)
             if len(group) == 1:
                 await self._run_recorded_step(engine, journal, index, recovering, syncs)
             else:
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     for member in group:
                         nursery.start_soon(self._run_recorded_step, engine, journal, member, recovering, syncs)
             index = group[-1] + 1
@@ -120,6 +178,8 @@ class Journal:
         step = journal["steps"][index]
         point = f"{journal['operation']}:{index}:{step['do']}"
         fault_point(point, "before", recovering)
+        if recovering:
+            await self.refuse_without_space([step], recovering=True)
         async with self._job(journal, index) as progress:
             # A qemu-img reader (a .changes map, an image being opened) may hold a
             # layer for a moment; qemu-img fails at open then, before writing anything.
@@ -169,13 +229,119 @@ class Journal:
                 await trio.to_thread.run_sync(self.files.write_job, f"{head}, {latest[0]:.0f}%\n")
                 await trio.sleep(JOB_UPDATE_SECONDS)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(keep_writing)
             report(0.0)
             try:
                 yield report
             finally:
                 nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def open_nursery() -> AsyncIterator[trio.Nursery]:
+    """trio.open_nursery, raising the one exception a failure stands for instead of the
+    ExceptionGroup trio wraps it in (errors.single), so callers can catch SnapfsError."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        raise single(group)  # noqa: B904  (the leaf keeps its own traceback and cause)
+
+
+def as_snapfs_error(exc: BaseException) -> SnapfsError:
+    """A failure as a SnapfsError (an OSError keeps its errno)."""
+    if isinstance(exc, SnapfsError):
+        return exc
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return SnapfsError(exc.errno or errno.EIO, f"{exc.strerror or exc}{where}")
+    return SnapfsError(errno.EIO, f"{type(exc).__name__}: {exc}")
+
+
+def remedy(err: int) -> str:
+    """What the user can do about a failure with this errno (a clause)."""
+    return {
+        errno.ENOSPC: "free space on the store's filesystem",
+        errno.EDQUOT: "free space on the store's filesystem",
+        errno.ENOENT: "put the missing file back where it was",
+        errno.EBUSY: "stop the process that uses the image",
+        errno.EACCES: "give snapfs access to the file",
+        errno.EPERM: "give snapfs access to the file",
+    }.get(err, "fix the cause")
+
+
+def _abortable(steps: list[dict], failed: int) -> bool:
+    """Whether a plan that failed at step `failed` changed no content, so it can be undone
+    by removing its temporaries and its journal: every step up to the failed one rebuilds
+    a layer under a temporary name and renames it over the layer only once it reads the
+    same (a recompression)."""
+    return all(step["do"] in _CONTENT_KEEPING_STEPS for step in steps[: failed + 1])
+
+
+# Steps that leave every layer's content as it was, done or not (qemu_img.py's
+# _replace_checked): a plan made of these alone is undone, not finished.
+_CONTENT_KEEPING_STEPS = {"recompress"}
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _qcow2_backing(path: str) -> str | None:
+    """The backing link in a qcow2 header (offset 8: its offset, 16: its length)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+            if len(head) < 20 or head[:4] != b"QFI\xfb":
+                return None
+            offset, length = int.from_bytes(head[8:16], "big"), int.from_bytes(head[16:20], "big")
+            if not offset or not length or length > 4096:
+                return None
+            f.seek(offset)
+            return f.read(length).decode(errors="replace")
+    except OSError:
+        return None
+
+
+def _skipped(layer: str, onto: str) -> int:
+    """Allocated bytes of the in-store layers between `layer` and its new backing `onto`:
+    what a safe rebase copies into it."""
+    total, directory, seen = 0, os.path.dirname(layer), set()
+    link = _qcow2_backing(layer)
+    while link and link != onto and not os.path.isabs(link) and link not in seen:
+        seen.add(link)
+        path = os.path.join(directory, link)
+        total += _allocated(path)
+        link = _qcow2_backing(path)
+    return total
+
+
+def space_needed(files: DomainFiles, steps: list[dict]) -> int:
+    """Bytes the heavy steps may need at most: what they add to layers, plus the largest
+    temporary copy one of them builds (they run one after another), plus 1% and 4 MiB
+    for qcow2 metadata. Light steps need next to nothing."""
+    growth, largest = 0, 0
+    for step in steps:
+        do = step["do"]
+        if do == "commit":
+            growth += _allocated(files.file(step["top"]))
+        elif do == "rebase":
+            layer = files.file(step["layer"])
+            growth += _skipped(layer, step["backing"])
+            largest = max(largest, _allocated(layer))
+        elif do == "recompress":
+            largest = max(largest, _allocated(files.file(step["layer"])))
+    if not growth and not largest:
+        return 0
+    return (growth + largest) * 101 // 100 + 4 * 1024 * 1024
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.0f} MiB"
 
 
 def operation_naming(files: DomainFiles, paths: list[str]) -> str | None:

@@ -1,6 +1,6 @@
 """Async wrappers over qemu-img: the only module that runs it.
 
-Every call goes through `trio.run_process`, so a long commit never blocks the event loop.
+Every child is spawned from the trio thread and waited for without blocking the loop (_Child).
 Failures become `SnapfsError`: qemu's image lock -> EBUSY, anything else -> EIO, each
 carrying qemu's own message.
 
@@ -14,10 +14,13 @@ layerlock.check_chain before qemu-img opens it where a file may not be what it s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import json
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 
@@ -25,7 +28,7 @@ import trio
 
 from . import layerlock
 from .durable import unlink_if_present
-from .errors import SnapfsError
+from .errors import SnapfsError, single
 from .layerlock import hold_read_locks  # noqa: F401  (the mount's disk reader takes it from here)
 
 QEMU_IMG = os.environ.get("SNAPFS_QEMU_IMG", "qemu-img")
@@ -53,63 +56,115 @@ _PROGRESS_VERBS = ("commit", "rebase", "convert")
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the thread that spawned it ends, so no
+    qemu-img keeps writing a layer for a snapfs that was killed. The parent is the
+    *thread*: children are spawned from the trio thread (_Child), never from one of trio's
+    worker threads, which end after 10 s idle."""
+    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _failed(what: str, stderr: bytes) -> SnapfsError:
+    """qemu's failure as a SnapfsError; a full filesystem keeps its errno (ENOSPC)."""
+    error = _error_for(what, stderr)
+    if error.errno == errno.EIO and "No space left on device" in error.message:
+        error.errno = errno.ENOSPC
+    return error
+
+
+class _Child:
+    """A child process spawned from the trio thread (a fork and an exec: milliseconds),
+    its output pipes as trio streams, waited for through a pidfd. Killed and reaped if the
+    caller is cancelled or fails."""
+
+    def __init__(self, argv: list[str], what: str) -> None:
+        _libc()  # loaded here, not in the forked child
+        try:
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=_ENV,
+                preexec_fn=_die_with_parent,
+            )
+        except FileNotFoundError as exc:
+            raise SnapfsError(errno.EIO, f"{what} failed: {argv[0]} is not installed") from exc
+        self.stdout = self._stream(self.popen.stdout)
+        self.stderr = self._stream(self.popen.stderr)
+
+    @staticmethod
+    def _stream(pipe) -> trio.lowlevel.FdStream:
+        fd = os.dup(pipe.fileno())
+        pipe.close()
+        return trio.lowlevel.FdStream(fd)
+
+    async def wait(self) -> int:
+        pidfd = os.pidfd_open(self.popen.pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        return self.popen.wait()
+
+    async def run(self, on_stdout: Callable[[bytes], None], on_stderr: Callable[[bytes], None]) -> int:
+        """Feed its output to the callbacks until it ends; its exit status."""
+
+        async def pump(stream: trio.lowlevel.FdStream, feed: Callable[[bytes], None]) -> None:
+            async with stream:
+                while chunk := await stream.receive_some(1 << 16):
+                    feed(chunk)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, self.stdout, on_stdout)
+                nursery.start_soon(pump, self.stderr, on_stderr)
+            return await self.wait()
+        except BaseException as caught:
+            self.popen.kill()
+            with trio.CancelScope(shield=True):
+                await self.wait()
+            if isinstance(caught, BaseExceptionGroup):
+                raise single(caught)  # noqa: B904  (the leaf keeps its own traceback)
+            raise
+
+
 async def _run(
     program: str, args: list[str], what: str, ok: tuple[int, ...] = (0,), report: Progress | None = None
 ) -> tuple[int, bytes]:
     if report is not None and program == QEMU_IMG and args[0] in _PROGRESS_VERBS:
         return await _run_reporting(program, [args[0], "-p", *(a for a in args[1:] if a != "-q")], what, ok, report)
-    try:
-        result = await trio.run_process(
-            [program, *args],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=_ENV,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError as exc:
-        raise SnapfsError(errno.EIO, f"{what} failed: {program} is not installed") from exc
-    if result.returncode not in ok:
-        raise _error_for(what, result.stderr)
-    return result.returncode, result.stdout
+    out, err = bytearray(), bytearray()
+    code = await _Child([program, *args], what).run(out.extend, err.extend)
+    if code not in ok:
+        raise _failed(what, bytes(err))
+    return code, bytes(out)
 
 
 async def _run_reporting(
     program: str, args: list[str], what: str, ok: tuple[int, ...], report: Callable[[float], None]
 ) -> tuple[int, bytes]:
     """Run qemu-img -p, passing each percentage it prints to `report`."""
-    try:
-        proc = await trio.lowlevel.open_process(
-            [program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_ENV
-        )
-    except FileNotFoundError as exc:
-        raise SnapfsError(errno.EIO, f"{what} failed: {program} is not installed") from exc
     errors = bytearray()
+    pending = [b""]
 
-    async def read_progress() -> None:
-        pending = b""
-        async for chunk in proc.stdout:
-            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
-            for match in (_PERCENT.search(line) for line in lines):
-                if match:
-                    report(float(match.group(1)))
+    def read_progress(chunk: bytes) -> None:
+        *lines, pending[0] = re.split(rb"[\r\n]", pending[0] + chunk)
+        for match in (_PERCENT.search(line) for line in lines):
+            if match:
+                report(float(match.group(1)))
 
-    async def read_errors() -> None:
-        async for chunk in proc.stderr:
-            errors.extend(chunk)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_progress)
-            nursery.start_soon(read_errors)
-        code = await proc.wait()
-    except BaseException:
-        proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
-        raise
+    code = await _Child([program, *args], what).run(read_progress, errors.extend)
     if code not in ok:
-        raise _error_for(what, bytes(errors))
+        raise _failed(what, bytes(errors))
     return code, b""
 
 

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -42,7 +43,7 @@ from .durable import (
     unlink_if_present,
     write_json,
 )
-from .errors import SnapfsError, not_found
+from .errors import CorruptError, SnapfsError, not_found
 from .records import LIVE, DiskRecord, DomainRecord, MetadataView, SnapshotRecord, carry_name_index
 
 # Names other modules import from here (the records and the durable writes they use).
@@ -130,10 +131,18 @@ class DomainFiles:
 
     # domain definition
     def record(self) -> DomainRecord:
+        path = self.file("domain.json")
         try:
-            return DomainRecord.from_json(read_json(self.file("domain.json")))
+            data = read_json(path)
         except FileNotFoundError:
             raise not_found(f"There is no domain named {self.name!r}.") from None
+        try:
+            record = DomainRecord.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptError(path, f"not a domain record: {exc}") from None
+        if not record.disks or not all(isinstance(d.target, str) and isinstance(d.base, str) for d in record.disks):
+            raise CorruptError(path, "its disks are not a list of targets and images")
+        return record
 
     def original_xml(self) -> str:
         with open(self.file("domain.xml"), encoding="utf-8") as f:
@@ -142,7 +151,8 @@ class DomainFiles:
     # metadata
     def _state(self, must_exist: bool = True) -> dict:
         try:
-            return read_json(self.file("state.json"))
+            with open(self._state_path, "rb") as f:
+                return _state_from(f.read(), self._state_path)
         except FileNotFoundError:
             if must_exist and not self.exists():
                 raise not_found(f"There is no domain named {self.name!r}.") from None
@@ -178,10 +188,7 @@ class DomainFiles:
         seen = self._seen
         if seen is not None and raw == seen[0]:
             return seen[1]
-        if raw is None:
-            state = self._state()  # raises ENOENT unless the domain exists
-        else:
-            state = json.loads(raw)
+        state = self._state() if raw is None else _state_from(raw, self._state_path)  # _state: ENOENT if undefined
         with self._cache_lock:
             cached = self._cache
             epoch, generation = state.get("epoch"), state["generation"]
@@ -217,10 +224,13 @@ class DomainFiles:
         return snapshots
 
     def _reload_one(self, snapshots: dict[str, SnapshotRecord], snap_id: str) -> None:
+        path = self._snapshot_file(snap_id)
         try:
-            snapshots[snap_id] = SnapshotRecord.from_json(read_json(self._snapshot_file(snap_id)))
+            snapshots[snap_id] = SnapshotRecord.from_json(read_json(path))
         except FileNotFoundError:
             snapshots.pop(snap_id, None)
+        except (KeyError, TypeError) as exc:
+            raise CorruptError(path, f"not a snapshot record: {exc}") from None
 
     def write_snapshot(self, record: SnapshotRecord, syncs: DirSyncs | None = None) -> None:
         write_json(self._snapshot_file(record.id), asdict(record), syncs)
@@ -248,10 +258,15 @@ class DomainFiles:
         return self.file("journal.json")
 
     def read_journal(self) -> dict | None:
+        """The journal, or None; CorruptError (naming the file) if it is not one."""
         try:
-            return read_json(self.journal_path)
+            journal = read_json(self.journal_path)
         except FileNotFoundError:
             return None
+        problem = _journal_problem(journal)
+        if problem:
+            raise CorruptError(self.journal_path, problem)
+        return journal
 
     def write_journal(self, journal: dict) -> None:
         write_json(self.journal_path, journal)
@@ -263,11 +278,14 @@ class DomainFiles:
     # job: what a long operation is doing now, for any front end to show
     def write_job(self, line: str) -> None:
         """Plain overwrite, no fsync: a progress line is worth nothing after a crash."""
-        with contextlib.suppress(OSError):
-            tmp = self.file(f"job.tmp{os.getpid()}")
+        tmp = self.file(f"job.tmp{os.getpid()}")
+        try:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(line)
             os.rename(tmp, self.file("job"))
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def clear_job(self) -> None:
         unlink_if_present(self.file("job"))
@@ -278,6 +296,24 @@ class DomainFiles:
                 return f.read()
         except FileNotFoundError:
             return ""
+
+    # temporaries
+    def remove_temporaries(self, layer_suffixes: tuple[str, ...]) -> None:
+        """Remove every temporary file of a known shape that an interrupted or failed
+        operation left (the caller holds the domain's lock, so none is being written):
+        atomic writes' `<file>.tmp<pid>.<thread>` and `job.tmp<pid>` in the domain and
+        snapshots directories, and the engine's files built beside a layer (`layer_suffixes`).
+        `last-error` is written without the lock: its temporaries go only once their
+        process is gone."""
+        for directory in (self.path, self.snapshots_dir):
+            for name in _names(directory):
+                if _is_atomic_temporary(name) and not (name.startswith("last-error.") and _pid_alive(name)):
+                    unlink_if_present(os.path.join(directory, name))
+        for target in _names(os.path.join(self.path, "layers")):
+            directory = self.layers_dir(target)
+            for name in _names(directory):
+                if name.endswith(layer_suffixes) or _is_atomic_temporary(name):
+                    unlink_if_present(os.path.join(directory, name))
 
     # last-error
     def record_error(self, operation: str, message: str) -> None:
@@ -299,6 +335,63 @@ class DomainFiles:
         """The domain's exclusive lock (flock), polled without blocking the event loop."""
         async with flocked(self.file("lock"), f"Another operation holds domain {self.name!r}.", wait):
             yield
+
+
+_TEMPORARY = re.compile(r"(^job\.tmp\d+$)|(\.tmp\d+\.\d+$)")
+
+
+def _is_atomic_temporary(name: str) -> bool:
+    return _TEMPORARY.search(name) is not None
+
+
+def _pid_alive(name: str) -> bool:
+    """Whether the process whose pid a temporary's name carries (".tmp<pid>.") still runs."""
+    found = re.search(r"\.tmp(\d+)", name)
+    if not found:
+        return False
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _state_from(raw: bytes, path: str) -> dict:
+    """state.json's content checked: CorruptError (naming the file) if it is not a state."""
+    try:
+        state = json.loads(raw)
+    except ValueError:
+        raise CorruptError(path, "not valid JSON" if raw.strip() else "empty") from None
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("generation"), int)
+        and (state.get("current") is None or isinstance(state.get("current"), str))
+    ):
+        raise CorruptError(path, "not a domain state (current, generation)")
+    return state
+
+
+def _journal_problem(journal: dict) -> str | None:
+    """What makes a journal unusable, or None: an operation, steps that are objects with
+    a `do`, and a `done` within them."""
+    steps = journal.get("steps")
+    if not isinstance(journal.get("operation"), str):
+        return "it names no operation"
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("do"), str) for s in steps):
+        return "its steps are not a list of steps"
+    done = journal.get("done")
+    if not isinstance(done, int) or not 0 <= done <= len(steps):
+        return "its progress is not a step number"
+    return None
 
 
 class StoreFiles:
