@@ -1,0 +1,243 @@
+"""The command line's words: argparse with virsh's verbs, options and examples (DESIGN section 3)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from .api import version
+from .rules import DeactivateFlags
+
+EXAMPLES = {
+    "define": "snapfs define vm1.xml\n"
+    "  snapfs define --name vm1 --disk vda=/images/vm1.qcow2 --disk vdb=/images/data.img,format=raw",
+    "undefine": "snapfs undefine vm1 --remove-snapshots",
+    "list": "snapfs list",
+    "dumpxml": "snapfs dumpxml vm1",
+    "mount": "snapfs mount /mnt/snapfs",
+    "snapshot-create": "snapfs snapshot-create vm1 snap.xml --compress=zstd",
+    "snapshot-create-as": "snapfs snapshot-create-as vm1 --name before-upgrade --description 'kernel 6.1 to 6.6'",
+    "snapshot-list": "snapfs snapshot-list vm1 --tree\n"
+    "  snapfs snapshot-list vm1 --from before-upgrade --descendants --name",
+    "snapshot-dumpxml": "snapfs snapshot-dumpxml vm1 before-upgrade",
+    "snapshot-info": "snapfs snapshot-info vm1 --current",
+    "snapshot-current": "snapfs snapshot-current vm1 --name",
+    "snapshot-parent": "snapfs snapshot-parent vm1 before-upgrade",
+    "snapshot-edit": "snapfs snapshot-edit vm1 before-upgrade --rename   (opens $VISUAL or $EDITOR)\n"
+    "  snapfs snapshot-edit vm1 before-upgrade --name pre-6.6 --description 'known good'",
+    "create-with-snapshot": "snapfs create-with-snapshot vm1 before-upgrade",
+    "snapshot-deactivate": "snapfs snapshot-deactivate vm1 before-upgrade --merge",
+    "snapshot-delete": "snapfs snapshot-delete vm1 before-upgrade --children",
+    "snapshot-rename": "snapfs snapshot-rename vm1 before-upgrade pre-6.6",
+    "snapshot-compress": "snapfs snapshot-compress vm1 before-upgrade zstd",
+    "snapshot-desc": "snapfs snapshot-desc vm1 before-upgrade 'kernel 6.1, known good'",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Usage errors too are one sentence on stderr (see `snapfs VERB --help`)."""
+        self.exit(2, f"snapfs: error: {self.prog}: {message} (see --help).\n")
+
+
+def _store_option(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--store",
+        default=default,
+        help="the store directory (default: $SNAPFS_STORE, /var/lib/snapfs for root, else $XDG_DATA_HOME/snapfs)",
+    )
+
+
+def _snapshot_arg(p: argparse.ArgumentParser) -> None:
+    """NAME, --snapshotname NAME or --current, as virsh takes them."""
+    p.add_argument("snapshot", nargs="?", help="the snapshot's name")
+    p.add_argument("--snapshotname", dest="snapshotname", metavar="NAME", help="the snapshot's name (as virsh)")
+    p.add_argument("--current", action="store_true", help="the current snapshot instead of a name")
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="snapfs",
+        description="Virtual-machine disk snapshots as files, commands and a Python API.",
+        epilog="Every verb has --help with an example. Errors are one sentence on stderr, exit status 1.",
+    )
+    _store_option(parser, None)
+    parser.add_argument("--version", action="version", version=f"snapfs {version()}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help_text: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        p = verbs.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            aliases=list(aliases),
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _store_option(p, argparse.SUPPRESS)  # the store option also works after the verb
+        return p
+
+    p = verb("define", "Define a domain from libvirt domain XML (virsh dumpxml output) or from --disk options.")
+    p.add_argument("file", nargs="?", help="domain XML file ('-' for stdin)")
+    p.add_argument("--name", help="domain name (with --disk)")
+    p.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="TARGET=PATH[,format=qcow2|raw]",
+        help="a disk; the format is probed once when not given",
+    )
+    p = verb("undefine", "Remove a domain and the layers snapfs made for it (base images are never touched).")
+    p.add_argument("domain")
+    p.add_argument(
+        "--remove-snapshots", action="store_true", help="also delete its snapshots and the changes in its live disk"
+    )
+    p = verb("list", "List the domains of the store.")
+    p.add_argument("--name", action="store_true", help="names only")
+    p = verb("dumpxml", "Print the domain XML, its disks pointing at the live layers.")
+    p.add_argument("domain")
+    p = verb("mount", "Mount the store as a filesystem (daemonizes unless --foreground).")
+    p.add_argument("mountpoint")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd, tests)")
+    p.add_argument("--allow-other", action="store_true", help="let other users use the mount (modes enforced)")
+    p.add_argument("--read-only", action="store_true", help="refuse every change with EROFS (backup hosts)")
+    _create_verbs(verb)
+    _list_verb(verb)
+    _reading_verbs(verb)
+    _changing_verbs(verb)
+    return parser
+
+
+def _create_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
+    p = verb(
+        "snapshot-create",
+        "Create a snapshot from domainsnapshot XML (only name, description, "
+        "compression are read); with no file, <domainsnapshot/>.",
+    )
+    p.add_argument("domain")
+    p.add_argument("xmlfile", nargs="?", help="snapshot XML file ('-' for stdin)")
+    p.add_argument(
+        "--compress",
+        dest="compress",
+        action="store_const",
+        const="gzip",
+        help="compress the snapshot's layers with gzip (zlib); --compress=zstd for zstd",
+    )
+    p.add_argument("--compress-kind", dest="compress", choices=["gzip", "zstd"], help=argparse.SUPPRESS)
+    p.add_argument("--disk-only", action="store_true", help="accepted: snapfs always snapshots the disks only")
+    p = verb("snapshot-create-as", "Create a snapshot from a name and a description.")
+    p.add_argument("domain")
+    p.add_argument("name", nargs="?")
+    p.add_argument("description", nargs="?")
+    p.add_argument("--name", dest="name_option", metavar="NAME", help="the snapshot's name (as virsh)")
+    p.add_argument("--description", dest="description_option", metavar="TEXT", help="its description (as virsh)")
+    p.add_argument("--print-xml", action="store_true", help="print the snapshot XML instead of creating it")
+    p.add_argument("--disk-only", action="store_true", help="accepted: snapfs always snapshots the disks only")
+    p.add_argument("--memspec", metavar="SPEC", help="only 'no' (snapshot=no) has a meaning: snapfs keeps no memory")
+
+
+def _list_verb(verb: Callable[..., argparse.ArgumentParser]) -> None:
+    p = verb("snapshot-list", "List a domain's snapshots (columns, filters and order as virsh).")
+    p.add_argument("domain")
+    for flag, text in (
+        ("--parent", "add a Parent column"),
+        ("--roots", "only snapshots without a parent"),
+        ("--leaves", "only snapshots without children"),
+        ("--no-leaves", "only snapshots with children"),
+        ("--metadata", "only snapshots with metadata (all of snapfs's)"),
+        ("--no-metadata", "only snapshots without metadata (none in snapfs)"),
+        ("--inactive", "only snapshots of a shut-off domain"),
+        ("--active", "only snapshots of a running domain"),
+        ("--disk-only", "only disk-only snapshots of a running domain"),
+        ("--internal", "only internal snapshots (none in snapfs)"),
+        ("--external", "only external snapshots (all of snapfs's)"),
+        ("--tree", "draw the parent tree"),
+        ("--name", "names only"),
+        ("--current", "the current snapshot's children (with --descendants: all below it)"),
+        ("--descendants", "with --from or --current: every descendant, not only the children"),
+        ("--topological", "parents before children instead of by name"),
+    ):
+        p.add_argument(flag, action="store_true", help=text)
+    p.add_argument("--from", dest="from_", metavar="NAME", help="the children of NAME (with --descendants: all)")
+
+
+def _reading_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
+    for name, text in (
+        ("snapshot-dumpxml", "Print a snapshot's XML."),
+        ("snapshot-info", "Show facts about a snapshot."),
+        ("snapshot-parent", "Print the name of a snapshot's parent."),
+    ):
+        p = verb(name, text)
+        p.add_argument("domain")
+        _snapshot_arg(p)
+    p = verb("snapshot-current", "Print the current snapshot's XML (or its name).")
+    p.add_argument("domain")
+    p.add_argument("--name", action="store_true")
+
+
+def _changing_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
+    p = verb(
+        "create-with-snapshot",
+        "Revert the domain's disks to a snapshot (live changes since the "
+        "last snapshot are lost; snapshot first to keep them).",
+        ("snapshot-revert",),
+    )
+    p.add_argument("domain")
+    _snapshot_arg(p)
+    p.add_argument("--running", action="store_true", help="refused: snapfs cannot start the domain yet")
+    p.add_argument("--paused", action="store_true", help="refused: snapfs cannot start the domain yet")
+    p = verb(
+        "snapshot-deactivate",
+        "Deactivate a snapshot: with no flag the live disk stops depending on it; "
+        "--merge folds it away keeping its changes; --delete discards it; --deleteforce discards its subtree.",
+    )
+    p.add_argument("domain")
+    p.add_argument("snapshot")
+    mode = p.add_mutually_exclusive_group()
+    for flag, value in (
+        ("--merge", DeactivateFlags.MERGE),
+        ("--mergeforce", DeactivateFlags.MERGE_FORCE),
+        ("--delete", DeactivateFlags.DISCARD),
+        ("--deleteforce", DeactivateFlags.DISCARD_FORCE),
+        ("--mergedelete", DeactivateFlags.DISCARD_FORCE),
+    ):
+        mode.add_argument(flag, dest="flags", action="store_const", const=value)
+    p = verb(
+        "snapshot-delete",
+        "virsh's delete: the restore point goes away, its changes are kept (a merge); the current "
+        "disk content never changes. To delete data, use snapshot-deactivate --delete/--deleteforce.",
+    )
+    p.add_argument("domain")
+    _snapshot_arg(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--children", action="store_true", help="also merge away every descendant")
+    which.add_argument("--children-only", action="store_true", help="merge away every descendant, keep the snapshot")
+    p.add_argument("--metadata", action="store_true", help="refused: snapfs keeps no snapshot apart from its data")
+    p = verb(
+        "snapshot-edit",
+        "Edit a snapshot's name and description: in $VISUAL/$EDITOR as virsh, or with --name/--description.",
+    )
+    p.add_argument("domain")
+    _snapshot_arg(p)
+    p.add_argument("--rename", action="store_true", help="allow the edited XML to change the name")
+    p.add_argument("--clone", action="store_true", help="refused: snapfs cannot clone a snapshot")
+    p.add_argument("--name", dest="new_name", metavar="NEWNAME", help="rename without an editor")
+    p.add_argument("--description", dest="new_description", metavar="TEXT", help="set the description")
+    p = verb("snapshot-rename", "Rename a snapshot (as libvirt's snapshot-edit --rename or zfs rename).")
+    p.add_argument("domain")
+    p.add_argument("snapshot")
+    p.add_argument("new_name")
+    p = verb("snapshot-compress", "Recompress a snapshot's layers: gzip, zstd or none.")
+    p.add_argument("domain")
+    p.add_argument("snapshot")
+    p.add_argument("kind")
+    p = verb("snapshot-desc", "Set a snapshot's description.")
+    p.add_argument("domain")
+    p.add_argument("snapshot")
+    p.add_argument("description")
+
+
+def spell_out_compress(argv: list[str]) -> list[str]:
+    """`--compress` may come before the domain (the seed's order), so it takes no value
+    by position; `--compress=zstd` is rewritten to a hidden option that does."""
+    return [f"--compress-kind={a.split('=', 1)[1]}" if a.startswith("--compress=") else a for a in argv]
