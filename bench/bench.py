@@ -27,7 +27,8 @@ import trio
 
 import snapfs
 from snapfs.catalog import StoreCore
-from snapfs.store import SnapshotRecord, fsync_file, write_json
+from snapfs.durable import fsync_file, write_json
+from snapfs.records import SnapshotRecord
 
 PYTHON = sys.executable
 SNAPFS = os.path.join(os.path.dirname(PYTHON), "snapfs")

@@ -19,19 +19,8 @@ from .engines import Engine
 from .errors import SnapfsError, invalid, io_error, not_found, single
 from .journal import Journal, operation_naming
 from .records import LIVE, DiskRecord, DomainRecord, MetadataView, SnapshotRecord
-from .rules import CONTROL_WORDS, MAX_DESCRIPTION_BYTES, DeactivateFlags, Plan
+from .rules import CONTROL_WORDS, DeactivateFlags, Plan
 from .store import DomainFiles
-
-# Names front ends import from here; the catalog (StoreCore) is reachable too, lazily.
-__all__ = ["CONTROL_WORDS", "MAX_DESCRIPTION_BYTES", "DeactivateFlags", "DomainCore"]
-
-
-def __getattr__(name: str) -> object:
-    if name == "StoreCore":  # catalog.py imports this module, so not at the top
-        from .catalog import StoreCore
-
-        return StoreCore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DomainCore:

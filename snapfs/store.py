@@ -37,34 +37,13 @@ from .durable import (
     atomic_write,
     flocked,
     fsync_dir,
-    fsync_file,
     read_json,
     sync_dir_of,
     unlink_if_present,
     write_json,
 )
 from .errors import CorruptError, SnapfsError, not_found
-from .records import LIVE, DiskRecord, DomainRecord, MetadataView, SnapshotRecord, carry_name_index
-
-# Names other modules import from here (the records and the durable writes they use).
-__all__ = [
-    "LIVE",
-    "DirSyncs",
-    "DiskRecord",
-    "DomainFiles",
-    "DomainRecord",
-    "MetadataView",
-    "SnapshotRecord",
-    "StoreFiles",
-    "atomic_write",
-    "default_store_path",
-    "fsync_dir",
-    "fsync_file",
-    "read_json",
-    "sync_dir_of",
-    "unlink_if_present",
-    "write_json",
-]
+from .records import DomainRecord, MetadataView, SnapshotRecord, carry_name_index
 
 LOCK_WAIT_SECONDS = float(os.environ.get("SNAPFS_LOCK_WAIT", "10"))
 

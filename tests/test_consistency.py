@@ -38,7 +38,9 @@ from fsfixtures import Mount, define_store
 import snapfs
 from snapfs.catalog import StoreCore
 from snapfs.domain import DomainCore
-from snapfs.store import DomainFiles, MetadataView, read_json
+from snapfs.durable import read_json
+from snapfs.records import MetadataView
+from snapfs.store import DomainFiles
 
 DOM = "vm1"
 LOCK_WAIT = 2.0  # the mount's SNAPFS_LOCK_WAIT in the control-write tests

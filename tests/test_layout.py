@@ -32,5 +32,5 @@ def test_the_core_loads_no_fuse(module):
 
 
 def test_the_package_still_offers_the_api_names():
-    loaded = loaded_by("from snapfs import open_store, Store, DeactivateFlags; from snapfs.domain import StoreCore")
+    loaded = loaded_by("from snapfs import open_store, Store, DeactivateFlags; from snapfs.catalog import StoreCore")
     assert "snapfs.api" in loaded and "snapfs.catalog" in loaded
