@@ -15,18 +15,16 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from helpers import MiB, make_image, qemu_check_problems, write_pattern
+from fsfixtures import Mount
+from helpers import SNAPFS, MiB, make_image, qemu_check_problems, write_pattern
+from refusal import cli_refused
 
-SNAPFS = os.path.join(os.path.dirname(sys.executable), "snapfs")
 CLI_TIMEOUT = 60.0
-MOUNT_WAIT = 15.0
 # Every temporary shape snapfs writes (issue 12 item 9).
 TEMP_PATTERNS = ("*.tmp*", "*.new", "*.rebase", "*.compress", "job.tmp*", "journal.json.tmp*", "*.check.raw")
 
@@ -68,20 +66,8 @@ def ok(store: str, *args: str, timeout: float = CLI_TIMEOUT) -> str:
     return run.stdout
 
 
-def assert_sentence(run: subprocess.CompletedProcess, *words: str) -> str:
-    """A refusal: non-zero status, no traceback, one line on stderr holding every word
-    (case-insensitive). Returns that line."""
-    assert "Traceback" not in run.stderr and "ExceptionGroup" not in run.stderr, run.stderr
-    assert run.returncode not in (0, None), f"status {run.returncode}, stdout {run.stdout!r}"
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"want one sentence, got {len(lines)} lines:\n{run.stderr}"
-    for word in words:
-        assert word.lower() in lines[0].lower(), f"{word!r} not in {lines[0]!r}"
-    return lines[0]
-
-
 def refused(store: str, *args: str, words: tuple[str, ...] = (), timeout: float = CLI_TIMEOUT) -> str:
-    return assert_sentence(cli(store, *args, timeout=timeout), *words)
+    return cli_refused(cli(store, *args, timeout=timeout), *words)
 
 
 # ---- the store -------------------------------------------------------------------------
@@ -222,65 +208,24 @@ def as_nobody(*argv: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
 
 
 # ---- a mount through the command line ------------------------------------------------------
-class CliMount:
-    """`snapfs mount MOUNTPOINT --foreground [--allow-other]` in a subprocess; stop() always
-    leaves the mountpoint unmounted and the process gone."""
-
-    def __init__(self, store: str, path: str, allow_other: bool = False) -> None:
-        self.store, self.path, self.allow_other = store, path, allow_other
-        self.proc: subprocess.Popen | None = None
-        self.log = path.rstrip("/") + ".log"
-
-    def start(self) -> CliMount:
-        os.makedirs(self.path, exist_ok=True)
-        args = [SNAPFS, "--store", self.store, "mount", self.path, "--foreground"]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                args + (["--allow-other"] if self.allow_other else []),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_umask022,
-            )
-        deadline = time.monotonic() + MOUNT_WAIT
-        while not os.path.ismount(self.path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"the mount did not come up:\n{self.text()}")
-            time.sleep(0.05)
-        return self
-
-    def text(self) -> str:
-        with open(self.log, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> None:
-        if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-u", self.path], capture_output=True)
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                kill_group(self.proc)
-        if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
-
-    def __truediv__(self, rel: str) -> str:
-        return os.path.join(self.path, rel)
+def cli_mount(store: str, path: str, allow_other: bool = False) -> Mount:
+    """`snapfs mount MOUNTPOINT --foreground [--allow-other]` as a user starts it (umask 022)."""
+    options = ("--allow-other",) if allow_other else ()
+    return Mount(store, path, options=options, own_session=True, via_cli=True, umask=0o022)
 
 
 @pytest.fixture(name="mounts")
-def mounts_fixture() -> Iterator[list[CliMount]]:
+def mounts_fixture() -> Iterator[list[Mount]]:
     """Mounts a test started: all stopped at teardown, whatever happened."""
-    started: list[CliMount] = []
+    started: list[Mount] = []
     yield started
     for mount in started:
         mount.stop()
 
 
-def mount_serves(store: str, path: str, domain: str, mounts: list[CliMount]) -> CliMount:
+def mount_serves(store: str, path: str, domain: str, mounts: list[Mount]) -> Mount:
     """A new mount starts and lists `domain`'s snapshots."""
-    mount = CliMount(store, path)
+    mount = cli_mount(store, path)
     mounts.append(mount)
     mount.start()
     assert os.path.isdir(mount / f"{domain}/snapshots"), os.listdir(mount.path)

@@ -8,6 +8,7 @@ errno helpers come from tests/refusal.py and are re-exported here for the FUSE t
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from helpers import (  # noqa: F401  (re-exported for the FUSE tests)
     DISK_SIZE,
     PYTHON,
     REPO,
+    SNAPFS,
     MiB,
     file_digest,
     has_pattern,
@@ -70,7 +72,9 @@ class Mount:
     """A mount in a subprocess; stop() always leaves the mountpoint unmounted. The one way
     the tests start a mount: `options` are extra command-line options (--allow-other);
     `own_session` puts the daemon in its own process group, so that kill_all() takes it and
-    its qemu-img children at once (as a power cut would)."""
+    its qemu-img children at once (as a power cut would); `via_cli` starts it as users do,
+    `snapfs --store STORE mount MOUNTPOINT --foreground`, instead of `python -m snapfs.mount`;
+    `umask` is the daemon's umask (the store's modes must not depend on it)."""
 
     def __init__(
         self,
@@ -79,6 +83,8 @@ class Mount:
         env: dict[str, str] | None = None,
         options: tuple[str, ...] = (),
         own_session: bool = False,
+        via_cli: bool = False,
+        umask: int | None = None,
     ) -> None:
         self.store_root = store_root
         self.path = mountpoint
@@ -86,6 +92,8 @@ class Mount:
         self.env = {**os.environ, **(env or {})}
         self.options = options
         self.own_session = own_session
+        self.via_cli = via_cli
+        self.umask = umask
         self.proc: subprocess.Popen | None = None
         self.unmount_errors: list[str] = []
 
@@ -93,12 +101,13 @@ class Mount:
         os.makedirs(self.path, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "snapfs.mount", self.store_root, self.path, "--foreground", *self.options],
+                self.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
                 env=self.env,
                 start_new_session=self.own_session,
+                preexec_fn=None if self.umask is None else functools.partial(os.umask, self.umask),
             )
         deadline = time.monotonic() + MOUNT_WAIT
         while not os.path.ismount(self.path):
@@ -107,6 +116,11 @@ class Mount:
                 pytest.fail(f"the mount did not come up:\n{self.log()}")
             time.sleep(0.05)
         return self
+
+    def command(self) -> list[str]:
+        if self.via_cli:
+            return [SNAPFS, "--store", self.store_root, "mount", self.path, "--foreground", *self.options]
+        return [PYTHON, "-m", "snapfs.mount", self.store_root, self.path, "--foreground", *self.options]
 
     def log(self) -> str:
         try:

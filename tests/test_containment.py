@@ -18,7 +18,6 @@ import pytest
 from failfixtures import (  # noqa: F401  (fixtures are used by name)
     SNAPFS,
     FailStore,
-    assert_sentence,
     assert_store_clean,
     cli,
     fstore_fixture,
@@ -32,6 +31,7 @@ from failfixtures import (  # noqa: F401  (fixtures are used by name)
     refused,
 )
 from helpers import MiB
+from refusal import cli_refused
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -99,7 +99,7 @@ def run_with_writer(store: FailStore, writer_start: int, *args: str) -> Writer:
             run = cli(store.root, *args)
             if run.returncode == 0:
                 break
-            assert_sentence(run, "in use")
+            cli_refused(run, "in use")
         else:
             pytest.fail(f"snapfs {args} was refused 20 times")
         time.sleep(0.1)

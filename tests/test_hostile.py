@@ -16,9 +16,9 @@ import time
 import pytest
 from failfixtures import (  # noqa: F401  (fixtures are used by name)
     SNAPFS,
-    CliMount,
     as_nobody,
     assert_store_clean,
+    cli_mount,
     fstore_fixture,
     mounts_fixture,
     new_store,
@@ -77,7 +77,7 @@ def test_nobody_cannot_read_a_hostile_backing_through_the_mount(public_dir, secr
     if run.returncode == 0:  # accepted (today, or with an explicit opt-in): a snapshot, then look
         ok(store.root, "snapshot-create-as", "evil", "s1")
     os.makedirs(store.root, exist_ok=True)
-    mount = CliMount(store.root, os.path.join(public_dir, "mnt"), allow_other=True)
+    mount = cli_mount(store.root, os.path.join(public_dir, "mnt"), allow_other=True)
     mounts.append(mount)
     mount.start()
     found = as_nobody("grep", "-r", "-a", "-l", MARK.decode(), mount.path, timeout=60)
@@ -97,7 +97,7 @@ def test_second_uid_reads_no_layer(public_dir, mounts):
     assert readable == [], f"nobody can read {readable}"
     assert stat.S_IMODE(os.stat(store.root).st_mode) & 0o077 == 0, oct(os.stat(store.root).st_mode)
 
-    mount = CliMount(store.root, os.path.join(public_dir, "mnt"), allow_other=True)
+    mount = cli_mount(store.root, os.path.join(public_dir, "mnt"), allow_other=True)
     mounts.append(mount)
     mount.start()
     disks = [mount / "vm1/snapshots/s1/disks/vda.raw", mount / "vm1/disks/vda"]
@@ -150,7 +150,7 @@ def test_fifo_in_place_of_a_layer_is_refused(fstore, mounts, fifos, tmp_path):
     within(fstore.root, "snapshot-revert", "vm1", "s1")
     within(fstore.root, "snapshot-delete", "vm1", "s1")
     within(fstore.root, "snapshot-delete", "vm1", "s2")
-    mount = CliMount(fstore.root, str(tmp_path / "mnt"))
+    mount = cli_mount(fstore.root, str(tmp_path / "mnt"))
     mounts.append(mount)
     mount.start()
     assert read_fails_within(mount / "vm1/snapshots/s2/disks/vda.raw") != 0
@@ -176,7 +176,7 @@ def test_symlink_out_of_the_store_is_refused(fstore, mounts, tmp_path):
 
     within(fstore.root, "snapshot-delete", "vm1", "s1")
     within(fstore.root, "snapshot-revert", "vm1", "s1")
-    mount = CliMount(fstore.root, str(tmp_path / "mnt"))
+    mount = cli_mount(fstore.root, str(tmp_path / "mnt"))
     mounts.append(mount)
     mount.start()
     assert read_fails_within(mount / "vm1/snapshots/s1/disks/vda.raw") != 0
