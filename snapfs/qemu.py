@@ -262,6 +262,12 @@ async def check_and_repair(path: str, backing_held: bool = False) -> None:
     await qemu_img(["check", "-q", "-r", "all", *_unlocked(path, backing_held)], f"repairing {path}", ok=(0, 1, 3))
 
 
+async def repair_leaks(path: str, backing_held: bool = False) -> None:
+    """`qemu-img check -r leaks`: frees clusters a commit cut short allocated but never
+    linked (harmless to the content, but `check` reports them)."""
+    await qemu_img(["check", "-q", "-r", "leaks", *_unlocked(path, backing_held)], f"repairing {path}", ok=(0, 1, 3))
+
+
 async def is_dirty(path: str) -> bool:
     data = await info(path, "qcow2")
     # qemu-img 7.2 reports it at the top level; older ones under format-specific data

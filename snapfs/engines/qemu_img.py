@@ -147,14 +147,17 @@ class QemuImgEngine:
     async def commit(self, top: str, into: str, repair_first: bool = False, progress: Progress | None = None) -> None:
         """Write top's clusters into its backing file `into` (top is left as it was).
 
-        A commit interrupted by a crash is completed by running it again; the crash
-        may have left the dirty flag set, which `qemu-img check -r all` clears.
+        A commit interrupted by a crash or a failure is completed by running it again; the
+        interruption may have left the dirty flag set, which `qemu-img check -r all` clears,
+        and clusters allocated in `into` but never linked, which `check -r leaks` frees.
         """
         if repair_first:
             for path, backing_held in ((into, False), (top, True)):
                 if await qemu.is_dirty(path):
                     await qemu.check_and_repair(path, backing_held)
         await qemu.commit_into_backing(top, progress)
+        if repair_first:
+            await qemu.repair_leaks(into)
         await _in_thread(fsync_file, into)
 
     async def rebase(self, layer: str, backing: str, backing_fmt: str, progress: Progress | None = None) -> None:
