@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import SnapfsError
@@ -232,11 +232,12 @@ class HeldLayers:
         self.close()
 
 
-def hold(paths: Mapping[str, str]) -> HeldLayers:
+def hold(paths: Mapping[str, str], describe: Callable[[str], str] = str) -> HeldLayers:
     """Hold each existing layer (path -> "write" or "read", see the module docstring) the
     way QEMU holds an image, then refuse (EBUSY) if another process holds one: writes it,
     or forbids writing it (a running QEMU, qemu-nbd, an open snapshot disk). Locks are
-    taken first and tested after, so of two that start together neither goes on."""
+    taken first and tested after, so of two that start together neither goes on.
+    describe(path) names a layer for the user ("disk vda of snapshot 's1'")."""
     held = HeldLayers()
     seen: set[tuple[int, int]] = set()
     try:
@@ -254,9 +255,11 @@ def hold(paths: Mapping[str, str]) -> HeldLayers:
             for byte in _HOLD_BYTES[mode]:
                 fcntl.fcntl(fd, F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
             if any(write_lock_held(fd, byte) for byte in _CONFLICT_BYTES):
+                name = describe(path)
                 raise SnapfsError(
                     errno.EBUSY,
-                    f"{path} is in use by another process (a running QEMU, qemu-nbd, or an open snapshot disk image).",
+                    f"{name[:1].upper()}{name[1:]} is in use by another process (a running QEMU, qemu-nbd, "
+                    "or an open snapshot disk image); try again when it is closed.",
                 )
     except BaseException:
         held.close()

@@ -10,6 +10,7 @@ holds a layer a step would write, move or delete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -114,7 +115,7 @@ class QemuImgEngine:
                     layerlock.check_chain(path, bases, checked)
                 else:
                     layerlock.check_file(path, follow=path in bases)
-        return layerlock.hold(held)
+        return layerlock.hold(held, functools.partial(_layer_name, files))
 
     # ---- running a step --------------------------------------------------------------------------
     async def run(
@@ -284,3 +285,13 @@ async def _replace_checked(layer: str, suffix: str, build: Callable[[str], Await
             await _in_thread(unlink_if_present, tmp)
         raise
     await _install(tmp, layer)
+
+
+def _layer_name(files: DomainFiles, path: str) -> str:
+    """How a user knows a layer: "disk vda of snapshot 's1'", "the live disk vda"."""
+    target = os.path.basename(os.path.dirname(path))
+    layer_id = os.path.basename(path).removesuffix(".qcow2")
+    if layer_id == LIVE:
+        return f"the live disk {target} of domain {files.name!r}"
+    snap = files.view().snapshots.get(layer_id)
+    return f"disk {target} of snapshot {snap.name!r}" if snap else path
