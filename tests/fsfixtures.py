@@ -68,6 +68,15 @@ def core_call(store_root: str, code: str) -> subprocess.CompletedProcess:
 
 
 # ---- the mount ------------------------------------------------------------------------
+def unmount_and_wait(path: str, seconds: float = 10.0) -> None:
+    """fusermount3 -u a mount started outside Mount (mount(8), a daemon) and wait until the
+    daemon lets go of it."""
+    subprocess.run(["fusermount3", "-u", path], check=False, capture_output=True)
+    deadline = time.monotonic() + seconds
+    while os.path.ismount(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 class Mount:
     """A mount in a subprocess; stop() always leaves the mountpoint unmounted. The one way
     the tests start a mount: `options` are extra command-line options (--allow-other);

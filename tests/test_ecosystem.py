@@ -7,9 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
+from fsfixtures import unmount_and_wait
 from helpers import REPO, SNAPFS, make_image
 
 BIN = os.path.dirname(sys.executable)
@@ -148,10 +148,7 @@ def test_mount_helper(tmp_path):
             line = next(m for m in f if f" {mnt} " in m)
         assert "fuse.snapfs" in line and "allow_other" in line
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-    deadline = time.monotonic() + 10
-    while os.path.ismount(mnt) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        unmount_and_wait(str(mnt))
     assert not os.path.ismount(mnt)
 
 

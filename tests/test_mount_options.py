@@ -27,6 +27,7 @@ from fsfixtures import (  # noqa: F401  (fixtures are used by name)
     errno_of,
     fs_fixture,
     start_env,
+    unmount_and_wait,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -169,10 +170,7 @@ def test_read_only_from_the_command_line_and_the_mount_helper(tmp_path, how: str
         assert call(os.mkdir, mnt / "vm1/snapshots/x") == errno.EROFS
         assert call(os.rmdir, mnt / "vm1/snapshots/b") == errno.EROFS
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-    deadline = time.monotonic() + 10
-    while os.path.ismount(mnt) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        unmount_and_wait(str(mnt))
     assert not os.path.ismount(mnt)
 
 
