@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from . import disk, rules, xml
+from . import disk, qmp, rules, xml
 from .engines import Engine
+from .engines.qmp import QmpEngine
 from .errors import SnapfsError, invalid, io_error, not_found, single
 from .journal import Journal, operation_naming
 from .records import LIVE, DiskRecord, DomainRecord, MetadataView, SnapshotRecord
@@ -34,7 +35,9 @@ class DomainCore:
         changed: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.files = files
-        self.engine = engine  # the offline engine; the only one so far
+        self.engine = engine  # the offline engine
+        # The QMP socket of the QEMU running this domain, if any (running = it answers).
+        self.qmp_socket: str | None = None
         self.definition = definition
         self.name = files.name
         self._record: DomainRecord | None = None
@@ -187,15 +190,20 @@ class DomainCore:
         await self._operate("compression", lambda view, _: rules.plan_compression(view, self.name, snap_id, kind))
 
     # ---- carrying out -----------------------------------------------------------------
-    def _engine(self) -> Engine:
-        """The engine for an operation now: the offline qemu-img engine (a QMP engine
-        would be chosen here while the domain runs)."""
+    async def _engine(self) -> Engine:
+        """The engine for an operation now: the QMP engine while the domain runs (its QMP
+        socket answers), else the offline qemu-img engine."""
+        if self.qmp_socket is not None and await qmp.answers(self.qmp_socket):
+            return QmpEngine(self.qmp_socket, self.engine, self.name)
         return self.engine
 
     def _engine_named(self, name: str | None) -> Engine:
-        """The engine that wrote a journal (None: a journal from before engines had names)."""
+        """The engine that wrote a journal (None: a journal from before engines had names).
+        The QMP engine finishes its steps whether QEMU still runs or not."""
         if name is None or name == self.engine.name:
             return self.engine
+        if name == QmpEngine.name:
+            return QmpEngine(self.qmp_socket, self.engine, self.name)
         raise io_error(f"The journal of domain {self.name!r} was written by engine {name!r}, which is not here.")
 
     def journal(self) -> Journal:
@@ -220,7 +228,7 @@ class DomainCore:
                     changed = journal.pending()
                     await trio.to_thread.run_sync(self.files.remove_temporaries, self.engine.temporary_suffixes)
                     await journal.finish(self._engine_named)
-                    engine = self._engine()
+                    engine = await self._engine()
                     plan = planner(self.view(), engine)
                     steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
                     if steps:

@@ -329,6 +329,8 @@ def space_needed(files: DomainFiles, steps: list[dict]) -> int:
         do = step["do"]
         if do == "commit":
             growth += _allocated(files.file(step["top"]))
+        elif do == "stream":  # a live merge: S's data goes into the dependent QEMU runs on
+            growth += _allocated(files.file(step["from"]))
         elif do == "rebase":
             layer = files.file(step["layer"])
             growth += _skipped(layer, step["backing"])

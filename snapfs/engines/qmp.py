@@ -1,0 +1,489 @@
+"""The QMP engine: the rules' intents as steps on a running QEMU (DESIGN section 8).
+
+A disk-only snapshot makes a new overlay per disk with qemu-img (as offline), adds it to
+QEMU (`blockdev-add`, `qmp_add`) and switches every disk to it in one `transaction`
+(`switch`); a merge of a snapshot on the running chain pulls its data into the dependent
+on that chain with `block-stream` (`stream`), handles the other dependents as offline,
+then lets QEMU close L(S) and deletes it (`release`). No file QEMU holds is ever renamed
+or replaced, and QEMU is only ever handed real files.
+
+Every step is idempotent and finishes right both with QEMU still running (it asks QEMU
+which node is active, whether a job runs or is done) and with QEMU gone (the offline
+equivalent: the guest writes nothing any more). QEMU is found by its QMP socket; one that
+does not answer at all (no socket, connection refused) is gone. Nodes are found by the
+real file they are on, never by an assumed name: a node QEMU opened itself has an
+automatic name (`#block123`); a node snapfs adds is named after its file (node_name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .. import layerlock, qmp, rules
+from ..durable import DirSyncs
+from ..errors import SnapfsError, io_error
+from ..records import LIVE, DiskRecord, MetadataView
+from ..store import DomainFiles
+from . import Progress
+from .qemu_img import METADATA_STEPS, QemuImgEngine
+
+QMP_STEPS = ("qmp_add", "switch", "stream", "release")
+# Offline steps a live plan may hold too: on files off the running chain, held as offline.
+OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress")
+JOB_POLL_SECONDS = 0.25
+FORMAT_DRIVERS = ("qcow2", "raw")
+
+
+def node_name(path: str) -> str:
+    """The node name snapfs gives the format node it adds on `path`: a letter first, at
+    most 31 characters (QEMU's limits), the same for the same file after a crash."""
+    return "sf" + hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
+
+
+def job_id(path: str) -> str:
+    """The id of snapfs's block job into the layer at `path` (recovery looks for it)."""
+    return "sfjob" + hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
+
+
+def running_chain(view: MetadataView) -> set[str]:
+    """The snapshots whose layers a running QEMU holds (the live layer's ancestors) and LIVE."""
+    return {LIVE, *rules.ancestors(view, view.current)}
+
+
+def refused(domain: str, what: str) -> SnapfsError:
+    return SnapfsError(errno.EBUSY, f"Domain {domain!r} is running: {what}")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    drv: str
+    path: str | None  # the file it is on, as QEMU recorded it (absolute)
+
+    @property
+    def automatic(self) -> bool:
+        """Named by QEMU itself (a backing node it opened): it goes when nothing uses it."""
+        return self.name.startswith("#")
+
+    @property
+    def through_link(self) -> bool:
+        return self.path is not None and os.path.islink(self.path)
+
+
+def _file_of(filename: str) -> str | None:
+    """The file a node's `file` names: a plain path, or the one inside a json:{...} name
+    (QEMU writes those for a node whose backing was set by hand, like an overlay after
+    blockdev-snapshot)."""
+    if not filename.startswith("json:"):
+        return filename or None
+    try:
+        options: Any = json.loads(filename[5:])
+    except ValueError:
+        return None
+    while isinstance(options, dict):
+        if options.get("driver") == "file" and isinstance(options.get("filename"), str):
+            return options["filename"]
+        options = options.get("file")
+    return None
+
+
+async def block_nodes(q: qmp.QMP) -> list[Node]:
+    found = []
+    for entry in await q.execute("query-named-block-nodes", flat=True):
+        recorded = _file_of(str(entry.get("file", "")))
+        found.append(Node(entry["node-name"], entry.get("drv", ""), os.path.abspath(recorded) if recorded else None))
+    return found
+
+
+def nodes_on(nodes: list[Node], path: str, formats_only: bool = True) -> list[Node]:
+    """The nodes on the real file `path` (format nodes only, unless told)."""
+    mine = node_name(path)
+    return [
+        n
+        for n in nodes
+        if (n.path == path or n.name == mine) and (not formats_only or n.drv in FORMAT_DRIVERS or n.name == mine)
+    ]
+
+
+async def active_nodes(q: qmp.QMP) -> set[str]:
+    """The node each guest device writes to now."""
+    return {b["inserted"]["node-name"] for b in await q.execute("query-block") if b.get("inserted")}
+
+
+async def header_backing(path: str) -> str | None:
+    """The backing link in a qcow2 layer's header (read without taking any lock)."""
+
+    def read() -> str | None:
+        fd = layerlock.open_regular(path)
+        try:
+            header = layerlock.read_header(fd)
+        finally:
+            os.close(fd)
+        return header.backing if header else None
+
+    return await trio.to_thread.run_sync(read)
+
+
+class QmpEngine:
+    """Bound to a domain's QMP socket (None: QEMU is gone, every step runs offline)."""
+
+    name = "qmp"
+
+    def __init__(self, socket: str | None, offline: QemuImgEngine, domain: str = "") -> None:
+        self.socket = socket
+        self.offline = offline
+        self.domain = domain
+        self.temporary_suffixes = offline.temporary_suffixes
+
+    def snapshot_state(self) -> str:
+        return "disk-snapshot"
+
+    # ---- intents -> steps -------------------------------------------------------------------
+    def steps(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
+        do = intent["do"]
+        if do in METADATA_STEPS:
+            return [intent]
+        view = files.view()
+        chain = running_chain(view)
+        name = files.name
+        if do == "freeze":
+            return []  # the switch freezes the live layer: its real file keeps its name
+        if do == "new_live":
+            if not intent.get("frozen"):
+                raise refused(name, f"shut {name} down first to reset its live disk (revert comes with memory).")
+            return self._create(intent, files, disks)
+        if do == "fold":
+            if intent["snap"] not in chain:
+                return self.offline.steps(intent, files, disks)
+            return self._fold(intent, files, disks, chain)
+        if do == "drop" and intent["snap"] not in chain:
+            return self.offline.steps(intent, files, disks)
+        if do == "recompress":
+            if intent["snap"] not in chain:
+                return self.offline.steps(intent, files, disks)
+            raise refused(
+                name, f"QEMU holds the layers it would recompress; shut {name} down first, or create it uncompressed."
+            )
+        if do == "rebase_live":
+            raise refused(name, f"shut {name} down first to deactivate a snapshot its live disk stands on.")
+        raise refused(name, f"shut {name} down first (the live disk depends on what this would delete).")
+
+    def _create(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
+        """Per disk a new overlay on the live layer's real file; all added to QEMU, all
+        switched in one transaction; then the stable names follow (link, as offline)."""
+        news = {d.target: _rel(files, d, intent["names"]) for d in disks}
+        olds = {d.target: _rel(files, d, intent["backing"]) for d in disks}
+        steps = [
+            {
+                "do": "overlay",
+                "dst": news[d.target],
+                "backing": intent["backing"][d.target],
+                "fmt": "qcow2",
+                "size": d.size,
+            }
+            for d in disks
+        ]
+        steps.append({"do": "qmp_add", "layers": [news[d.target] for d in disks]})
+        steps.append({"do": "switch", "disks": [{"target": t, "active": olds[t], "overlay": news[t]} for t in news]})
+        links = [s for s in self.offline.steps(intent, files, disks) if s["do"] == "link"]
+        return steps + links
+
+    def _fold(self, intent: dict, files: DomainFiles, disks: list[DiskRecord], chain: set[str]) -> list[dict]:
+        """S is on the running chain: its one dependent there pulls S's data (stream); the
+        others are rebased as offline; then QEMU lets go of L(S), which is deleted."""
+        on_chain = [dep for dep in intent["into"] if dep in chain]
+        others = [dep for dep in intent["into"] if dep not in chain]
+        layouts = _Names(files, intent)
+        steps = []
+        for dep in others:
+            for d in disks:
+                steps.append({"do": "rebase", "layer": layouts.dep(d, dep), **layouts.parent_backing(d)})
+        for dep in on_chain:
+            for d in disks:
+                steps.append(
+                    {
+                        "do": "stream",
+                        "layer": layouts.dep(d, dep),
+                        "base": layouts.parent(d),
+                        "from": layouts.own(d),
+                        **layouts.parent_backing(d),
+                    }
+                )
+        return steps + [{"do": "release", "path": layouts.own(d)} for d in disks]
+
+    # ---- the precondition --------------------------------------------------------------------
+    def hold_layers(self, files: DomainFiles, steps: list[dict]) -> contextlib.AbstractContextManager:
+        """Files off the running chain are checked and held as offline. Files QEMU holds
+        (or is about to open) are only checked to be regular files in the store: QEMU has
+        their locks, and taking them would stop it."""
+        for step in steps:
+            for key in ("dst", "layer", "path"):
+                if step["do"] in ("overlay", "stream", "release") and key in step:
+                    layerlock.check_file(files.file(step[key]))
+        return self.offline.hold_layers(files, [s for s in steps if s["do"] in OFFLINE_STEPS])
+
+    # ---- running a step --------------------------------------------------------------------------
+    async def run(
+        self, step: dict, files: DomainFiles, *, recovering: bool, syncs: DirSyncs, progress: Progress | None
+    ) -> None:
+        do = step["do"]
+        if do == "overlay":
+            await self._overlay(step, files, syncs)
+        elif do == "qmp_add":
+            await self._add(step, files)
+        elif do == "switch":
+            await self._switch(step, files)
+        elif do == "stream":
+            await self._stream(step, files, progress)
+        elif do == "release":
+            await self._release(step, files, syncs)
+        else:
+            await self.offline.run(step, files, recovering=recovering, syncs=syncs, progress=progress)
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[qmp.QMP | None]:
+        """A QMP session, or None when QEMU is gone (nothing answers on its socket). A QEMU
+        that answers but is busy (another client) is an error, never taken for gone."""
+        entered = False
+        if self.socket is not None:
+            try:
+                async with qmp.connect(self.socket) as q:
+                    entered = True
+                    yield q
+            except SnapfsError as exc:
+                if entered or exc.errno != errno.ECONNREFUSED:
+                    raise
+            else:
+                return
+        yield None
+
+    async def _overlay(self, step: dict, files: DomainFiles, syncs: DirSyncs) -> None:
+        """As offline, but never over a file QEMU has opened (the journal never re-runs it
+        after the qmp_add; this is the belt to those braces)."""
+        dst = _abs(files, step["dst"])
+        if os.path.exists(dst):
+            async with self._session() as q:
+                if q is not None and nodes_on(await block_nodes(q), dst, formats_only=False):
+                    return
+        await self.offline.run(step, files, recovering=False, syncs=syncs, progress=None)
+
+    async def _add(self, step: dict, files: DomainFiles) -> None:
+        async with self._session() as q:
+            if q is None:
+                return  # QEMU is gone: the new overlays simply wait for the next start
+            nodes = await block_nodes(q)
+            for rel in step["layers"]:
+                path = _abs(files, rel)
+                if nodes_on(nodes, path, formats_only=False):
+                    continue  # added before a crash (a second add fails on QEMU's own lock)
+                file = {"driver": "file", "filename": path}
+                await q.execute(
+                    "blockdev-add", {"driver": "qcow2", "node-name": node_name(path), "file": file}, backing=None
+                )
+
+    async def _switch(self, step: dict, files: DomainFiles) -> None:
+        """Every disk onto its new overlay at one instant (one transaction); nothing to do
+        when they already are. QEMU gone: nothing to do either, the guest wrote into the old
+        live files until it died and they simply become L(S) (the new overlays are empty)."""
+        async with self._session() as q:
+            if q is None:
+                await self._refuse_if_held([_abs(files, d["active"]) for d in step["disks"]])
+                return
+            nodes, active = await block_nodes(q), await active_nodes(q)
+            actions, switched = [], 0
+            for disk in step["disks"]:
+                old, new = _abs(files, disk["active"]), _abs(files, disk["overlay"])
+                if any(n.name in active for n in nodes_on(nodes, new)):
+                    switched += 1
+                    continue
+                current = [n for n in nodes_on(nodes, old) if n.name in active]
+                if not current:
+                    raise self._not_on(disk["target"], old, nodes, active)
+                actions.append(
+                    {"type": "blockdev-snapshot", "data": {"node": current[0].name, "overlay": node_name(new)}}
+                )
+            if actions and switched:
+                raise io_error(f"QEMU runs only some disks of {files.name!r} on their new overlays; stop it and retry.")
+            if actions:
+                await q.execute("transaction", actions=actions)
+
+    def _not_on(self, target: str, old: str, nodes: list[Node], active: set[str]) -> SnapfsError:
+        linked = [n for n in nodes if n.name in active and n.through_link and os.path.realpath(n.path or "") == old]
+        if linked:
+            return SnapfsError(
+                errno.EOPNOTSUPP,
+                f"QEMU opened disk {target} of {self.domain!r} through the symlink {linked[0].path}; start it on the "
+                f"real file {old} (snapfs start does) to snapshot it while it runs.",
+            )
+        return io_error(f"QEMU does not run disk {target} of {self.domain!r} on its live layer {old}.")
+
+    async def _stream(self, step: dict, files: DomainFiles, progress: Progress | None) -> None:
+        """The dependent on the running chain pulls S's data, and then sits on P. Done when
+        its header names P; a job a crashed snapfs started is waited for, not started again."""
+        layer = _abs(files, step["layer"])
+        if await header_backing(layer) == step["backing"]:
+            return
+        try:
+            async with self._session() as q:
+                if q is not None:
+                    nodes = await block_nodes(q)
+                    devices = nodes_on(nodes, layer)
+                    if devices:
+                        await self._stream_live(q, nodes, devices[0], layer, step, files, progress)
+                        return
+        except qmp.QEMUGone:
+            pass  # QEMU died under the stream: nothing holds the layer now
+        await self._rebase_offline(layer, step, progress)
+
+    async def _stream_live(
+        self,
+        q: qmp.QMP,
+        nodes: list[Node],
+        device: Node,
+        layer: str,
+        step: dict,
+        files: DomainFiles,
+        p: Progress | None,
+    ) -> None:
+        job = job_id(layer)
+        since = q.mark()
+        if any(j.get("device") == job for j in await q.execute("query-block-jobs")):
+            await q.execute("block-job-set-speed", device=job, speed=0)  # snapfs died under it: hurry it
+        else:
+            base = _abs(files, step["base"])
+            bases = nodes_on(nodes, base)
+            if not bases:
+                raise io_error(f"QEMU has no node on {base}, the layer {layer} should be streamed onto.")
+            args = {"job-id": job, "device": device.name, "base-node": bases[0].name, "backing-file": step["backing"]}
+            await q.execute("block-stream", args)
+        error = await _follow_job(q, job, since, p)
+        if await header_backing(layer) != step["backing"]:
+            why = f" ({error.rstrip('.')})" if error else ""
+            raise io_error(f"QEMU's block-stream into {layer} ended before it finished{why}.")
+
+    async def _rebase_offline(self, layer: str, step: dict, progress: Progress | None) -> None:
+        """QEMU does not hold the layer (gone, or never had it): a safe rebase of a copy,
+        renamed over it, as offline; held meanwhile, so a QEMU starting now cannot open it."""
+        with await trio.to_thread.run_sync(functools.partial(layerlock.hold, {layer: "write"})):
+            await self.offline.rebase(layer, step["backing"], step["fmt"], progress)
+
+    async def _release(self, step: dict, files: DomainFiles, syncs: DirSyncs) -> None:
+        """QEMU closes L(S) (the nodes snapfs or a command line added stay until deleted;
+        those QEMU opened itself went with the stream), then the file is deleted."""
+        path = _abs(files, step["path"])
+        async with self._session() as q:
+            if q is None:
+                await self._refuse_if_held([path])
+            else:
+                on = nodes_on(await block_nodes(q), path, formats_only=False)
+                for node in sorted(on, key=lambda n: n.drv not in FORMAT_DRIVERS):
+                    if not node.automatic:
+                        with contextlib.suppress(qmp.QMPCommandError):  # gone with its format node
+                            await q.execute("blockdev-del", node_name=node.name)
+                if nodes_on(await block_nodes(q), path, formats_only=False):
+                    raise SnapfsError(errno.EBUSY, f"QEMU still uses {path}, which a merge should delete; try again.")
+        await self.offline.run(
+            {"do": "delete", "path": step["path"]}, files, recovering=False, syncs=syncs, progress=None
+        )
+
+    async def _refuse_if_held(self, paths: list[str]) -> None:
+        """QEMU's socket does not answer, but make sure no process holds these (a QEMU
+        whose socket was removed): the metadata is about to call them frozen or gone."""
+        busy = await trio.to_thread.run_sync(layerlock.in_use, paths)
+        if busy:
+            raise SnapfsError(
+                errno.EBUSY,
+                f"No QEMU answers on {self.socket}, but {busy} is in use by a process; stop it (or give snapfs its "
+                "QMP socket) and try again.",
+            )
+
+    # ---- images outside a plan ---------------------------------------------------------------------
+    async def new_live_layer(self, path: str, disk: DiskRecord) -> None:
+        await self.offline.new_live_layer(path, disk)
+
+    async def probe_format(self, path: str) -> str:
+        return await self.offline.probe_format(path)
+
+    async def virtual_size(self, path: str, fmt: str) -> int:
+        return await self.offline.virtual_size(path, fmt)
+
+    async def has_own_data(self, path: str) -> bool:
+        return await self.offline.has_own_data(path)
+
+
+async def _follow_job(q: qmp.QMP, job: str, since: int, progress: Progress | None) -> str | None:
+    """Wait until block job `job` is gone from QEMU's list, reporting its progress; the
+    error QEMU reported for it on this connection, if any."""
+    while True:
+        mine = [j for j in await q.execute("query-block-jobs") if j.get("device") == job]
+        if not mine:
+            break
+        if progress is not None and mine[0].get("len"):
+            progress(100.0 * mine[0].get("offset", 0) / mine[0]["len"])
+        with trio.move_on_after(JOB_POLL_SECONDS):
+            await q.wait_event(
+                ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "JOB_STATUS_CHANGE"),
+                lambda d: job in (d.get("device"), d.get("id")),
+                timeout=JOB_POLL_SECONDS * 2,
+                since=q.mark(),
+            )
+    for event in q.events_since(since):
+        data = event.get("data", {})
+        if data.get("device") == job and event["event"] == "BLOCK_JOB_CANCELLED":
+            return "it was cancelled"
+        if data.get("device") == job and event["event"] == "BLOCK_JOB_COMPLETED" and data.get("error"):
+            return str(data["error"])
+    return None
+
+
+class _Names:
+    """The real files of a fold's layers, relative to the domain directory."""
+
+    def __init__(self, files: DomainFiles, intent: dict) -> None:
+        self.files, self.intent = files, intent
+
+    def own(self, d: DiskRecord) -> str:
+        return _rel(self.files, d, self.intent.get("layers") or self.intent["snap"])
+
+    def dep(self, d: DiskRecord, dep: str) -> str:
+        into = self.intent.get("into_layers")
+        return _rel(self.files, d, into[dep] if into else dep)
+
+    def parent(self, d: DiskRecord) -> str:
+        """P's real file, or the base image (absolute: files.file leaves it as it is)."""
+        names = self.intent.get("parent_layers") if "parent_layers" in self.intent else self.intent["parent"]
+        return d.base if names is None else _rel(self.files, d, names)
+
+    def parent_backing(self, d: DiskRecord) -> dict:
+        """The backing link and format a layer on P gets (as offline: basename or the base's path)."""
+        parent = self.parent(d)
+        if parent == d.base:
+            return {"backing": d.base, "fmt": d.format}
+        return {"backing": os.path.basename(parent), "fmt": "qcow2"}
+
+
+def _rel(files: DomainFiles, d: DiskRecord, which: str | dict[str, str]) -> str:
+    """A layer's real file relative to the domain directory: from {target: basename}, or
+    (stores before real names) from a snapshot id or LIVE, through any symlink."""
+    if isinstance(which, dict):
+        path = os.path.join(files.layers_dir(d.target), which[d.target])
+    else:
+        path = files.layer(d.target, which)
+        if os.path.islink(path):
+            path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return os.path.relpath(path, files.path)
+
+
+def _abs(files: DomainFiles, name: str) -> str:
+    """A step's file as QEMU is given it (and records it): an absolute path."""
+    return os.path.abspath(files.file(name))
