@@ -453,35 +453,25 @@ class _Names:
         self.files, self.intent = files, intent
 
     def own(self, d: DiskRecord) -> str:
-        return _rel(self.files, d, self.intent.get("layers") or self.intent["snap"])
+        return _rel(self.files, d, self.intent["layers"])
 
     def dep(self, d: DiskRecord, dep: str) -> str:
-        into = self.intent.get("into_layers")
-        return _rel(self.files, d, into[dep] if into else dep)
+        return _rel(self.files, d, self.intent["into_layers"][dep])
 
     def parent(self, d: DiskRecord) -> str:
         """P's real file, or the base image (absolute: files.file leaves it as it is)."""
-        names = self.intent.get("parent_layers") if "parent_layers" in self.intent else self.intent["parent"]
+        names = self.intent["parent_layers"]
         return d.base if names is None else _rel(self.files, d, names)
 
     def parent_backing(self, d: DiskRecord) -> dict:
         """The backing link and format a layer on P gets (as offline: basename or the base's path)."""
-        parent = self.parent(d)
-        if parent == d.base:
-            return {"backing": d.base, "fmt": d.format}
-        return {"backing": os.path.basename(parent), "fmt": "qcow2"}
+        names = self.intent["parent_layers"]
+        return {"backing": d.base, "fmt": d.format} if names is None else {"backing": names[d.target], "fmt": "qcow2"}
 
 
-def _rel(files: DomainFiles, d: DiskRecord, which: str | dict[str, str]) -> str:
-    """A layer's real file relative to the domain directory: from {target: basename}, or
-    (stores before real names) from a snapshot id or LIVE, through any symlink."""
-    if isinstance(which, dict):
-        path = os.path.join(files.layers_dir(d.target), which[d.target])
-    else:
-        path = files.layer(d.target, which)
-        if os.path.islink(path):
-            path = os.path.join(os.path.dirname(path), os.readlink(path))
-    return os.path.relpath(path, files.path)
+def _rel(files: DomainFiles, d: DiskRecord, names: dict[str, str]) -> str:
+    """The real layer file `names` ({target: basename}) gives disk d, relative to the domain."""
+    return os.path.relpath(files.layer_path(d.target, names[d.target]), files.path)
 
 
 def _abs(files: DomainFiles, name: str) -> str:
