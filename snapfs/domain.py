@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from . import disk, qmp, rules, xml
+from . import disk, qmp, rules, runtime, xml
 from .engines import Engine
 from .engines.qmp import QmpEngine
 from .errors import SnapfsError, invalid, io_error, not_found, single
@@ -36,7 +36,8 @@ class DomainCore:
     ) -> None:
         self.files = files
         self.engine = engine  # the offline engine
-        # The QMP socket of the QEMU running this domain, if any (running = it answers).
+        # The QMP socket of the QEMU running this domain when it is not where runtime.py
+        # keeps it (tests); running = it answers.
         self.qmp_socket: str | None = None
         self.definition = definition
         self.name = files.name
@@ -199,9 +200,13 @@ class DomainCore:
     async def _engine(self) -> Engine:
         """The engine for an operation now: the QMP engine while the domain runs (its QMP
         socket answers), else the offline qemu-img engine."""
-        if self.qmp_socket is not None and await qmp.answers(self.qmp_socket):
-            return QmpEngine(self.qmp_socket, self.engine, self.name)
+        socket = self._socket()
+        if socket is not None and await qmp.answers(socket):
+            return QmpEngine(socket, self.engine, self.name)
         return self.engine
+
+    def _socket(self) -> str | None:
+        return self.qmp_socket or runtime.qmp_socket(self.files)
 
     def _engine_named(self, name: str | None) -> Engine:
         """The engine that wrote a journal (None: a journal from before engines had names).
@@ -209,7 +214,7 @@ class DomainCore:
         if name is None or name == self.engine.name:
             return self.engine
         if name == QmpEngine.name:
-            return QmpEngine(self.qmp_socket, self.engine, self.name)
+            return QmpEngine(self._socket(), self.engine, self.name)
         raise io_error(f"The journal of domain {self.name!r} was written by engine {name!r}, which is not here.")
 
     async def _carry_over(self) -> None:
@@ -248,7 +253,7 @@ class DomainCore:
                     plan = planner(self.view(), engine)
                     steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
                     if steps:
-                        with await journal.refuse_unless_ready(engine, steps):  # the layers stay held
+                        with await self._refuse_unless_ready(journal, engine, steps):  # the layers stay held
                             changed = True
                             await journal.run(operation, plan.subject, engine, steps)
                     return plan.result
@@ -260,6 +265,17 @@ class DomainCore:
         finally:
             if changed:
                 await self.tell_changed()
+
+    async def _refuse_unless_ready(self, journal: Journal, engine: Engine, steps: list[dict]):
+        """The journal's hold on the layers; a layer the offline engine finds held because
+        the domain runs after all (its QEMU did not answer snapfs) is refused with a sentence
+        that says so."""
+        try:
+            return await journal.refuse_unless_ready(engine, steps)
+        except SnapfsError as exc:
+            if engine is self.engine:
+                await runtime.refuse_if_running(self, exc)
+            raise
 
     def _failed(self, operation: str, caught: BaseException) -> BaseException:
         """The one exception a failed operation raises, its sentence in last-error."""
