@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 # libvirt-python's names for Domain.state()'s first item, and the reasons snapfs gives.
 DomainState = runtime.State
+SNAPSHOT_CREATE_DISK_ONLY = 16  # libvirt's VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
 VIR_DOMAIN_NOSTATE = runtime.State.NOSTATE
 VIR_DOMAIN_RUNNING = runtime.State.RUNNING
 VIR_DOMAIN_BLOCKED = runtime.State.BLOCKED
@@ -140,8 +141,10 @@ class Domain:
         return f"<Domain {self.name}>"
 
     def snapshot_create_xml(self, xml_desc: str | bytes, flags: int = 0) -> Snapshot:
-        _check_flags(flags)
-        record = _run(self.core.create_from_xml, xml_desc)
+        """flags: SNAPSHOT_CREATE_DISK_ONLY (libvirt's 16), or <memory snapshot='no'/> in the XML,
+        for a disk-only snapshot of a running domain."""
+        flags = _check_flags(flags, SNAPSHOT_CREATE_DISK_ONLY)
+        record = _run(self.core.create_from_xml, xml_desc, None, bool(flags & SNAPSHOT_CREATE_DISK_ONLY))
         return Snapshot(self, record.id)
 
     def snapshot_num(self, flags: int = 0) -> int:

@@ -100,14 +100,15 @@ def _request_xml(name: str | None, description: str | None) -> str:
 async def _create_as(dom: DomainCore, args: argparse.Namespace) -> str:
     name = _one_of(args.name, args.name_option, "name")
     description = _one_of(args.description, args.description_option, "description")
-    if args.memspec is not None and args.memspec not in ("no", "snapshot=no"):
+    no_memory = args.memspec in ("no", "snapshot=no")
+    if args.memspec is not None and not no_memory:
         raise SnapfsError(
             errno.EOPNOTSUPP,
-            "snapfs snapshots the disks of a shut-off domain and keeps no memory: --memspec has no use.",
+            "snapfs does not save a guest's memory yet: --memspec has no use but 'no' (use --disk-only).",
         )
     if args.print_xml:
         return _request_xml(name, description)
-    return await _created(dom.create(name, description))
+    return await _created(dom.create(name, description, disk_only=args.disk_only or no_memory))
 
 
 async def _revert(dom: DomainCore, args: argparse.Namespace) -> str:
@@ -297,7 +298,7 @@ async def _created(pending: Awaitable[SnapshotRecord]) -> str:
 
 async def _create_from_file(dom: DomainCore, args: argparse.Namespace) -> str:
     text = _read_input(args.xmlfile) if args.xmlfile else b"<domainsnapshot/>"
-    return await _created(dom.create_from_xml(text, args.compress))
+    return await _created(dom.create_from_xml(text, args.compress, args.disk_only))
 
 
 def _current_name(dom: DomainCore) -> str | None:

@@ -133,7 +133,9 @@ def _create_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
         help="compress the snapshot's layers with gzip (zlib); --compress=zstd for zstd",
     )
     p.add_argument("--compress-kind", dest="compress", choices=["gzip", "zstd"], help=argparse.SUPPRESS)
-    p.add_argument("--disk-only", action="store_true", help="accepted: snapfs always snapshots the disks only")
+    p.add_argument(
+        "--disk-only", action="store_true", help="the disks only (required while the domain runs: no memory yet)"
+    )
     p = verb("snapshot-create-as", "Create a snapshot from a name and a description.")
     p.add_argument("domain")
     p.add_argument("name", nargs="?")
@@ -141,7 +143,9 @@ def _create_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--name", dest="name_option", metavar="NAME", help="the snapshot's name (as virsh)")
     p.add_argument("--description", dest="description_option", metavar="TEXT", help="its description (as virsh)")
     p.add_argument("--print-xml", action="store_true", help="print the snapshot XML instead of creating it")
-    p.add_argument("--disk-only", action="store_true", help="accepted: snapfs always snapshots the disks only")
+    p.add_argument(
+        "--disk-only", action="store_true", help="the disks only (required while the domain runs: no memory yet)"
+    )
     p.add_argument("--memspec", metavar="SPEC", help="only 'no' (snapshot=no) has a meaning: snapfs keeps no memory")
 
 

@@ -123,22 +123,38 @@ class DomainCore:
 
     # ---- operations -----------------------------------------------------------------
     async def create(
-        self, name: str | None = None, description: str | None = None, compression: str | None = None
+        self,
+        name: str | None = None,
+        description: str | None = None,
+        compression: str | None = None,
+        disk_only: bool = False,
     ) -> SnapshotRecord:
+        """A snapshot of every disk; of a running domain only with `disk_only` (memory
+        snapshots come later), as virsh takes memory by default."""
+
         def plan(view: MetadataView, engine: Engine) -> Plan:
+            if engine.name == QmpEngine.name and not disk_only:
+                raise SnapfsError(
+                    errno.EOPNOTSUPP,
+                    f"Domain {self.name!r} is running, and snapfs does not save a guest's memory yet: ask for a "
+                    "disk-only snapshot (--disk-only, <memory snapshot='no'/>, or a mkdir in the mount).",
+                )
             now = int(time.time())
             state = engine.snapshot_state()
             return rules.plan_create(view, self.name, name, description, compression, state=state, now=now)
 
         return await self._operate("create", plan)
 
-    async def create_from_xml(self, text: str | bytes, compress: str | None = None) -> SnapshotRecord:
+    async def create_from_xml(
+        self, text: str | bytes, compress: str | None = None, disk_only: bool = False
+    ) -> SnapshotRecord:
         try:
             request = xml.parse_snapshot_request(text)
         except SnapfsError as exc:
             self.record_error("create", exc.message)
             raise
-        return await self.create(request.name, request.description, request.compression or compress)
+        disk_only = disk_only or request.disk_only
+        return await self.create(request.name, request.description, request.compression or compress, disk_only)
 
     async def revert(self, snap_id: str) -> None:
         await self._operate("revert", lambda view, _: rules.plan_revert(view, self.name, snap_id))

@@ -404,7 +404,7 @@ class SnapFS(pyfuse3.Operations):
         if text is None:
             raise self.refused(parent, errno.EINVAL, "create", f"A snapshot name must be UTF-8: {name!r}.")
         with notify_without_waiting():
-            record = await self.tree.domain(parent).create(name=text)
+            record = await self.tree.domain(parent).create(name=text, disk_only=True)  # instant, as in ZFS
         node = Node(Kind.SNAPSHOT, parent.dom, record.id)
         entry = self.kcache.entry(node, self.tree.attributes(node, self.tree.reading()), self.kcache.epoch)
         self.kcache.note_entry(parent, name, node, entry)

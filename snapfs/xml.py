@@ -48,10 +48,12 @@ class SnapshotRequest:
     name: str | None = None
     description: str | None = None
     compression: str | None = None
+    disk_only: bool = False  # <memory snapshot='no'/>: the disks only, even of a running domain
 
 
 def parse_snapshot_request(text: str | bytes) -> SnapshotRequest:
-    """Read only name, description and compression (the seed's rule); ignore the rest."""
+    """Read only name, description, compression and whether memory is left out
+    (`<memory snapshot='no'/>`); ignore the rest (the seed's rule)."""
     root = parse(text, "snapshot XML")
     if root.tag != "domainsnapshot":
         raise invalid(f"The snapshot XML's root element is <{root.tag}>, not <domainsnapshot>.")
@@ -62,6 +64,8 @@ def parse_snapshot_request(text: str | bytes) -> SnapshotRequest:
             setattr(request, tag, (node.text or "").strip() if tag != "description" else node.text or "")
     if request.compression == "":
         request.compression = None
+    memory = root.find("memory")
+    request.disk_only = memory is not None and memory.get("snapshot") == "no"
     return request
 
 

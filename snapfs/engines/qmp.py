@@ -41,6 +41,9 @@ QMP_STEPS = ("qmp_add", "switch", "stream", "release")
 # Offline steps a live plan may hold too: on files off the running chain, held as offline.
 OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress")
 JOB_POLL_SECONDS = 0.25
+# Bytes a second a stream job may copy (0: as fast as it can). Tests slow a stream down so
+# that snapfs can be killed while it runs; recovery always hurries it (speed 0).
+STREAM_SPEED = int(os.environ.get("SNAPFS_QMP_STREAM_SPEED", "0"))
 FORMAT_DRIVERS = ("qcow2", "raw")
 
 
@@ -244,7 +247,7 @@ class QmpEngine:
         elif do == "switch":
             await self._switch(step, files)
         elif do == "stream":
-            await self._stream(step, files, progress)
+            await self._stream(step, files, progress, recovering)
         elif do == "release":
             await self._release(step, files, syncs)
         else:
@@ -327,7 +330,7 @@ class QmpEngine:
             )
         return io_error(f"QEMU does not run disk {target} of {self.domain!r} on its live layer {old}.")
 
-    async def _stream(self, step: dict, files: DomainFiles, progress: Progress | None) -> None:
+    async def _stream(self, step: dict, files: DomainFiles, progress: Progress | None, recovering: bool) -> None:
         """The dependent on the running chain pulls S's data, and then sits on P. Done when
         its header names P; a job a crashed snapfs started is waited for, not started again."""
         layer = _abs(files, step["layer"])
@@ -339,7 +342,7 @@ class QmpEngine:
                     nodes = await block_nodes(q)
                     devices = nodes_on(nodes, layer)
                     if devices:
-                        await self._stream_live(q, nodes, devices[0], layer, step, files, progress)
+                        await self._stream_live(q, nodes, devices[0], layer, step, files, progress, recovering)
                         return
         except qmp.QEMUGone:
             pass  # QEMU died under the stream: nothing holds the layer now
@@ -354,6 +357,7 @@ class QmpEngine:
         step: dict,
         files: DomainFiles,
         p: Progress | None,
+        recovering: bool,
     ) -> None:
         job = job_id(layer)
         since = q.mark()
@@ -365,6 +369,8 @@ class QmpEngine:
             if not bases:
                 raise io_error(f"QEMU has no node on {base}, the layer {layer} should be streamed onto.")
             args = {"job-id": job, "device": device.name, "base-node": bases[0].name, "backing-file": step["backing"]}
+            if STREAM_SPEED and not recovering:
+                args["speed"] = STREAM_SPEED
             await q.execute("block-stream", args)
         error = await _follow_job(q, job, since, p)
         if await header_backing(layer) != step["backing"]:

@@ -80,11 +80,18 @@ def qemu_command(sock: Path, disks: Mapping[str, Path], memory_mib: int = 256, a
     ]
     cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
     for disk, image in disks.items():
-        node = image.stem
+        node = node_of(disk, image)
         cmd += ["-blockdev", f"driver=file,node-name={node}-file,filename={image}"]
         cmd += ["-blockdev", f"driver=qcow2,node-name={node},file={node}-file"]
         cmd += ["-device", f"virtio-blk-pci,drive={node},id={disk}"]
     return cmd
+
+
+def node_of(disk: str, image: Path) -> str:
+    """The image's file stem, or `<disk>-boot` where the stem is no QEMU node name (a letter
+    first, at most 31 characters with "-file": a uuid.qcow2 of the store is not)."""
+    stem = image.stem
+    return stem if stem[:1].isalpha() and len(stem) <= 26 else f"{disk}-boot"
 
 
 def _read_console(guest: Guest) -> None:

@@ -1,0 +1,357 @@
+"""Disk-only snapshots and merges of a running domain over QMP (issue 13, DESIGN section 8).
+
+One tiny Linux guest (tests/guest) boots per module under TCG on the live layers of a
+two-disk domain (vda on a qcow2 base, vdb on a raw one) and writes its sequence counter to
+both; the test hands its QMP socket to snapfs with `attach`, as a user with a QEMU of their
+own would. Before the boot an offline tree is made (a, b a branch off a, c on a, the live
+disk on c), each layer holding a pattern of its own above the counter. Then, through the
+API, the command line and the mount: live creates (one instant on both disks, the guest
+never stopped, ten in a row), live merges of every shape, refusals, and a merge whose
+snapfs is killed while QEMU's stream job runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from factory import define_domain, make_bases
+from fsfixtures import Mount
+from guest.counter import Counter, check_consistent, read_counter
+from guest.vm import Guest, running_guest
+from helpers import SNAPFS, has_pattern, layout_problems, qemu_check_problems, write_pattern
+
+import snapfs
+from snapfs import qmp
+from snapfs.errors import SnapfsError
+
+pytestmark = pytest.mark.timeout(240)
+
+DOM = "vm1"
+TARGETS = ("vda", "vdb")
+MiB = 1 << 20
+DISK_SIZE = 64 * MiB
+COUNTER_AREA = 8 * MiB  # the counter's blocks (16384 steps: about 14 minutes of guest writes)
+PATTERN_AT = 16 * MiB  # patterns the tests write, above the counter
+CLUSTER = 64 * 1024
+DISK_ONLY = "<domainsnapshot><name>{}</name><memory snapshot='no'/></domainsnapshot>"
+
+
+@dataclass
+class Live:
+    root: str
+    domain: snapfs.Domain
+    guest: Guest
+    patterns: dict[str, int]  # name -> the pattern its layer holds (at PATTERN_AT + index * CLUSTER)
+
+    def snap(self, name: str) -> snapfs.Snapshot:
+        return self.domain.snapshot_lookup_by_name(name)
+
+
+def cli(root: str, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_")} | (env or {})
+    run = subprocess.run([SNAPFS, "--store", root, *args], capture_output=True, text=True, timeout=120, env=environment)
+    if check:
+        assert run.returncode == 0, run.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    directory = tmp_path_factory.mktemp("live")
+    bases = make_bases(str(directory / "images"), {}, sizes={t: DISK_SIZE for t in TARGETS})
+    root = str(directory / "store")
+    domain = define_domain(root, DOM, bases)
+    patterns: dict[str, int] = {}
+    for index, name in enumerate(("a", "b", "c")):
+        if name == "c":
+            domain.create_with_snapshot(domain.snapshot_lookup_by_name("a"))
+        patterns[name] = 0x30 + index
+        for target in TARGETS:
+            write_pattern(domain.live_paths()[target], patterns[name], PATTERN_AT + index * CLUSTER)
+        domain.snapshot_create_xml(f"<domainsnapshot><name>{name}</name></domainsnapshot>")
+    real = {t: Path(p) for t, p in domain.live_layer_paths().items()}
+    with running_guest(directory, real) as guest:
+        domain.attach(str(guest.sock))
+        yield Live(root, domain, guest, patterns)
+
+
+# ---- what the tests check ---------------------------------------------------------------------
+def counter(image: str, disk: str) -> Counter:
+    """(boot tag, N) of a crash-consistent counter in `image` (asserts it)."""
+    return check_consistent(read_counter(image, COUNTER_AREA), disk)
+
+
+def digest(image: str) -> str:
+    """The whole content of a frozen image (with its chain)."""
+    done = subprocess.run(
+        ["qemu-img", "convert", "-U", "-O", "raw", image, "/dev/stdout"], capture_output=True, check=True, timeout=120
+    )
+    return hashlib.sha256(done.stdout).hexdigest()
+
+
+def frozen_state(live: Live) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+    """name -> (layer paths, content digests) of every snapshot."""
+    found = {}
+    for name in live.domain.list_snapshot_names():
+        paths = live.snap(name).layer_paths()
+        found[name] = (paths, {t: digest(p) for t, p in paths.items()})
+    return found
+
+
+def assert_healthy(live: Live) -> None:
+    """Layout right, every frozen layer checks clean, the guest writes into the live layer."""
+    assert layout_problems(live.domain) == []
+    for name in live.domain.list_snapshot_names():
+        for path in live.snap(name).layer_paths().values():
+            assert qemu_check_problems(path) == []
+    assert_guest_writes_live(live)
+
+
+def assert_guest_writes_live(live: Live) -> None:
+    printed = live.guest.last()
+    live.guest.wait_counter(printed + 3)
+    for target, path in live.domain.live_paths().items():
+        now = counter(path, target)
+        assert now.tag == live.guest.boot_tag() and now.last >= printed + 3
+
+
+async def _active_files(sock: Path) -> set[str]:
+    async with qmp.connect(sock) as q:
+        nodes = {n["node-name"]: n for n in await q.execute("query-named-block-nodes", flat=True)}
+        files = set()
+        for block in await q.execute("query-block"):
+            name = block["inserted"]["node-name"]
+            children = [n for n in nodes.values() if n.get("drv") == "file"]
+            file = nodes[name]["file"]
+            files.add(file if not file.startswith("json:") else _json_file(file, children))
+        return files
+
+
+def _json_file(name: str, children: list[dict]) -> str:
+    import json
+
+    options = json.loads(name[5:])
+    while isinstance(options, dict) and options.get("driver") != "file":
+        options = options.get("file")
+    return options["filename"]
+
+
+def active_files(live: Live) -> set[str]:
+    return trio.run(_active_files, live.guest.sock)
+
+
+def max_gap(guest: Guest, start: float, end: float) -> tuple[float, float]:
+    """(longest gap between counter steps around [start, end], median gap before it)."""
+    times = [t for t, _ in guest.counter_times()]
+    gaps = [(b - a, a, b) for a, b in zip(times, times[1:], strict=False)]
+    around = [g for g, a, b in gaps if b >= start and a <= end] or [0.0]
+    before = [g for g, _, b in gaps if b < start][-50:]
+    return max(around), statistics.median(before)
+
+
+def check_snapshot(live: Live, name: str, before: int) -> Counter:
+    """A disk-only snapshot made while the guest printed `before` or later: both disks
+    crash-consistent from one instant (vda is written first, so vdb's N is vda's or one less)."""
+    snap = live.snap(name)
+    assert "<state>disk-snapshot</state>" in snap.get_xml_desc()
+    frozen = {t: counter(p, t) for t, p in snap.layer_paths().items()}
+    assert {c.tag for c in frozen.values()} == {live.guest.boot_tag()}
+    assert before <= frozen["vdb"].last <= frozen["vda"].last <= frozen["vdb"].last + 1
+    return frozen["vda"]
+
+
+# ---- create -----------------------------------------------------------------------------------
+def test_live_create_two_disks_one_instant(live: Live) -> None:
+    live.guest.wait_counter(live.guest.last() + 3)
+    before = live.guest.last()
+    old_live = live.domain.live_layer_paths()
+    started = time.monotonic()
+    live.domain.snapshot_create_xml(DISK_ONLY.format("l1"))
+    ended = time.monotonic()
+    n = check_snapshot(live, "l1", before)
+    assert live.snap("l1").layer_paths() == old_live  # the live files became L(l1): nothing renamed
+    new_live = live.domain.live_layer_paths()
+    assert set(new_live.values()) & set(old_live.values()) == set()
+    assert active_files(live) == set(new_live.values())
+    live.guest.wait_counter(n.last + 10)
+    gap, step = max_gap(live.guest, started, ended)
+    assert gap < step + 2.0, "the guest was stopped"
+    assert_healthy(live)
+    assert counter(live.snap("l1").layer_paths()["vda"], "vda") == n  # frozen stays frozen
+
+
+def test_ten_in_a_row_through_api_and_cli(live: Live) -> None:
+    previous = -1
+    started = time.monotonic()
+    for i in range(10):
+        live.guest.wait_counter(live.guest.last() + 2)
+        before = live.guest.last()
+        name = f"row{i}"
+        if i % 2:
+            cli(live.root, "snapshot-create-as", DOM, name, "--disk-only")
+        else:
+            live.domain.snapshot_create_xml(DISK_ONLY.format(name))
+        n = check_snapshot(live, name, before)
+        assert n.last > previous, "the counter rises across each snapshot"
+        previous = n.last
+    gap, step = max_gap(live.guest, started, time.monotonic())
+    assert gap < step + 2.0, "the guest was stopped"
+    assert_healthy(live)
+
+
+def test_memory_snapshot_refused_while_running(live: Live) -> None:
+    names = live.domain.list_snapshot_names()
+    run = cli(live.root, "snapshot-create-as", DOM, "withmem", check=False)
+    assert run.returncode != 0 and "--disk-only" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    with pytest.raises(SnapfsError, match="disk-only|memory snapshot='no'"):
+        live.domain.snapshot_create_xml("<domainsnapshot><name>withmem</name></domainsnapshot>")
+    assert live.domain.list_snapshot_names() == names
+
+
+# ---- merge ------------------------------------------------------------------------------------
+def merge_and_check(live: Live, name: str, how: str) -> None:
+    """Merge `name` while the guest writes: every other snapshot keeps its layer paths and
+    content, the live disk its patterns, the guest keeps writing, QEMU runs on the live files."""
+    state = frozen_state(live)
+    gone = state.pop(name)
+    domain_xml = live.domain.xml_desc()
+    printed = live.guest.last()
+    if how == "api":
+        live.snap(name).deactivate(snapfs.DeactivateFlags.MERGE)
+    else:
+        cli(live.root, "snapshot-delete", DOM, name)
+    assert name not in live.domain.list_snapshot_names()
+    for path in gone[0].values():
+        assert not os.path.exists(path)
+    assert frozen_state(live) == state
+    assert live.domain.xml_desc() == domain_xml
+    live.guest.wait_counter(printed + 5)
+    assert active_files(live) == set(live.domain.live_layer_paths().values())
+    for index, pattern_name in enumerate(("a", "b", "c")):
+        if pattern_name != "b":
+            for path in live.domain.live_paths().values():
+                assert has_pattern(path, live.patterns[pattern_name], PATTERN_AT + index * CLUSTER, fmt="qcow2")
+    assert_healthy(live)
+
+
+def test_merge_two_dependents_one_off_chain(live: Live) -> None:
+    """a's children: b (a shut-off branch) and c (a frozen layer on the running chain)."""
+    assert sorted(c.name for c in live.snap("a").list_children()) == ["b", "c"]
+    merge_and_check(live, "a", "api")
+    assert live.snap("b").get_parent() is None and live.snap("c").get_parent() is None
+
+
+def test_merge_frozen_on_chain(live: Live) -> None:
+    """row3's one dependent is row4, a layer QEMU holds read-only (snapfs added it)."""
+    merge_and_check(live, "row3", "cli")
+    assert live.snap("row4").get_parent().name == "row2"
+
+
+def test_merge_current(live: Live) -> None:
+    """The current snapshot: its dependent is the live layer QEMU writes."""
+    current = live.domain.current_snapshot()
+    parent = current.get_parent().name
+    merge_and_check(live, current.name, "api")
+    assert live.domain.current_snapshot().name == parent
+
+
+def test_merge_off_chain_and_rename_and_description(live: Live) -> None:
+    merge_and_check(live, "b", "cli")  # off the running chain: as offline
+    cli(live.root, "snapshot-rename", DOM, "row0", "first-row")
+    cli(live.root, "snapshot-desc", DOM, "first-row", "made while running")
+    assert live.snap("first-row").get_description() == "made while running"
+
+
+# ---- refusals ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["create-with-snapshot", DOM, "c"], "shut"),
+        (["snapshot-deactivate", DOM, "c", "--deleteforce"], "shut"),
+        (["snapshot-deactivate", DOM, "c"], "shut"),
+        (["snapshot-compress", DOM, "c", "gzip"], "shut"),
+    ],
+    ids=["revert", "discard-force", "deactivate", "compress"],
+)
+def test_refused_while_running(live: Live, args: list[str], words: str) -> None:
+    names = live.domain.list_snapshot_names()
+    live_files = live.domain.live_layer_paths()
+    run = cli(live.root, *args, check=False)
+    assert run.returncode != 0 and words in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert live.domain.list_snapshot_names() == names and live.domain.live_layer_paths() == live_files
+    assert_guest_writes_live(live)
+
+
+# ---- the mount --------------------------------------------------------------------------------
+def test_mount_mkdir_and_merge(live: Live, tmp_path: Path) -> None:
+    mount = Mount(live.root, str(tmp_path / "mnt")).start()
+    try:
+        snapshots = tmp_path / "mnt" / DOM / "snapshots"
+        before = live.guest.last()
+        os.mkdir(snapshots / "by-mkdir")
+        check_snapshot(live, "by-mkdir", before)
+        live.guest.wait_counter(live.guest.last() + 3)
+        (snapshots / "by-mkdir" / "control").write_text("merge\n")
+        assert "by-mkdir" not in os.listdir(snapshots)
+    finally:
+        assert mount.stop() == 0, mount.log()[-2000:]
+    assert_healthy(live)
+
+
+# ---- snapfs killed while QEMU streams ---------------------------------------------------------
+KILLER = """
+import sys, snapfs
+domain = snapfs.open_store(sys.argv[1]).lookup_domain(sys.argv[2])
+domain.snapshot_lookup_by_name(sys.argv[3]).deactivate(snapfs.DeactivateFlags.MERGE)
+"""
+
+
+def test_snapfs_killed_while_qemu_streams(live: Live) -> None:
+    """A stream job outlives snapfs; the next command finds it by its id and waits for it."""
+    for target in TARGETS:
+        command = f'qemu-io -d {target}/virtio-backend "write -P 0x77 {PATTERN_AT + 4 * MiB} {24 * MiB}"'
+        trio.run(_hmp, live.guest.sock, command)
+    live.domain.snapshot_create_xml(DISK_ONLY.format("big"))
+    live.domain.snapshot_create_xml(DISK_ONLY.format("after-big"))
+    state = frozen_state(live)
+    del state["big"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_")} | {"SNAPFS_QMP_STREAM_SPEED": str(MiB)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, live.root, DOM, "big"], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not trio.run(_streaming, live.guest.sock) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert trio.run(_streaming, live.guest.sock), "the job should outlive snapfs"
+    cli(live.root, "snapshot-list", DOM)  # the next command (opening the store) finishes it
+    assert "big" not in live.domain.list_snapshot_names()
+    assert frozen_state(live) == state
+    for path in live.domain.live_paths().values():
+        assert has_pattern(path, 0x77, PATTERN_AT + 4 * MiB, 24 * MiB)
+    assert_healthy(live)
+
+
+async def _hmp(sock: Path, command: str) -> None:
+    async with qmp.connect(sock) as q:
+        out = await q.hmp(command, timeout=120)
+        assert "error" not in out.lower(), out
+
+
+async def _streaming(sock: Path) -> bool:
+    try:
+        async with qmp.connect(sock, timeout=1) as q:
+            return bool(await q.execute("query-block-jobs"))
+    except SnapfsError:
+        return False
