@@ -332,50 +332,65 @@ class QmpEngine:
 
     async def _stream(self, step: dict, files: DomainFiles, progress: Progress | None, recovering: bool) -> None:
         """The dependent on the running chain pulls S's data, and then sits on P. Done when
-        its header names P; a job a crashed snapfs started is waited for, not started again."""
+        its header names P; a job a crashed snapfs started is waited for, not started again.
+        The QMP socket is let go between polls (QEMU serves one client at a time, and
+        `domstate` is one). QEMU gone before or during the job: the offline rebase."""
         layer = _abs(files, step["layer"])
         if await header_backing(layer) == step["backing"]:
             return
-        try:
+        job = job_id(layer)
+        if await self._start_stream(job, layer, step, files, recovering):
+            await self._wait_job(job, progress)
+            if await header_backing(layer) == step["backing"]:
+                return
             async with self._session() as q:
                 if q is not None:
-                    nodes = await block_nodes(q)
-                    devices = nodes_on(nodes, layer)
-                    if devices:
-                        await self._stream_live(q, nodes, devices[0], layer, step, files, progress, recovering)
-                        return
-        except qmp.QEMUGone:
-            pass  # QEMU died under the stream: nothing holds the layer now
+                    raise io_error(f"QEMU's block-stream into {layer} ended before it finished; try again.")
         await self._rebase_offline(layer, step, progress)
 
-    async def _stream_live(
-        self,
-        q: qmp.QMP,
-        nodes: list[Node],
-        device: Node,
-        layer: str,
-        step: dict,
-        files: DomainFiles,
-        p: Progress | None,
-        recovering: bool,
-    ) -> None:
-        job = job_id(layer)
-        since = q.mark()
-        if any(j.get("device") == job for j in await q.execute("query-block-jobs")):
-            await q.execute("block-job-set-speed", device=job, speed=0)  # snapfs died under it: hurry it
-        else:
+    async def _start_stream(self, job: str, layer: str, step: dict, files: DomainFiles, recovering: bool) -> bool:
+        """Start the job (or hurry the one a crashed snapfs left running); False when QEMU is
+        gone or does not hold the layer (then nothing does)."""
+        async with self._session() as q:
+            if q is None:
+                return False
+            nodes = await block_nodes(q)
+            devices = nodes_on(nodes, layer)
+            if not devices:
+                return False
+            if any(j.get("device") == job for j in await q.execute("query-block-jobs")):
+                await q.execute("block-job-set-speed", device=job, speed=0)
+                return True
             base = _abs(files, step["base"])
             bases = nodes_on(nodes, base)
             if not bases:
                 raise io_error(f"QEMU has no node on {base}, the layer {layer} should be streamed onto.")
-            args = {"job-id": job, "device": device.name, "base-node": bases[0].name, "backing-file": step["backing"]}
+            args = {
+                "job-id": job,
+                "device": devices[0].name,
+                "base-node": bases[0].name,
+                "backing-file": step["backing"],
+            }
             if STREAM_SPEED and not recovering:
                 args["speed"] = STREAM_SPEED
             await q.execute("block-stream", args)
-        error = await _follow_job(q, job, since, p)
-        if await header_backing(layer) != step["backing"]:
-            why = f" ({error.rstrip('.')})" if error else ""
-            raise io_error(f"QEMU's block-stream into {layer} ended before it finished{why}.")
+            return True
+
+    async def _wait_job(self, job: str, progress: Progress | None) -> None:
+        """Until block job `job` is gone from QEMU's list (or QEMU is), reporting progress."""
+        while True:
+            try:
+                async with self._session() as q:
+                    if q is None:
+                        return
+                    mine = [j for j in await q.execute("query-block-jobs") if j.get("device") == job]
+            except qmp.QEMUGone:
+                return
+            if not mine:
+                return
+            if progress is not None and mine[0].get("len"):
+                progress(100.0 * mine[0].get("offset", 0) / mine[0]["len"])
+            await trio.sleep(JOB_POLL_SECONDS)
 
     async def _rebase_offline(self, layer: str, step: dict, progress: Progress | None) -> None:
         """QEMU does not hold the layer (gone, or never had it): a safe rebase of a copy,
@@ -425,31 +440,6 @@ class QmpEngine:
 
     async def has_own_data(self, path: str) -> bool:
         return await self.offline.has_own_data(path)
-
-
-async def _follow_job(q: qmp.QMP, job: str, since: int, progress: Progress | None) -> str | None:
-    """Wait until block job `job` is gone from QEMU's list, reporting its progress; the
-    error QEMU reported for it on this connection, if any."""
-    while True:
-        mine = [j for j in await q.execute("query-block-jobs") if j.get("device") == job]
-        if not mine:
-            break
-        if progress is not None and mine[0].get("len"):
-            progress(100.0 * mine[0].get("offset", 0) / mine[0]["len"])
-        with trio.move_on_after(JOB_POLL_SECONDS):
-            await q.wait_event(
-                ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "JOB_STATUS_CHANGE"),
-                lambda d: job in (d.get("device"), d.get("id")),
-                timeout=JOB_POLL_SECONDS * 2,
-                since=q.mark(),
-            )
-    for event in q.events_since(since):
-        data = event.get("data", {})
-        if data.get("device") == job and event["event"] == "BLOCK_JOB_CANCELLED":
-            return "it was cancelled"
-        if data.get("device") == job and event["event"] == "BLOCK_JOB_COMPLETED" and data.get("error"):
-            return str(data["error"])
-    return None
 
 
 class _Names:
