@@ -229,6 +229,22 @@ async def rebase_safe(path: str, backing: str, backing_fmt: str, progress: Progr
     )
 
 
+async def rebase_unsafe(path: str, backing: str, backing_fmt: str) -> None:
+    """Only the header's backing link changes (-u): the caller knows the content stays right."""
+    await qemu_img(["rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path], f"re-pointing {path}")
+
+
+async def same_content_over(a: str, b: str, b_backing: str) -> bool:
+    """Whether qcow2 image `a` reads the same as qcow2 image `b` read over the qcow2 layer
+    `b_backing` instead of the backing its header names (neither is locked: -U)."""
+    opts = "driver=qcow2,file.driver=file,file.filename="
+    over = f"{opts}{_opt(b)},backing.driver=qcow2,backing.file.driver=file,backing.file.filename={_opt(b_backing)}"
+    code, _ = await qemu_img(
+        ["compare", "-q", "-U", "--image-opts", opts + _opt(a), over], f"comparing {a} with {b}", ok=(0, 1)
+    )
+    return code == 0
+
+
 async def same_content(a: str, b: str) -> bool:
     """Whether two images (each with its backing chain) read the same; qcow2 both."""
     code, _ = await qemu_img(

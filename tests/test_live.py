@@ -12,13 +12,11 @@ snapfs is killed while QEMU's stream job runs.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,25 +26,33 @@ import pytest
 import trio
 from factory import define_domain, make_bases
 from fsfixtures import Mount
-from guest.counter import Counter, check_consistent, read_counter
+from guest.counter import Counter
 from guest.vm import Guest, running_guest
-from helpers import SNAPFS, layout_problems, qemu_check_problems, write_pattern
+from helpers import qemu_check_problems, write_pattern
+from livehelpers import (
+    CLUSTER,
+    DISK_ONLY,
+    DOM,
+    PATTERN_AT,
+    TARGETS,
+    MiB,
+    active_files,
+    block_jobs,
+    cli,
+    counter,
+    digest,
+    has_pattern,
+    hmp,
+    layout_problems,
+    traced,
+)
 
 import snapfs
-from snapfs import layerlock, qmp
 from snapfs.errors import SnapfsError
 
 pytestmark = pytest.mark.timeout(240)
 
-DOM = "vm1"
-TARGETS = ("vda", "vdb")
-MiB = 1 << 20
 DISK_SIZE = 40 * MiB
-COUNTER_AREA = 8 * MiB  # the counter's blocks (16384 steps: about 14 minutes of guest writes)
-PATTERN_AT = 16 * MiB  # patterns the tests write, above the counter
-DATA_AREA = 32 * MiB  # where the guest and the tests write
-CLUSTER = 64 * 1024
-DISK_ONLY = "<domainsnapshot><name>{}</name><memory snapshot='no'/></domainsnapshot>"
 
 
 @dataclass
@@ -58,14 +64,6 @@ class Live:
 
     def snap(self, name: str) -> snapfs.Snapshot:
         return self.domain.snapshot_lookup_by_name(name)
-
-
-def cli(root: str, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_")} | (env or {})
-    run = subprocess.run([SNAPFS, "--store", root, *args], capture_output=True, text=True, timeout=120, env=environment)
-    if check:
-        assert run.returncode == 0, run.stderr
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -89,51 +87,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 
 # ---- what the tests check ---------------------------------------------------------------------
-def counter(image: str, disk: str) -> Counter:
-    """(boot tag, N) of a crash-consistent counter in `image` (asserts it)."""
-    return check_consistent(read_counter(image, COUNTER_AREA), disk)
-
-
-def digest(image: str) -> str:
-    """The content of a frozen image (with its chain) where the tests write (DATA_AREA),
-    remembered while no file of its chain changes (a stream rewrites the file it goes into)."""
-    key = tuple(_chain_stats(image))
-    if key not in _DIGESTS:
-        with tempfile.TemporaryDirectory(prefix="snapfs-digest-") as tmp:
-            raw = os.path.join(tmp, "disk.raw")
-            count = f"count={DATA_AREA // MiB}"
-            subprocess.run(
-                ["qemu-img", "dd", "-U", "-O", "raw", "bs=1M", count, f"if={image}", f"of={raw}"], check=True
-            )
-            with open(raw, "rb") as f:
-                _DIGESTS[key] = hashlib.sha256(f.read()).hexdigest()
-    return _DIGESTS[key]
-
-
-_DIGESTS: dict[tuple, str] = {}
-
-
-def _chain_stats(image: str) -> Iterator[tuple]:
-    path: str | None = image
-    while path:
-        st = os.stat(path)
-        yield path, st.st_ino, st.st_mtime_ns, st.st_size
-        fd = layerlock.open_regular(path, follow=True)
-        try:
-            header = layerlock.read_header(fd)
-        finally:
-            os.close(fd)
-        backing = header.backing if header else None
-        path = os.path.join(os.path.dirname(path), backing) if backing else None
-
-
-def has_pattern(image: str, pattern: int, offset: int, length: int = CLUSTER) -> bool:
-    """Whether the image reads `pattern` there (read without locks: QEMU holds it)."""
-    command = f"read -P {pattern:#x} {offset} {length}"
-    done = subprocess.run(["qemu-io", "-U", "-r", "-c", command, image], capture_output=True, text=True)
-    return done.returncode == 0 and f"read {length}/{length}" in done.stdout and "fail" not in done.stdout
-
-
 def frozen_state(live: Live) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
     """name -> (layer paths, content digests) of every snapshot."""
     found = {}
@@ -158,31 +111,6 @@ def assert_guest_writes_live(live: Live) -> None:
     for target, path in live.domain.live_paths().items():
         now = counter(path, target)
         assert now.tag == live.guest.boot_tag() and now.last >= printed + 3
-
-
-async def _active_files(sock: Path) -> set[str]:
-    async with qmp.connect(sock) as q:
-        nodes = {n["node-name"]: n for n in await q.execute("query-named-block-nodes", flat=True)}
-        files = set()
-        for block in await q.execute("query-block"):
-            name = block["inserted"]["node-name"]
-            children = [n for n in nodes.values() if n.get("drv") == "file"]
-            file = nodes[name]["file"]
-            files.add(file if not file.startswith("json:") else _json_file(file, children))
-        return files
-
-
-def _json_file(name: str, children: list[dict]) -> str:
-    import json
-
-    options = json.loads(name[5:])
-    while isinstance(options, dict) and options.get("driver") != "file":
-        options = options.get("file")
-    return options["filename"]
-
-
-def active_files(live: Live) -> set[str]:
-    return trio.run(_active_files, live.guest.sock)
 
 
 def max_gap(guest: Guest, start: float, end: float) -> tuple[float, float]:
@@ -217,7 +145,7 @@ def test_live_create_two_disks_one_instant(live: Live) -> None:
     assert live.snap("l1").layer_paths() == old_live  # the live files became L(l1): nothing renamed
     new_live = live.domain.live_layer_paths()
     assert set(new_live.values()) & set(old_live.values()) == set()
-    assert active_files(live) == set(new_live.values())
+    assert active_files(live.guest.sock) == set(new_live.values())
     live.guest.wait_counter(n.last + 10)
     gap, step = max_gap(live.guest, started, ended)
     assert gap < step + 2.0, "the guest was stopped"
@@ -271,7 +199,7 @@ def merge_and_check(live: Live, name: str, how: str) -> None:
     assert frozen_state(live) == state
     assert live.domain.xml_desc() == domain_xml
     live.guest.wait_counter(printed + 5)
-    assert active_files(live) == set(live.domain.live_layer_paths().values())
+    assert active_files(live.guest.sock) == set(live.domain.live_layer_paths().values())
     for index, pattern_name in enumerate(("a", "b", "c")):
         if pattern_name != "b":
             for path in live.domain.live_paths().values():
@@ -351,19 +279,11 @@ domain.snapshot_lookup_by_name(sys.argv[3]).deactivate(snapfs.DeactivateFlags.ME
 """
 
 
-def _traced(trace: str, kind: str) -> bool:
-    try:
-        with open(trace) as f:
-            return any(line.strip().split(":")[2] == kind for line in f if line.count(":") >= 2)
-    except FileNotFoundError:
-        return False
-
-
 def test_snapfs_killed_while_qemu_streams(live: Live, tmp_path: Path) -> None:
     """A stream job outlives snapfs; the next command finds it by its id and waits for it."""
     for target in TARGETS:
         command = f'qemu-io -d {target}/virtio-backend "write -P 0x77 {PATTERN_AT + 4 * MiB} {8 * MiB}"'
-        trio.run(_hmp, live.guest.sock, command)
+        trio.run(hmp, live.guest.sock, command)
     live.domain.snapshot_create_xml(DISK_ONLY.format("big"))
     for path in live.snap("big").layer_paths().values():
         assert os.stat(path).st_blocks * 512 >= 8 * MiB, "the guest's write did not reach the layer"
@@ -375,30 +295,16 @@ def test_snapfs_killed_while_qemu_streams(live: Live, tmp_path: Path) -> None:
     env |= {"SNAPFS_QMP_STREAM_SPEED": str(MiB), "SNAPFS_TRACE_STEPS": trace}
     proc = subprocess.Popen([sys.executable, "-c", KILLER, live.root, DOM, "big"], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while not _traced(trace, "stream") and time.monotonic() < deadline and proc.poll() is None:
+    while not traced(trace, "stream") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(1.0)  # the job runs (8 MiB at 1 MiB/s)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert trio.run(_streaming, live.guest.sock), "the job should outlive snapfs"
+    assert block_jobs(live.guest.sock), "the job should outlive snapfs"
     cli(live.root, "snapshot-list", DOM)  # the next command (opening the store) finishes it
     assert "big" not in live.domain.list_snapshot_names()
     assert frozen_state(live) == state
     for path in live.domain.live_paths().values():
         assert has_pattern(path, 0x77, PATTERN_AT + 4 * MiB, 8 * MiB)
     assert_healthy(live)
-
-
-async def _hmp(sock: Path, command: str) -> None:
-    async with qmp.connect(sock) as q:
-        out = await q.hmp(command, timeout=120)
-        assert "error" not in out.lower(), out
-
-
-async def _streaming(sock: Path) -> bool:
-    try:
-        async with qmp.connect(sock, timeout=1) as q:
-            return bool(await q.execute("query-block-jobs"))
-    except SnapfsError:
-        return False

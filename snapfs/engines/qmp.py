@@ -29,13 +29,14 @@ from typing import Any
 
 import trio
 
-from .. import layerlock, qmp, rules
-from ..durable import DirSyncs
+from .. import layerlock, qemu, qmp, rules
+from ..durable import DirSyncs, unlink_if_present
 from ..errors import SnapfsError, io_error
 from ..records import LIVE, DiskRecord, MetadataView
 from ..store import DomainFiles
 from . import Progress
 from .qemu_img import METADATA_STEPS, QemuImgEngine
+from .qemu_img import _install as install
 
 QMP_STEPS = ("qmp_add", "switch", "stream", "release")
 # Offline steps a live plan may hold too: on files off the running chain, held as offline.
@@ -121,6 +122,16 @@ def nodes_on(nodes: list[Node], path: str, formats_only: bool = True) -> list[No
 async def active_nodes(q: qmp.QMP) -> set[str]:
     """The node each guest device writes to now."""
     return {b["inserted"]["node-name"] for b in await q.execute("query-block") if b.get("inserted")}
+
+
+async def flush_devices(q: qmp.QMP) -> None:
+    """Every guest disk's image chain written out of QEMU's caches to the files (there is no
+    QMP command for it in 7.2: HMP's qemu-io on the device, which needs no permission)."""
+    for block in await q.execute("query-block"):
+        if block.get("inserted") and block.get("qdev"):
+            said = await q.hmp(f'qemu-io -d {block["qdev"]} "flush"')
+            if said.strip():
+                raise io_error(f"QEMU could not flush {block['qdev']}: {said.strip()}")
 
 
 async def header_backing(path: str) -> str | None:
@@ -331,50 +342,53 @@ class QmpEngine:
         return io_error(f"QEMU does not run disk {target} of {self.domain!r} on its live layer {old}.")
 
     async def _stream(self, step: dict, files: DomainFiles, progress: Progress | None, recovering: bool) -> None:
-        """The dependent on the running chain pulls S's data, and then sits on P. Done when
-        its header names P; a job a crashed snapfs started is waited for, not started again.
-        The QMP socket is let go between polls (QEMU serves one client at a time, and
-        `domstate` is one). QEMU gone before or during the job: the offline rebase."""
+        """The dependent on the running chain pulls S's data, and then sits on P. A job a
+        crashed snapfs left running is waited for, not started again; the socket is let go
+        between polls (QEMU serves one client at a time, and `domstate` is one). Done when
+        the header names P and QEMU flushed the layer: QEMU keeps qcow2 metadata in memory,
+        so a QEMU killed after its stream may leave a header on P without the clusters it
+        copied. QEMU gone (before, during or after its job): the offline equivalent."""
         layer = _abs(files, step["layer"])
-        if await header_backing(layer) == step["backing"]:
-            return
         job = job_id(layer)
-        if await self._start_stream(job, layer, step, files, recovering):
+        state = await self._start_stream(job, layer, step, files, recovering)
+        if state == "running":
             await self._wait_job(job, progress)
-            if await header_backing(layer) == step["backing"]:
-                return
             async with self._session() as q:
                 if q is not None:
-                    raise io_error(f"QEMU's block-stream into {layer} ended before it finished; try again.")
-        await self._rebase_offline(layer, step, progress)
+                    if await header_backing(layer) != step["backing"]:
+                        raise io_error(f"QEMU's block-stream into {layer} ended before it finished; try again.")
+                    await flush_devices(q)
+                    return
+        elif state == "done":
+            return
+        await self._rebase_offline(layer, _abs(files, step["from"]), step, progress)
 
-    async def _start_stream(self, job: str, layer: str, step: dict, files: DomainFiles, recovering: bool) -> bool:
-        """Start the job (or hurry the one a crashed snapfs left running); False when QEMU is
-        gone or does not hold the layer (then nothing does)."""
+    async def _start_stream(self, job: str, layer: str, step: dict, files: DomainFiles, recovering: bool) -> str:
+        """ "running" (started, or one a crashed snapfs left, hurried), "done" (already on P,
+        now flushed), or "offline" (QEMU gone, or it does not hold the layer: nothing does)."""
         async with self._session() as q:
             if q is None:
-                return False
+                return "offline"
             nodes = await block_nodes(q)
             devices = nodes_on(nodes, layer)
             if not devices:
-                return False
+                return "offline"
             if any(j.get("device") == job for j in await q.execute("query-block-jobs")):
                 await q.execute("block-job-set-speed", device=job, speed=0)
-                return True
+                return "running"
+            if await header_backing(layer) == step["backing"]:
+                await flush_devices(q)
+                return "done"
             base = _abs(files, step["base"])
             bases = nodes_on(nodes, base)
             if not bases:
                 raise io_error(f"QEMU has no node on {base}, the layer {layer} should be streamed onto.")
-            args = {
-                "job-id": job,
-                "device": devices[0].name,
-                "base-node": bases[0].name,
-                "backing-file": step["backing"],
-            }
+            args = {"job-id": job, "device": devices[0].name, "base-node": bases[0].name}
+            args["backing-file"] = step["backing"]
             if STREAM_SPEED and not recovering:
                 args["speed"] = STREAM_SPEED
             await q.execute("block-stream", args)
-            return True
+            return "running"
 
     async def _wait_job(self, job: str, progress: Progress | None) -> None:
         """Until block job `job` is gone from QEMU's list (or QEMU is), reporting progress."""
@@ -392,20 +406,37 @@ class QmpEngine:
                 progress(100.0 * mine[0].get("offset", 0) / mine[0]["len"])
             await trio.sleep(JOB_POLL_SECONDS)
 
-    async def _rebase_offline(self, layer: str, step: dict, progress: Progress | None) -> None:
-        """QEMU does not hold the layer (gone, or never had it): a safe rebase of a copy,
-        renamed over it, as offline; held meanwhile, so a QEMU starting now cannot open it."""
+    async def _rebase_offline(self, layer: str, own: str, step: dict, progress: Progress | None) -> None:
+        """Nothing holds the layer now (held meanwhile, so a QEMU starting cannot open it). Its
+        right content is always itself read over L(S) (`own`): every cluster it has is its own
+        or a copy QEMU made of what lies below; and whether a stream's clusters reached the
+        file is unknown when QEMU was killed. So a copy is re-pointed at L(S), rebased (safe)
+        onto P, proven to read as the layer over L(S), and renamed over the layer."""
+        tmp = layer + ".rebase"
         with await trio.to_thread.run_sync(functools.partial(layerlock.hold, {layer: "write"})):
-            await self.offline.rebase(layer, step["backing"], step["fmt"], progress)
+            await trio.to_thread.run_sync(unlink_if_present, tmp)
+            try:
+                await trio.run_process(["cp", "--reflink=auto", "--sparse=always", layer, tmp])
+                await qemu.rebase_unsafe(tmp, os.path.basename(own), "qcow2")
+                await qemu.rebase_safe(tmp, step["backing"], step["fmt"], progress)
+                if not await qemu.same_content_over(tmp, layer, own):
+                    raise io_error(f"Rebasing {layer} changed its content; the layer was left as it was.")
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(unlink_if_present, tmp)
+                raise
+            await install(tmp, layer)
 
     async def _release(self, step: dict, files: DomainFiles, syncs: DirSyncs) -> None:
         """QEMU closes L(S) (the nodes snapfs or a command line added stay until deleted;
-        those QEMU opened itself went with the stream), then the file is deleted."""
+        those QEMU opened itself went with the stream), then the file is deleted: after
+        QEMU flushed what it streamed, so no copy of S's data lives only in its memory."""
         path = _abs(files, step["path"])
         async with self._session() as q:
             if q is None:
                 await self._refuse_if_held([path])
             else:
+                await flush_devices(q)
                 on = nodes_on(await block_nodes(q), path, formats_only=False)
                 for node in sorted(on, key=lambda n: n.drv not in FORMAT_DRIVERS):
                     if not node.automatic:

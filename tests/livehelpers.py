@@ -1,0 +1,201 @@
+"""What the running-VM tests share (tests/test_live.py, tests/test_live_crash.py): the CLI,
+the guest's counter and content read out of images QEMU holds (no locks taken), QEMU's
+active files, the step trace."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+from guest.counter import Counter, check_consistent, read_counter
+from helpers import SNAPFS
+
+import snapfs
+from snapfs import layerlock, qmp
+
+DOM = "vm1"
+TARGETS = ("vda", "vdb")
+MiB = 1 << 20
+COUNTER_AREA = 8 * MiB  # the counter's blocks (16384 steps: about 14 minutes of guest writes)
+PATTERN_AT = 16 * MiB  # patterns the tests write, above the counter
+DATA_AREA = 32 * MiB  # where the guest and the tests write
+CLUSTER = 64 * 1024
+DISK_ONLY = "<domainsnapshot><name>{}</name><memory snapshot='no'/></domainsnapshot>"
+
+
+def cli(root: str, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_")} | (env or {})
+    run = subprocess.run([SNAPFS, "--store", root, *args], capture_output=True, text=True, timeout=120, env=environment)
+    if check:
+        assert run.returncode == 0, run.stderr
+    return run
+
+
+def counter(image: str, disk: str) -> Counter:
+    """(boot tag, N) of a crash-consistent counter in `image` (asserts it)."""
+    return check_consistent(read_counter(image, COUNTER_AREA), disk)
+
+
+def digest(image: str) -> str:
+    """The content of a frozen image (with its chain) where the tests write (DATA_AREA),
+    remembered while no file of its chain changes (a stream rewrites the file it goes into)."""
+    key = tuple(_chain_stats(image))
+    if key not in _DIGESTS:
+        with tempfile.TemporaryDirectory(prefix="snapfs-digest-") as tmp:
+            raw = os.path.join(tmp, "disk.raw")
+            count = f"count={DATA_AREA // MiB}"
+            subprocess.run(
+                ["qemu-img", "dd", "-U", "-O", "raw", "bs=1M", count, f"if={image}", f"of={raw}"], check=True
+            )
+            with open(raw, "rb") as f:
+                _DIGESTS[key] = hashlib.sha256(f.read()).hexdigest()
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _chain_stats(image: str) -> Iterator[tuple]:
+    path: str | None = image
+    while path:
+        st = os.stat(path)
+        yield os.path.basename(path), st.st_mtime_ns, st.st_size  # a copied store hits too
+        fd = layerlock.open_regular(path, follow=True)
+        try:
+            header = layerlock.read_header(fd)
+        finally:
+            os.close(fd)
+        backing = header.backing if header else None
+        path = os.path.join(os.path.dirname(path), backing) if backing else None
+
+
+def has_pattern(image: str, pattern: int, offset: int, length: int = CLUSTER) -> bool:
+    """Whether the image reads `pattern` there (read without locks: QEMU holds it)."""
+    command = f"read -P {pattern:#x} {offset} {length}"
+    done = subprocess.run(["qemu-io", "-U", "-r", "-c", command, image], capture_output=True, text=True)
+    return done.returncode == 0 and f"read {length}/{length}" in done.stdout and "fail" not in done.stdout
+
+
+async def _active_files(sock: Path) -> set[str]:
+    async with qmp.connect(sock) as q:
+        nodes = {n["node-name"]: n for n in await q.execute("query-named-block-nodes", flat=True)}
+        files = set()
+        for block in await q.execute("query-block"):
+            name = block["inserted"]["node-name"]
+            children = [n for n in nodes.values() if n.get("drv") == "file"]
+            file = nodes[name]["file"]
+            files.add(file if not file.startswith("json:") else _json_file(file, children))
+        return files
+
+
+def _json_file(name: str, children: list[dict]) -> str:
+    options = json.loads(name[5:])
+    while isinstance(options, dict) and options.get("driver") != "file":
+        options = options.get("file")
+    return options["filename"]
+
+
+def active_files(sock: str | Path) -> set[str]:
+    """The real files QEMU's devices write now."""
+    return trio.run(_active_files, Path(sock))
+
+
+def traced(trace: str, kind: str) -> bool:
+    try:
+        with open(trace) as f:
+            return any(line.strip().split(":")[2] == kind for line in f if line.count(":") >= 2)
+    except FileNotFoundError:
+        return False
+
+
+async def hmp(sock: Path, command: str) -> None:
+    async with qmp.connect(sock) as q:
+        out = await q.hmp(command, timeout=120)
+        assert "error" not in out.lower(), out
+
+
+async def _jobs(sock: Path) -> list[dict]:
+    async with qmp.connect(sock, timeout=5) as q:
+        return await q.execute("query-block-jobs")
+
+
+def block_jobs(sock: str | Path) -> list[dict]:
+    """QEMU's block jobs now (snapfs must not hold the socket: QEMU serves one client)."""
+    return trio.run(_jobs, Path(sock))
+
+
+def header_backing(path: str) -> str | None:
+    """The backing link in a qcow2 header, read in-process (no qemu-img, no lock)."""
+    fd = layerlock.open_regular(path, follow=True)
+    try:
+        header = layerlock.read_header(fd)
+    finally:
+        os.close(fd)
+    return header.backing if header else None
+
+
+def layout_problems(domain) -> list[str]:
+    """helpers.layout_problems without a qemu-img per layer (these tests check a store after
+    every crash point): per disk, live.qcow2 a symlink to the live layer's real file, the
+    directory holding exactly the layers the metadata names, every backing link as the
+    snapshot tree says."""
+    snaps = [domain.snapshot_lookup_by_name(name) for name in domain.list_snapshot_names()]
+    layers = {s.name: s.layer_paths() for s in snaps}
+    parents = {s.name: (p.name if (p := s.get_parent()) else None) for s in snaps}
+    current = domain.current_snapshot()
+    problems = []
+    for target, link in domain.live_paths().items():
+        real = domain.live_layer_paths()[target]
+        if os.readlink(link) != os.path.basename(real):
+            problems.append(f"{target}: {link} does not lead to {real}")
+        want = {"live.qcow2", os.path.basename(real), *(os.path.basename(p[target]) for p in layers.values())}
+        have = set(os.listdir(os.path.dirname(link)))
+        if have != want:
+            problems.append(f"{target}: orphan {sorted(have - want)} missing {sorted(want - have)}")
+        base = domain.base_paths()[target]
+
+        def link_to(name: str | None, base: str = base, target: str = target) -> str:
+            return base if name is None else os.path.basename(layers[name][target])
+
+        for name, paths in layers.items():
+            if os.path.exists(paths[target]) and header_backing(paths[target]) != link_to(parents[name]):
+                problems.append(f"{target}: the layer of {name!r} is not on {link_to(parents[name])}")
+        if header_backing(real) != link_to(current.name if current else None):
+            problems.append(f"{target}: the live layer is not on the current snapshot's layer")
+    return problems
+
+
+# ---- an operation in a process of its own, quickly -------------------------------------------
+# The crash matrices kill snapfs at hundreds of points: a fresh CLI costs a second of imports
+# each time, a child forked from a server that imported snapfs once costs milliseconds, and
+# runs the same API code (the CLI is a front end over it).
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["snapfs.api", "snapfs.engines.qmp", "livehelpers"])
+
+
+def _operate(root: str, operation: str, name: str, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    domain = snapfs.open_store(root).lookup_domain(DOM)
+    if operation == "create":
+        domain.snapshot_create_xml(DISK_ONLY.format(name))
+    else:
+        domain.snapshot_lookup_by_name(name).deactivate(snapfs.DeactivateFlags.MERGE)
+
+
+def operate(root: str, operation: str, name: str, env: dict[str, str] | None = None) -> int:
+    """Run `create` (a disk-only snapshot `name`) or `merge` (of `name`) through the API in a
+    child process; its exit status (0: done)."""
+    child = _FORKS.Process(target=_operate, args=(root, operation, name, env or {}))
+    child.start()
+    child.join(120)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    return child.exitcode if child.exitcode is not None else -9

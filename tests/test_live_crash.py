@@ -1,0 +1,338 @@
+"""kill -9 of snapfs at every step of a live create and a live merge (issue 13, DESIGN 5 and 8).
+
+Each case's step points are found with SNAPFS_TRACE_STEPS on a clean run; then for every
+point and both sides of it the operation runs through the CLI with SNAPFS_CRASH_AT (the
+process dies there, status 86, its journal left behind), and opening the store (what every
+next command does first; test_live.py's kill test goes through the CLI) must leave the
+operation fully done.
+
+Twice over:
+- snapfs killed, QEMU left running: the real guest (tests/guest) writes its counter
+  throughout, on one domain, point after point. After recovery: the snapshot made is
+  crash-consistent on both disks from one instant, or the merged one is gone and every
+  other snapshot reads as before; QEMU writes into the live layer the metadata names, and
+  the guest's counter keeps rising there; every frozen layer the operation made or changed
+  checks clean; the layout is right. (A branch off the running chain cannot be made while
+  the guest runs, so the merge with an off-chain dependent is in the second matrix.)
+- on a fresh copy of a small offline-built store per point, with a QEMU that holds the
+  live layers but runs no guest (-S: nothing writes, so every content is known exactly):
+  snapfs killed and QEMU left running, and both killed (QEMU right after snapfs). After
+  recovery every snapshot and the live disk read exactly as the operation's result says,
+  and the layout, the backing links and `qemu-img check` of every layer are right.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from factory import define_domain, make_bases
+from guest.vm import Guest, qemu_command, running_guest
+from helpers import qemu_check_problems, write_pattern
+from livehelpers import DISK_ONLY, DOM, TARGETS, MiB, active_files, counter, digest, layout_problems, operate, traced
+
+import snapfs
+from snapfs import qmp
+
+pytestmark = pytest.mark.timeout(300)
+
+CRASH_STATUS = 86
+WORKERS = 2
+
+
+Op = tuple[str, str]  # ("create" | "merge", snapshot name): livehelpers.operate
+
+
+def crash_points(root: str, op: Op, trace_dir: Path) -> list[str]:
+    """Run the operation cleanly with the trace on; its step points, both sides."""
+    trace = str(trace_dir / f"trace-{time.monotonic_ns()}")
+    assert operate(root, *op, {"SNAPFS_TRACE_STEPS": trace}) == 0
+    with open(trace) as f:
+        steps = [line.strip() for line in f if line.strip()]
+    assert traced(trace, steps[0].split(":")[2])
+    return [f"{step}:{side}" for step in steps for side in ("before", "after")]
+
+
+def crash(root: str, op: Op, point: str) -> None:
+    status = operate(root, *op, {"SNAPFS_CRASH_AT": point})
+    assert status == CRASH_STATUS, f"{point}: status {status}, not {CRASH_STATUS}"
+    assert os.path.exists(os.path.join(root, "domains", DOM, "journal.json")), f"{point}: no journal left"
+
+
+def recover(root: str) -> None:
+    """What the next command does first: open the store, which finishes the journal."""
+    snapfs.open_store(root)
+    assert not os.path.exists(os.path.join(root, "domains", DOM, "journal.json"))
+
+
+def contents(domain: snapfs.Domain) -> dict[str, dict[str, str]]:
+    """name -> {target: digest} of every snapshot."""
+    found = {}
+    for name in domain.list_snapshot_names():
+        found[name] = {t: digest(p) for t, p in domain.snapshot_lookup_by_name(name).layer_paths().items()}
+    return found
+
+
+_CHECKED: set[tuple] = set()
+
+
+def check_problems(paths: list[str]) -> list[str]:
+    """qemu-img check of each layer, once per version of its file."""
+    problems = []
+    for path in paths:
+        st = os.stat(path)
+        key = (os.path.basename(path), st.st_mtime_ns, st.st_size)  # a copied store's untouched layers hit
+        if key not in _CHECKED:
+            found = qemu_check_problems(path)
+            problems += found
+            if not found:
+                _CHECKED.add(key)
+    return problems
+
+
+def frozen_layers(domain: snapfs.Domain) -> list[str]:
+    return [p for n in domain.list_snapshot_names() for p in domain.snapshot_lookup_by_name(n).layer_paths().values()]
+
+
+# ---- 1: the real guest keeps running ------------------------------------------------------------
+@dataclass
+class Running:
+    root: str
+    domain: snapfs.Domain
+    guest: Guest
+    made: int = 0
+
+    def new_name(self, prefix: str) -> str:
+        self.made += 1
+        return f"{prefix}{self.made}"
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    directory = tmp_path_factory.mktemp("live-crash")
+    bases = make_bases(str(directory / "images"), {}, sizes={t: 40 * MiB for t in TARGETS})
+    root = str(directory / "store")
+    domain = define_domain(root, DOM, bases)
+    real = {t: Path(p) for t, p in domain.live_layer_paths().items()}
+    with running_guest(directory, real) as guest:
+        domain.attach(str(guest.sock))
+        yield Running(root, domain, guest)
+
+
+def running_problems(r: Running) -> list[str]:
+    """What must hold after every recovery while the guest runs."""
+    problems = layout_problems(r.domain) + check_problems(frozen_layers(r.domain))
+    live = set(r.domain.live_layer_paths().values())
+    if active_files(r.guest.sock) != live:
+        problems.append(f"QEMU writes {active_files(r.guest.sock)}, the metadata says {live}")
+    printed = r.guest.last()
+    r.guest.wait_counter(printed + 3)
+    for target, path in r.domain.live_paths().items():
+        if counter(path, target).last < printed + 3:
+            problems.append(f"the guest's counter does not rise in the live layer of {target}")
+    return problems
+
+
+@dataclass
+class LiveCase:
+    id: str
+    prepare: Callable[[Running], Op]
+    check: Callable[[Running, str, dict, int], None]  # (r, subject, contents before, counter before)
+
+
+def _create_args(r: Running) -> Op:
+    return "create", r.new_name("c")
+
+
+def _check_created(r: Running, name: str, before: dict, printed: int) -> None:
+    snap = r.domain.snapshot_lookup_by_name(name)
+    assert "<state>disk-snapshot</state>" in snap.get_xml_desc()
+    frozen = {t: counter(p, t) for t, p in snap.layer_paths().items()}
+    assert frozen["vdb"].tag == frozen["vda"].tag == r.guest.boot_tag()
+    assert printed <= frozen["vdb"].last <= frozen["vda"].last <= frozen["vdb"].last + 1
+    assert {n: c for n, c in contents(r.domain).items() if n != name} == before
+
+
+def _merge_current_args(r: Running) -> Op:
+    name = r.new_name("m")
+    r.domain.snapshot_create_xml(DISK_ONLY.format(name))
+    return "merge", name
+
+
+def _merge_frozen_args(r: Running) -> Op:
+    name = r.new_name("f")
+    r.domain.snapshot_create_xml(DISK_ONLY.format(name))
+    r.domain.snapshot_create_xml(DISK_ONLY.format(name + "-child"))
+    return "merge", name
+
+
+def _check_merged(r: Running, name: str, before: dict, printed: int) -> None:
+    assert name not in r.domain.list_snapshot_names()
+    del before[name]
+    assert contents(r.domain) == before
+
+
+LIVE_CASES = [
+    LiveCase("create", _create_args, _check_created),
+    LiveCase("merge-current", _merge_current_args, _check_merged),
+    LiveCase("merge-frozen-on-chain", _merge_frozen_args, _check_merged),
+]
+
+
+@pytest.mark.parametrize("case", LIVE_CASES, ids=[c.id for c in LIVE_CASES])
+def test_crash_with_the_guest_running(running: Running, case: LiveCase, tmp_path: Path) -> None:
+    points = crash_points(running.root, case.prepare(running), tmp_path)
+    print(f"crash points of live {case.id}: {len(points)}")
+    problems: list[str] = []
+    for point in points:
+        op = case.prepare(running)
+        subject = op[1]
+        before, printed = contents(running.domain), running.guest.last()
+        crash(running.root, op, point)
+        recover(running.root)
+        try:
+            case.check(running, subject, before, printed)
+        except AssertionError as exc:
+            problems.append(f"{point}: {exc}")
+        problems += [f"{point}: {p}" for p in running_problems(running)]
+    assert problems == [], "\n".join(problems)
+
+
+# ---- 2: a guest-less QEMU on a fresh copy per point, left running or killed too -------------------
+@dataclass
+class Template:
+    root: str
+    contents: dict[str, dict[str, str]]  # name -> {target: digest}; "" -> the live disk
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
+    """r ─┬─ p            (p: a branch off the running chain)
+    └─ c ── live     (the live disk, with unsaved writes)"""
+    directory = tmp_path_factory.mktemp("live-crash-template")
+    bases = make_bases(str(directory / "images"), {"vda": {0: 0xA1}, "vdb": {0: 0xB1}})
+    root = str(directory / "store")
+    domain = define_domain(root, DOM, bases)
+
+    def write(pattern: int, offset: int) -> None:
+        for target in TARGETS:
+            write_pattern(domain.live_paths()[target], pattern + (target == "vdb"), offset)
+
+    write(0x10, 0)
+    domain.snapshot_create_xml("<domainsnapshot><name>r</name></domainsnapshot>")
+    write(0x20, 64 * 1024)
+    domain.snapshot_create_xml("<domainsnapshot><name>p</name></domainsnapshot>")
+    domain.create_with_snapshot(domain.snapshot_lookup_by_name("r"))
+    write(0x30, 128 * 1024)
+    domain.snapshot_create_xml("<domainsnapshot><name>c</name></domainsnapshot>")
+    write(0x40, 0)
+    return Template(root, all_contents(domain))
+
+
+def all_contents(domain: snapfs.Domain) -> dict[str, dict[str, str]]:
+    found = contents(domain)
+    found[""] = {t: digest(p) for t, p in domain.live_paths().items()}
+    return found
+
+
+@dataclass
+class CopyCase:
+    id: str
+    op: Op
+    after: Callable[[dict], dict]  # contents before -> contents after
+
+
+def _created(before: dict) -> dict:
+    return before | {"new": before[""]}
+
+
+def _merged(name: str) -> Callable[[dict], dict]:
+    return lambda before: {n: c for n, c in before.items() if n != name}
+
+
+COPY_CASES = [
+    CopyCase("create", ("create", "new"), _created),
+    CopyCase("merge-current", ("merge", "c"), _merged("c")),
+    CopyCase("merge-two-dependents-one-off-chain", ("merge", "r"), _merged("r")),
+]
+
+
+class PausedQemu:
+    """QEMU on a store's live layers, its guest never started (-S): it holds the files, answers
+    QMP, runs jobs, and writes nothing."""
+
+    def __init__(self, root: str, directory: Path) -> None:
+        domain = snapfs.open_store(root).lookup_domain(DOM)
+        self.sock = directory / "qmp.sock"
+        disks = {t: Path(p) for t, p in domain.live_layer_paths().items()}
+        self.proc = subprocess.Popen([*qemu_command(self.sock, disks), "-S"], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (self.sock.exists() and _answers(self.sock)):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
+            time.sleep(0.05)
+        domain.attach(str(self.sock))
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def _answers(sock: Path) -> bool:
+    import trio
+
+    return trio.run(qmp.answers, sock)
+
+
+def copy_point(case: CopyCase, template: Template, point: str, directory: Path, qemu_alive: bool) -> list[str]:
+    directory.mkdir()
+    root = str(directory / "store")
+    shutil.copytree(template.root, root, symlinks=True)
+    shutil.rmtree(os.path.join(root, "run"), ignore_errors=True)
+    qemu = PausedQemu(root, directory)
+    try:
+        crash(root, case.op, point)
+        if not qemu_alive:
+            qemu.kill()
+        recover(root)
+        domain = snapfs.open_store(root).lookup_domain(DOM)
+        problems = layout_problems(domain) + check_problems(frozen_layers(domain))
+        got, want = all_contents(domain), case.after(template.contents)
+        if got != want:
+            problems.append(f"contents differ: {[(n, got.get(n), want.get(n)) for n in set(got) | set(want) if got.get(n) != want.get(n)]}")
+        if qemu_alive and active_files(qemu.sock) != set(domain.live_layer_paths().values()):
+            problems.append("QEMU does not write the live layers the metadata names")
+    except AssertionError as exc:
+        problems = [str(exc)]
+    finally:
+        qemu.kill()
+    if not problems:
+        shutil.rmtree(directory)
+    return [f"{point} (QEMU {'alive' if qemu_alive else 'killed'}): {p}" for p in problems]
+
+
+@pytest.mark.parametrize("case", COPY_CASES, ids=[c.id for c in COPY_CASES])
+def test_crash_with_a_paused_qemu_alive_or_killed(case: CopyCase, template: Template, tmp_path: Path) -> None:
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    root = str(clean / "store")
+    shutil.copytree(template.root, root, symlinks=True)
+    qemu = PausedQemu(root, clean)
+    try:
+        points = crash_points(root, case.op, tmp_path)
+    finally:
+        qemu.kill()
+    print(f"crash points of paused-QEMU {case.id}: {len(points)} x 2")
+    runs = [(point, alive) for point in points for alive in (True, False)]
+    with ThreadPoolExecutor(WORKERS) as pool:
+        results = pool.map(
+            lambda ir: copy_point(case, template, ir[1][0], tmp_path / f"p{ir[0]}", ir[1][1]), enumerate(runs)
+        )
+        problems = [p for result in results for p in result]
+    assert problems == [], "\n".join(problems)
