@@ -5,7 +5,6 @@ active files, the step trace."""
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 import subprocess
@@ -43,14 +42,14 @@ def counter(image: str, disk: str) -> Counter:
     return check_consistent(read_counter(image, COUNTER_AREA), disk)
 
 
-def digest(image: str) -> str:
-    """The content of a frozen image (with its chain) where the tests write (DATA_AREA),
+def digest(image: str, size: int = DATA_AREA) -> str:
+    """The content of a frozen image (with its chain) where the tests write (its first `size` bytes),
     remembered while no file of its chain changes (a stream rewrites the file it goes into)."""
-    key = tuple(_chain_stats(image))
+    key = (size, *_chain_stats(image))
     if key not in _DIGESTS:
         with tempfile.TemporaryDirectory(prefix="snapfs-digest-") as tmp:
             raw = os.path.join(tmp, "disk.raw")
-            count = f"count={DATA_AREA // MiB}"
+            count = f"count={size // MiB}"
             subprocess.run(
                 ["qemu-img", "dd", "-U", "-O", "raw", "bs=1M", count, f"if={image}", f"of={raw}"], check=True
             )
@@ -84,22 +83,19 @@ def has_pattern(image: str, pattern: int, offset: int, length: int = CLUSTER) ->
 
 
 async def _active_files(sock: Path) -> set[str]:
+    """Each device's active node's protocol child (its `file` edge in QEMU's block graph)
+    names the file plainly; the node's own name may be a json:{...} QEMU cuts at 4 KiB."""
     async with qmp.connect(sock) as q:
         nodes = {n["node-name"]: n for n in await q.execute("query-named-block-nodes", flat=True)}
+        graph = await q.execute("x-debug-query-block-graph")
+        ids = {node["name"]: node["id"] for node in graph["nodes"]}
+        names = {node["id"]: node["name"] for node in graph["nodes"]}
         files = set()
         for block in await q.execute("query-block"):
-            name = block["inserted"]["node-name"]
-            children = [n for n in nodes.values() if n.get("drv") == "file"]
-            file = nodes[name]["file"]
-            files.add(file if not file.startswith("json:") else _json_file(file, children))
+            active = ids[block["inserted"]["node-name"]]
+            child = next(e["child"] for e in graph["edges"] if e["parent"] == active and e["name"] == "file")
+            files.add(nodes[names[child]]["file"])
         return files
-
-
-def _json_file(name: str, children: list[dict]) -> str:
-    options = json.loads(name[5:])
-    while isinstance(options, dict) and options.get("driver") != "file":
-        options = options.get("file")
-    return options["filename"]
 
 
 def active_files(sock: str | Path) -> set[str]:
