@@ -290,6 +290,11 @@ class QMP:
         with trio.move_on_after(timeout):
             try:
                 greeting = await self._receive()
+                # An event can come first (seen with a block job finishing as a client
+                # connected): kept as any other event.
+                while greeting is not None and "event" in greeting:
+                    self._dispatch(greeting)
+                    greeting = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as e:
                 raise SnapfsError(errno.ECONNREFUSED, f"No QEMU answers on {self.path} ({e}).") from None
             if greeting is None or "QMP" not in greeting:
