@@ -26,11 +26,13 @@ import pytest
 import trio
 from factory import define_domain, make_bases
 from fsfixtures import Mount
-from guest.counter import Counter
+from guest.build import guest_files
+from guest.counter import Counter, check_consistent, read_counter
 from guest.vm import Guest, running_guest
 from helpers import qemu_check_problems, write_pattern
 from livehelpers import (
     CLUSTER,
+    COUNTER_AREA,
     DISK_ONLY,
     DOM,
     PATTERN_AT,
@@ -308,3 +310,49 @@ def test_snapfs_killed_while_qemu_streams(live: Live, tmp_path: Path) -> None:
     for path in live.domain.live_paths().values():
         assert has_pattern(path, 0x77, PATTERN_AT + 4 * MiB, 8 * MiB)
     assert_healthy(live)
+
+
+# ---- a QEMU snapfs started itself ------------------------------------------------------------
+def wait_counter_in(image: str, disk: str, n: int, timeout: float = 90.0) -> int:
+    """Wait until the counter in `image` reached n (no console here: QEMU is daemonized)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        blocks = read_counter(image, COUNTER_AREA)
+        if blocks and check_consistent(blocks, disk).last >= n:
+            return check_consistent(blocks, disk).last
+        time.sleep(0.5)
+    raise AssertionError(f"the counter in {image} did not reach {n}")
+
+
+@pytest.mark.timeout(180)
+def test_started_by_snapfs_create_merge_destroy(tmp_path: Path) -> None:
+    """`snapfs start` (its own node names, its socket under STORE/run) gets the same live
+    snapshot and merge; once destroyed, the next snapshot is an offline one."""
+    bases = make_bases(str(tmp_path / "images"), {}, sizes={t: DISK_SIZE for t in TARGETS})
+    root = str(tmp_path / "store")
+    domain = define_domain(root, "vm2", bases)
+    kernel, initrd = guest_files()
+    args = ["-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none", "-no-reboot"]
+    args += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1"]
+    args += ["-serial", f"file:{tmp_path / 'console'}"]
+    cli(root, "start", "vm2", "--", *args)
+    try:
+        live_vda = domain.live_paths()["vda"]
+        wait_counter_in(live_vda, "vda", 5)
+        cli(root, "snapshot-create-as", "vm2", "s1", "--disk-only")
+        s1 = domain.snapshot_lookup_by_name("s1")
+        frozen = {t: counter(p, t) for t, p in s1.layer_paths().items()}
+        assert frozen["vdb"].last <= frozen["vda"].last <= frozen["vdb"].last + 1
+        assert "<state>disk-snapshot</state>" in s1.get_xml_desc()
+        wait_counter_in(live_vda, "vda", frozen["vda"].last + 5)
+        cli(root, "snapshot-delete", "vm2", "s1")
+        assert domain.list_snapshot_names() == []
+        now = wait_counter_in(live_vda, "vda", frozen["vda"].last + 10)
+        assert counter(domain.live_paths()["vdb"], "vdb").last >= now - 1
+        assert "running" in cli(root, "domstate", "vm2").stdout
+        assert layout_problems(domain) == []
+    finally:
+        cli(root, "destroy", "vm2", check=False)
+    cli(root, "snapshot-create-as", "vm2", "s2")
+    assert "<state>shutoff</state>" in domain.snapshot_lookup_by_name("s2").get_xml_desc()
+    assert layout_problems(domain) == []
