@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from . import disk, qmp, rules, runtime, xml
+from . import disk, rules, runtime, xml
 from .engines import Engine
 from .engines.qmp import QmpEngine
 from .errors import SnapfsError, invalid, io_error, not_found, single
@@ -217,9 +217,8 @@ class DomainCore:
         """The engine for an operation now: the QMP engine while the domain runs (its QMP
         socket answers), else the offline qemu-img engine."""
         socket = self._socket()
-        if socket is not None and await qmp.answers(socket):
-            return QmpEngine(socket, self.engine, self.name)
-        return self.engine
+        running = await QmpEngine.if_running(socket, self.engine, self.name) if socket else None
+        return running or self.engine
 
     def _socket(self) -> str | None:
         return self.qmp_socket or runtime.qmp_socket(self.files)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,12 +33,23 @@ from pathlib import Path
 
 import pytest
 from factory import define_domain, make_bases
-from guest.vm import Guest, qemu_command, running_guest
+from guest.vm import Guest, running_guest
 from helpers import qemu_check_problems, write_pattern
-from livehelpers import DISK_ONLY, DOM, TARGETS, MiB, active_files, counter, digest, layout_problems, operate, traced
+from livehelpers import (
+    DISK_ONLY,
+    DOM,
+    TARGETS,
+    MiB,
+    PausedQemu,
+    active_files,
+    counter,
+    digest,
+    layout_problems,
+    operate,
+    traced,
+)
 
 import snapfs
-from snapfs import qmp
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -263,32 +273,6 @@ COPY_CASES = [
     CopyCase("merge-current", ("merge", "c"), _merged("c")),
     CopyCase("merge-two-dependents-one-off-chain", ("merge", "r"), _merged("r")),
 ]
-
-
-class PausedQemu:
-    """QEMU on a store's live layers, its guest never started (-S): it holds the files, answers
-    QMP, runs jobs, and writes nothing."""
-
-    def __init__(self, root: str, directory: Path) -> None:
-        domain = snapfs.open_store(root).lookup_domain(DOM)
-        self.sock = directory / "qmp.sock"
-        disks = {t: Path(p) for t, p in domain.live_layer_paths().items()}
-        self.proc = subprocess.Popen([*qemu_command(self.sock, disks), "-S"], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not (self.sock.exists() and _answers(self.sock)):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
-            time.sleep(0.05)
-        domain.attach(str(self.sock))
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-
-def _answers(sock: Path) -> bool:
-    import trio
-
-    return trio.run(qmp.answers, sock)
 
 
 def copy_point(case: CopyCase, template: Template, point: str, directory: Path, qemu_alive: bool) -> list[str]:

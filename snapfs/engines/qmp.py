@@ -162,6 +162,26 @@ class QmpEngine:
     def snapshot_state(self) -> str:
         return "disk-snapshot"
 
+    @classmethod
+    async def if_running(cls, socket: str, offline: QemuImgEngine, domain: str) -> QmpEngine | None:
+        """The engine for a QEMU that answers on `socket` (None: none does, the domain is shut
+        off). Refused before anything is planned: a QEMU that opened a disk through a symlink
+        (the live layer's stable name) would reopen it by that name after the switch."""
+        try:
+            async with qmp.connect(socket, timeout=2.0) as q:
+                nodes, active = await block_nodes(q), await active_nodes(q)
+        except SnapfsError:
+            return None
+        linked = [n for n in nodes if n.name in active and n.through_link]
+        if linked:
+            raise SnapfsError(
+                errno.EOPNOTSUPP,
+                f"Domain {domain!r} runs on {linked[0].path}, a symbolic link: QEMU reopens a file by the name it "
+                "was given, so snapfs changes its disks only when it was started on the real files "
+                "(snapfs start does; Domain.live_layer_paths() names them).",
+            )
+        return cls(socket, offline, domain)
+
     # ---- intents -> steps -------------------------------------------------------------------
     def steps(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
         do = intent["do"]
