@@ -182,6 +182,11 @@ def test_memory_snapshot_refused_while_running(live: Live) -> None:
     with pytest.raises(SnapfsError, match="disk-only|memory snapshot='no'"):
         live.domain.snapshot_create_xml("<domainsnapshot><name>withmem</name></domainsnapshot>")
     assert live.domain.list_snapshot_names() == names
+    compressed = "<domainsnapshot><name>z</name><compression>gzip</compression><memory snapshot='no'/></domainsnapshot>"
+    with pytest.raises(SnapfsError, match="is running: QEMU holds the layers"):
+        live.domain.snapshot_create_xml(compressed)
+    assert live.domain.list_snapshot_names() == names
+    assert_healthy(live)
 
 
 # ---- merge ------------------------------------------------------------------------------------

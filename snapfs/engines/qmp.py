@@ -194,7 +194,11 @@ class QmpEngine:
             return []  # the switch freezes the live layer: its real file keeps its name
         if do == "new_live":
             if not intent.get("frozen"):
-                raise refused(name, f"shut {name} down first to reset its live disk (revert comes with memory).")
+                raise refused(
+                    name,
+                    "shut it down first: this replaces the disk its guest uses (a revert of a running domain comes "
+                    "with memory snapshots).",
+                )
             return self._create(intent, files, disks)
         if do == "fold":
             if intent["snap"] not in chain:
@@ -203,14 +207,15 @@ class QmpEngine:
         if do == "drop" and intent["snap"] not in chain:
             return self.offline.steps(intent, files, disks)
         if do == "recompress":
-            if intent["snap"] not in chain:
+            # A snapshot this plan creates is not in the view yet: its layer is the live one.
+            if intent["snap"] in view.snapshots and intent["snap"] not in chain:
                 return self.offline.steps(intent, files, disks)
             raise refused(
-                name, f"QEMU holds the layers it would recompress; shut {name} down first, or create it uncompressed."
+                name, "QEMU holds the layers this would recompress; shut it down first (or leave it uncompressed)."
             )
         if do == "rebase_live":
-            raise refused(name, f"shut {name} down first to deactivate a snapshot its live disk stands on.")
-        raise refused(name, f"shut {name} down first (the live disk depends on what this would delete).")
+            raise refused(name, "shut it down first to deactivate a snapshot its running disk stands on.")
+        raise refused(name, "shut it down first: its running disk depends on what this would delete.")
 
     def _create(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
         """Per disk a new overlay on the live layer's real file; all added to QEMU, all
