@@ -9,12 +9,10 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from importlib import metadata
 from typing import TypeVar
 
-import trio
-
 from .catalog import StoreCore
+from .cliargs import version  # noqa: F401  (public here; defined beside --version, which reads it lazily)
 from .domain import DomainCore
 from .errors import SnapfsError, invalid, single
 from .records import SnapshotRecord
@@ -27,16 +25,11 @@ T = TypeVar("T")
 def _run(fn: Callable[..., Awaitable[T]], *args) -> T:
     """Run one core call; a failure comes out as one exception, never a group."""
     try:
+        import trio  # here, not at the top: reading the store needs no event loop
+
         return trio.run(fn, *args)
     except BaseExceptionGroup as group:
         raise single(group) from None
-
-
-def version() -> str:
-    try:
-        return metadata.version("snapfs")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def is_store(path: str) -> bool:

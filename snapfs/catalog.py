@@ -15,9 +15,7 @@ import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
-import trio
-
-from . import layerlock, notify, xml
+from . import layerlock, notify
 from .domain import DomainCore
 from .durable import atomic_write, write_json
 from .engines import Engine
@@ -31,6 +29,21 @@ BASE_FORMATS = ("qcow2", "raw")
 Subscriber = Callable[[str], Awaitable[None]]  # told a domain's name after it changed
 
 
+class _DeferredEngine:
+    """The qemu-img engine, imported (and with it trio and qemu.py) on its first use: the
+    command line's reading verbs make a StoreCore and never use the engine."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+
+    def __getattr__(self, name: str) -> object:
+        if self._engine is None:
+            from .engines.qemu_img import QemuImgEngine
+
+            self._engine = QemuImgEngine()
+        return getattr(self._engine, name)
+
+
 class StoreCore:
     """A store: its domains, define and undefine, and the subscribers to its changes."""
 
@@ -38,11 +51,7 @@ class StoreCore:
         self.files = StoreFiles(root)
         self.files.ensure()
         self.root = self.files.root
-        if engine is None:
-            from .engines.qemu_img import QemuImgEngine
-
-            engine = QemuImgEngine()
-        self.engine = engine
+        self.engine: Engine = engine if engine is not None else _DeferredEngine()  # type: ignore[assignment]
         self._domains: dict[str, DomainCore] = {}
         self._subscribers: list[Subscriber] = []
         # Tells the other processes' mounts; a mount sets its own token to be left out.
@@ -96,6 +105,8 @@ class StoreCore:
 
         A format not given is probed once here and recorded. Returns the domain and the
         messages to show (probed formats)."""
+        from . import xml  # lxml: here, not at the top (reading verbs that print no XML never load it)
+
         validate_name(name, "domain")
         if not disks:
             raise invalid(f"Domain {name!r} has no disk that snapfs can snapshot.")
@@ -119,6 +130,8 @@ class StoreCore:
     async def define_xml(self, text: str | bytes) -> tuple[DomainCore, list[str]]:
         """Define a domain from libvirt XML; disks that cannot be snapshotted are left out
         and named in the messages."""
+        from . import xml
+
         definition, kept = xml.parse_domain_xml(text)
         disks = [(d.target, d.path, d.format) for d in definition.disks]
         if not disks:
@@ -145,6 +158,8 @@ class StoreCore:
         return records, messages
 
     async def _write_domain(self, record: DomainRecord, text: str) -> None:
+        import trio  # here and below, not at the top: the reading verbs never load trio
+
         files = self.files.domain(record.name)
         await trio.to_thread.run_sync(shutil.rmtree, files.path, True)  # a define that crashed
         os.makedirs(files.snapshots_dir)
@@ -156,6 +171,8 @@ class StoreCore:
         await trio.to_thread.run_sync(write_json, files.file("domain.json"), asdict(record))
 
     async def undefine(self, name: str, remove_snapshots: bool = False) -> None:
+        import trio
+
         core = self.domain(name)
         try:
             async with self.files.locked(), core.files.locked():
@@ -189,6 +206,8 @@ async def _refuse_own_backing(target: str, path: str, fmt: str) -> None:
     anyone a mount shares it with) read files the definition never named, a json: or
     protocol backing or an external data file anything qemu can open. Read from the
     header; the backing file itself is never opened."""
+    import trio
+
     try:
         backing = await trio.to_thread.run_sync(layerlock.base_backing, path, fmt)
     except SnapfsError as exc:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
-from .api import version
 from .rules import DeactivateFlags
 
 EXAMPLES = {
@@ -32,6 +32,31 @@ EXAMPLES = {
     "snapshot-compress": "snapfs snapshot-compress vm1 before-upgrade zstd",
     "snapshot-desc": "snapfs snapshot-desc vm1 before-upgrade 'kernel 6.1, known good'",
 }
+
+
+def version() -> str:
+    """The installed snapfs's version (importlib.metadata is loaded only when asked)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("snapfs")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Version(argparse.Action):
+    """argparse's version action, the version looked up only when --version is given."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show program's version number and exit"
+        )
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: object, values: object, option_string: object = None
+    ) -> None:
+        parser._print_message(f"snapfs {version()}\n", sys.stdout)
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="Every verb has --help with an example. Errors are one sentence on stderr, exit status 1.",
     )
     _store_option(parser, None)
-    parser.add_argument("--version", action="version", version=f"snapfs {version()}")
+    parser.add_argument("--version", action=_Version)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help_text: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:

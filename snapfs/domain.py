@@ -2,7 +2,9 @@
 
 An operation takes the domain's lock, finishes a journal a crash left, asks the rules
 (rules.py) for a plan of intents, has the engine chosen for the domain turn them into
-steps, and runs those through the journal (journal.py). Readings take no lock.
+steps, and runs those through the journal (journal.py). Readings take no lock, and load
+neither trio nor lxml unless they need them (the command line's reading verbs start
+fast): those modules are imported where they are used.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import errno
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import trio
-
-from . import disk, rules, xml
+from . import rules
 from .engines import Engine
 from .errors import SnapfsError, invalid, io_error, not_found, single
-from .journal import Journal, operation_naming
 from .records import LIVE, DiskRecord, DomainRecord, MetadataView, SnapshotRecord
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
 from .store import DomainFiles
+
+if TYPE_CHECKING:
+    from . import disk
+    from .journal import Journal
 
 
 class DomainCore:
@@ -69,10 +73,14 @@ class DomainCore:
         return self.files.layer(target, LIVE)
 
     def domain_xml(self) -> str:
+        from . import xml
+
         live = {d.target: self.live_path(d.target) for d in self.disks}
         return xml.domain_xml_on_layers(self.files.original_xml(), live)
 
     def snapshot_xml(self, snap_id: str) -> str:
+        from . import xml
+
         view = self.view()
         snap = self.get(snap_id, view)
         parent = view.snapshots.get(snap.parent) if snap.parent else None
@@ -98,14 +106,20 @@ class DomainCore:
     def operation_naming(self, paths: list[str]) -> str | None:
         """The unfinished operation (any process) that writes, moves or deletes one of
         `paths`, or None."""
+        from .journal import operation_naming
+
         return operation_naming(self.files, paths)
 
     async def open_disk(self, snap_id: str, target: str) -> disk.SnapshotDisk:
         """Snapshot `snap_id`'s disk `target` as bytes, open until close() (disk.py)."""
+        from . import disk
+
         return await disk.open_disk(self, snap_id, target)
 
     async def disk_changes(self, snap_id: str, target: str) -> list[dict]:
         """The extents L(S) of disk `target` holds against its backing (disk.py)."""
+        from . import disk
+
         return await disk.changes(self, snap_id, target)
 
     def record_error(self, operation: str, message: str) -> None:
@@ -123,6 +137,8 @@ class DomainCore:
         return await self._operate("create", plan)
 
     async def create_from_xml(self, text: str | bytes, compress: str | None = None) -> SnapshotRecord:
+        from . import xml
+
         try:
             request = xml.parse_snapshot_request(text)
         except SnapfsError as exc:
@@ -199,6 +215,8 @@ class DomainCore:
         raise io_error(f"The journal of domain {self.name!r} was written by engine {name!r}, which is not here.")
 
     def journal(self) -> Journal:
+        from .journal import Journal
+
         return Journal(self.files, self.disks)
 
     async def finish_journal(self, crashed_only: bool = False) -> None:
@@ -212,6 +230,8 @@ class DomainCore:
         Every failure leaves one SnapfsError (or the interruption itself), last-error
         written and the job line cleared: the core's edge, where trio's exception groups
         end."""
+        import trio
+
         changed = False  # set before anything is written: a failure part-way is news too
         try:
             async with self.files.locked():
@@ -239,6 +259,8 @@ class DomainCore:
 
     def _failed(self, operation: str, caught: BaseException) -> BaseException:
         """The one exception a failed operation raises, its sentence in last-error."""
+        import trio
+
         exc = single(caught)
         if isinstance(exc, SnapfsError):
             self.record_error(operation, exc.message)
@@ -273,6 +295,8 @@ class DomainCore:
         """Tell the store's subscribers that the domain changed; never with the lock held
         (a subscriber may be serving a request that waits for it)."""
         if self._changed is not None:
+            import trio
+
             with trio.CancelScope(shield=True):
                 await self._changed(self.name)
 
