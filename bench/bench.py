@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench.py                 # everything (~10 minutes)
     .venv/bin/python bench/bench.py create merge    # some sections
 
-Sections: create, scale, ls, merge, reads, concurrency, backup. Every figure is a median of
+Sections: create, scale, ls, merge, reads, concurrency, backup, cli. Every figure is a median of
 several runs; ratios are taken against bare qemu-img run by this same process, in the
 same run, on the same disk. Nothing here asserts: the goals are printed beside the figures.
 """
@@ -486,6 +486,38 @@ def _backup_pairs(root: str, label: str, size: int, written: int, runs: int) -> 
     )
 
 
+# ---- 8. the command line's start-up beside virsh's ------------------------------------------
+# (what snapfs runs, what virsh runs): the same verb; virsh on libvirt's test driver (no daemon).
+CLI_VERBS = (
+    (["snapshot-list", "vm1"], ["snapshot-list", "test"]),
+    (["list"], ["list"]),
+    (["--help"], ["--help"]),
+)
+
+
+def section_cli(root: str, runs: int = 20) -> None:
+    """`snapfs VERB` beside `virsh -c test:///default VERB`: each ratio is the median of
+    `runs` interleaved pairs (virsh comes with libvirt-clients, see contrib/setup.sh)."""
+    if shutil.which("virsh") is None:
+        report("snapfs VERB / virsh VERB", "skipped", "", "virsh is missing: apt-get install libvirt-clients")
+        return
+    dom = new_domain(root, disks=1)
+    for i in range(5):
+        dom.snapshot_create_xml(f"<domainsnapshot><name>s{i}</name></domainsnapshot>")
+    store = os.path.join(root, "store")
+    for ours, theirs in CLI_VERBS:
+        virsh, ((snap, ratio),) = paired(
+            runs,
+            lambda theirs=theirs: subprocess.run(
+                ["virsh", "-c", "test:///default", *theirs], check=True, capture_output=True
+            ),
+            lambda ours=ours: subprocess.run([SNAPFS, "--store", store, *ours], check=True, capture_output=True),
+        )
+        verb = " ".join(ours)
+        report(f"virsh {verb} (ms)", f"{virsh:.1f}")
+        report(f"snapfs {verb}, incl. Python start-up (ms)", f"{snap:.1f}", f"{ratio:.2f}x", "goal <= 3x")
+
+
 SECTIONS = {
     "create": section_create,
     "scale": section_scale,
@@ -493,6 +525,7 @@ SECTIONS = {
     "reads": section_reads,
     "concurrency": section_concurrency,
     "backup": section_backup,
+    "cli": section_cli,
 }
 
 

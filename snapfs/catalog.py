@@ -10,12 +10,10 @@ announcer, which tells the other processes that registered for news (notify.py).
 from __future__ import annotations
 
 import os
-import shutil
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-from . import layerlock, notify
 from .domain import DomainCore
 from .durable import atomic_write, write_json
 from .engines import Engine
@@ -23,6 +21,9 @@ from .errors import SnapfsError, busy, exists, invalid, not_found
 from .records import LIVE, DiskRecord, DomainRecord
 from .rules import validate_name
 from .store import DomainFiles, StoreFiles
+
+if TYPE_CHECKING:
+    from . import notify
 
 BASE_FORMATS = ("qcow2", "raw")
 
@@ -55,7 +56,17 @@ class StoreCore:
         self._domains: dict[str, DomainCore] = {}
         self._subscribers: list[Subscriber] = []
         # Tells the other processes' mounts; a mount sets its own token to be left out.
-        self.announcer = notify.Announcer(self.root)
+        self._announcer: notify.Announcer | None = None
+
+    @property
+    def announcer(self) -> notify.Announcer:
+        """Tells the other processes' mounts (made on first use: the reading verbs never
+        announce, and notify.py brings sockets and logging)."""
+        if self._announcer is None:
+            from . import notify
+
+            self._announcer = notify.Announcer(self.root)
+        return self._announcer
 
     def subscribe(self, handler: Subscriber) -> None:
         """Call `await handler(domain_name)` after every change, before the announcer."""
@@ -119,6 +130,8 @@ class StoreCore:
             if self.files.domain(name).exists():
                 raise exists(f"There is already a domain named {name!r}.")
             records, messages = await self._disk_records(disks)
+            import uuid as uuidlib
+
             uuid = uuid or str(uuidlib.uuid4())
             text = domain_xml or xml.minimal_domain_xml(
                 name, uuid, [xml.DiskDef(r.target, r.base, r.format) for r in records]
@@ -161,6 +174,8 @@ class StoreCore:
         import trio  # here and below, not at the top: the reading verbs never load trio
 
         files = self.files.domain(record.name)
+        import shutil
+
         await trio.to_thread.run_sync(shutil.rmtree, files.path, True)  # a define that crashed
         os.makedirs(files.snapshots_dir)
         for disk in record.disks:
@@ -208,6 +223,8 @@ async def _refuse_own_backing(target: str, path: str, fmt: str) -> None:
     header; the backing file itself is never opened."""
     import trio
 
+    from . import layerlock
+
     try:
         backing = await trio.to_thread.run_sync(layerlock.base_backing, path, fmt)
     except SnapfsError as exc:
@@ -220,5 +237,7 @@ async def _refuse_own_backing(target: str, path: str, fmt: str) -> None:
 
 
 def _remove_domain(files: DomainFiles) -> None:
+    import shutil
+
     os.unlink(files.file("domain.json"))
     shutil.rmtree(files.path)

@@ -2,7 +2,8 @@
 
 The reading verbs run without trio (and the verbs that print no XML without lxml): when no
 domain waits for recovery they are answered synchronously, so a `snapfs list` costs little
-more than Python's start-up. trio, lxml and the engine are imported where they are used.
+more than Python's start-up. trio, lxml, the engine and the store's modules (which --help
+and a usage error never need) are imported where they are used.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import errno
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING
 
 from . import cliargs, listing, rules
-from .api import drop_final_newline, open_store_core
-from .catalog import StoreCore
-from .domain import DomainCore
 from .errors import SnapfsError, invalid, single
 from .records import SnapshotRecord
 from .rules import DeactivateFlags
-from .store import default_store_path
+
+if TYPE_CHECKING:
+    from .catalog import StoreCore
+    from .domain import DomainCore
 
 # Verbs that may create the store; every other verb needs an existing one.
 CREATES_STORE = ("define",)
@@ -168,6 +170,8 @@ async def _edit(dom: DomainCore, args: argparse.Namespace) -> str:
         new_name, description, compression = request.name, request.description or "", request.compression
     else:
         new_name, description, compression = args.new_name, args.new_description, None
+    from .api import drop_final_newline
+
     if description is not None and description != snap.description:
         await dom.set_description(snap.id, drop_final_newline(description))
     if compression is not None and compression != snap.compression:
@@ -224,6 +228,8 @@ async def _extension(dom: DomainCore, args: argparse.Namespace) -> str:
     if args.verb == "snapshot-compress":
         await dom.set_compression(snap.id, args.kind)
         return f"Domain snapshot {snap.name} compression set to {args.kind}\n"
+    from .api import drop_final_newline
+
     await dom.set_description(snap.id, drop_final_newline(args.description))
     return f"Domain snapshot {snap.name} description set\n"
 
@@ -304,10 +310,17 @@ async def _current(dom: DomainCore, name_only: bool) -> str:
     return f"{current.name}\n" if name_only else dom.snapshot_xml(current.id)
 
 
+def _open_store(args: argparse.Namespace, create: bool = False) -> StoreCore:
+    from .api import open_store_core
+    from .store import default_store_path
+
+    return open_store_core(args.store or default_store_path(), create)
+
+
 def _read(args: argparse.Namespace) -> str | None:
     """A reading verb's output without an event loop, or None when a domain waits for
     recovery (or its journal cannot be read): then the full path recovers first."""
-    store = open_store_core(args.store or default_store_path())
+    store = _open_store(args)
     if any(_needs_recovery(store, name) for name in store.domain_names()):
         return None
     return _without_loop(_run_verb(store, args))
@@ -336,7 +349,7 @@ def _without_loop(coroutine: Coroutine[object, object, str]) -> str:
 async def _main(args: argparse.Namespace) -> str:
     import trio
 
-    store = open_store_core(args.store or default_store_path(), create=args.verb in CREATES_STORE)
+    store = _open_store(args, create=args.verb in CREATES_STORE)
     await store.recover()
     if not (sys.stderr.isatty() and getattr(args, "domain", None)):
         return await _run_verb(store, args)
@@ -375,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "mount":
             from .mount import run_mount
+            from .store import default_store_path
 
             store = args.store or default_store_path()
             return run_mount(store, args.mountpoint, args.foreground, args.allow_other, args.read_only)

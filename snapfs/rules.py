@@ -28,7 +28,6 @@ from __future__ import annotations
 import enum
 import errno
 import re
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field, replace
 
 from .errors import DependentsError, SnapfsError, exists, invalid, not_found
@@ -167,6 +166,8 @@ def plan_create(
         raise exists(f"Domain {domain!r} already has a snapshot named {name!r}.")
     kind = validate_compression(compression or "none")
     validate_description(description or "")
+    import uuid as uuidlib  # here, not at the top: the reading verbs never make an id
+
     snap = SnapshotRecord(new_id or str(uuidlib.uuid4()), name, view.current, now, description or "", state, kind)
     intents = [meta_write(snap), _intent("freeze", snap=snap.id), _intent("new_live", on=snap.id)]
     if kind != "none":

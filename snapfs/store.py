@@ -28,7 +28,6 @@ import re
 import stat
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
@@ -225,6 +224,8 @@ class DomainFiles:
         `changed` names the snapshot files the change wrote or deleted, so a reader one
         generation behind re-reads only those instead of every snapshot's file."""
         previous = self._state(must_exist=False)
+        import uuid  # here, not at the top: the reading verbs never write a state
+
         epoch = previous.get("epoch") or uuid.uuid4().hex
         state: dict = {"current": current, "epoch": epoch, "generation": previous["generation"] + 1}
         if changed is not None:
