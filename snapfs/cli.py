@@ -384,7 +384,8 @@ async def _show_progress(store: StoreCore, domain: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cliargs.parser().parse_args(cliargs.spell_out_compress(sys.argv[1:] if argv is None else argv))
+    words = cliargs.spell_out_compress(sys.argv[1:] if argv is None else argv)
+    args = cliargs.parser(words).parse_args(words)
     try:
         if args.verb == "mount":
             from .mount import run_mount
