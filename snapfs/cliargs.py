@@ -93,7 +93,9 @@ class _Unbuilt:
 
 def _verb_in(argv: list[str]) -> str | None:
     """The verb argparse will take from argv: the first word that is neither an option nor
-    the value of --store (or of a prefix of it, which argparse accepts); None after `--`."""
+    the value of --store (or of a prefix of it, which argparse accepts). "" when there is
+    none (--help, --version or a usage error: no verb's arguments are needed); None after
+    `--`, where every verb is built."""
     words = iter(argv)
     for word in words:
         if word == "--":
@@ -102,7 +104,7 @@ def _verb_in(argv: list[str]) -> str | None:
             next(words, None)
         elif not word.startswith("-"):
             return word
-    return None
+    return ""
 
 
 @contextlib.contextmanager
