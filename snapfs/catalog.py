@@ -116,6 +116,8 @@ class StoreCore:
 
         A format not given is probed once here and recorded. Returns the domain and the
         messages to show (probed formats)."""
+        import uuid as uuidlib
+
         from . import xml  # lxml: here, not at the top (reading verbs that print no XML never load it)
 
         validate_name(name, "domain")
@@ -130,8 +132,6 @@ class StoreCore:
             if self.files.domain(name).exists():
                 raise exists(f"There is already a domain named {name!r}.")
             records, messages = await self._disk_records(disks)
-            import uuid as uuidlib
-
             uuid = uuid or str(uuidlib.uuid4())
             text = domain_xml or xml.minimal_domain_xml(
                 name, uuid, [xml.DiskDef(r.target, r.base, r.format) for r in records]
@@ -171,11 +171,11 @@ class StoreCore:
         return records, messages
 
     async def _write_domain(self, record: DomainRecord, text: str) -> None:
+        import shutil
+
         import trio  # here and below, not at the top: the reading verbs never load trio
 
         files = self.files.domain(record.name)
-        import shutil
-
         await trio.to_thread.run_sync(shutil.rmtree, files.path, True)  # a define that crashed
         os.makedirs(files.snapshots_dir)
         for disk in record.disks:

@@ -157,10 +157,11 @@ async def _delete(dom: DomainCore, args: argparse.Namespace) -> str:
 async def _edit(dom: DomainCore, args: argparse.Namespace) -> str:
     if args.clone:
         raise SnapfsError(errno.EOPNOTSUPP, "snapfs cannot clone a snapshot: --clone is not supported.")
+    from . import xml
+    from .api import drop_final_newline
+
     snap = _chosen(dom, args)
     if args.new_name is None and args.new_description is None:
-        from . import xml
-
         edited = await _edit_in_editor(dom.snapshot_xml(snap.id))
         if edited is None:
             return f"Snapshot {snap.name} XML configuration not changed.\n"
@@ -170,8 +171,6 @@ async def _edit(dom: DomainCore, args: argparse.Namespace) -> str:
         new_name, description, compression = request.name, request.description or "", request.compression
     else:
         new_name, description, compression = args.new_name, args.new_description, None
-    from .api import drop_final_newline
-
     if description is not None and description != snap.description:
         await dom.set_description(snap.id, drop_final_newline(description))
     if compression is not None and compression != snap.compression:
