@@ -507,6 +507,10 @@ def section_cli(root: str, runs: int = 20) -> None:
         dom.snapshot_create_xml(f"<domainsnapshot><name>s{i}</name></domainsnapshot>")
     store = os.path.join(root, "store")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+    def bare_python() -> None:
+        subprocess.run([PYTHON, "-c", "pass"], check=True, capture_output=True, env=env)
+
     for ours, theirs in CLI_VERBS:
 
         def snapfs_verb(ours: list[str] = ours) -> None:
@@ -516,9 +520,10 @@ def section_cli(root: str, runs: int = 20) -> None:
             subprocess.run(["virsh", "-c", "test:///default", *theirs], check=True, capture_output=True)
 
         snapfs_verb()  # writes the bytecode
-        virsh, ((snap, ratio),) = paired(runs, virsh_verb, snapfs_verb)
+        virsh, ((snap, ratio), (bare, bare_ratio)) = paired(runs, virsh_verb, snapfs_verb, bare_python)
         report(f"virsh -c test:///default {' '.join(theirs)} (ms)", f"{virsh:.1f}")
         report(f"snapfs {' '.join(ours)}, Python start-up included (ms)", f"{snap:.1f}", f"{ratio:.2f}x", "goal <= 3x")
+        report("  python -c pass in the same pairs: the floor (ms)", f"{bare:.1f}", f"{bare_ratio:.2f}x")
 
 
 SECTIONS = {
