@@ -104,9 +104,10 @@ class DomainCore:
         """Snapshot `snap_id`'s disk `target` as bytes, open until close() (disk.py)."""
         return await disk.open_disk(self, snap_id, target)
 
-    async def disk_changes(self, snap_id: str, target: str) -> list[dict]:
-        """The extents L(S) of disk `target` holds against its backing (disk.py)."""
-        return await disk.changes(self, snap_id, target)
+    async def disk_changes(self, snap_id: str, target: str, whole: bool = False) -> list[dict]:
+        """The extents L(S) of disk `target` holds against its backing, or with `whole`
+        those of S's whole image that hold data (disk.py)."""
+        return await disk.changes(self, snap_id, target, whole)
 
     def record_error(self, operation: str, message: str) -> None:
         self.files.record_error(operation, message)
