@@ -60,7 +60,7 @@ RAW_DIRECT_IO = True
 # that is announced: opened for reading, they are read through the page cache (a `cat` is
 # an open, a flush and a release; no read, and no getattr, as a read from the cache leaves
 # atime alone) and the kernel drops their pages with their attributes (KernelCache.forget).
-# Not job and last-error (they change with no announcement), nor a .changes (its read may
+# Not job and last-error (they change with no announcement), nor a .changes or .map (a read may
 # wait for a layer's lock, which an operation announcing a change may hold, while the
 # kernel holds the page the invalidation waits for).
 PAGE_CACHED = {Kind.DOMAIN_XML, Kind.SNAP_XML, Kind.STATE, Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL}
