@@ -116,11 +116,12 @@ class DomainCore:
 
         return await disk.open_disk(self, snap_id, target)
 
-    async def disk_changes(self, snap_id: str, target: str) -> list[dict]:
-        """The extents L(S) of disk `target` holds against its backing (disk.py)."""
+    async def disk_changes(self, snap_id: str, target: str, whole: bool = False) -> list[dict]:
+        """The extents L(S) of disk `target` holds against its backing, or with `whole`
+        those of S's whole image that hold data (disk.py)."""
         from . import disk
 
-        return await disk.changes(self, snap_id, target)
+        return await disk.changes(self, snap_id, target, whole)
 
     def record_error(self, operation: str, message: str) -> None:
         self.files.record_error(operation, message)

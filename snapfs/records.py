@@ -41,6 +41,10 @@ class SnapshotRecord:
     description: str = ""
     state: str = "shutoff"
     compression: str = "none"
+    # The snapshots in its chain when it was made, itself included (0: not recorded, a
+    # record from before). Never less than its depth now: no operation moves a snapshot
+    # under a deeper one (merges and discards only take ancestors away).
+    depth: int = 0
 
     @classmethod
     def from_json(cls, data: dict) -> SnapshotRecord:

@@ -132,7 +132,14 @@ def test_raw_files_equal_qemu_img_convert(fs):
     ranges = [(max(0, edge + rng.randrange(-3000, 3000)), rng.randrange(1, 3 * CLUSTER)) for edge in sorted(edges)]
     ranges += [(rng.randrange(DISK_SIZE), rng.randrange(1, 2 * 1024 * 1024)) for _ in range(30)]
     ranges += [(CLUSTER - 1, 2), (DISK_SIZE - 10, 100), (DISK_SIZE, 10), (0, DISK_SIZE)]
-    assert sorted(os.listdir(fs.snap("deep", "disks"))) == ["vda.changes", "vda.raw", "vdb.changes", "vdb.raw"]
+    assert sorted(os.listdir(fs.snap("deep", "disks"))) == [
+        "vda.changes",
+        "vda.map",
+        "vda.raw",
+        "vdb.changes",
+        "vdb.map",
+        "vdb.raw",
+    ]
     for name in parents:
         for target in TARGETS:
             expected = expected_image(fs, name, target)

@@ -79,6 +79,60 @@ def test_create_refusals_and_default_name():
     assert rules.plan_create(taken, DOM, None, None, None, state="shutoff", now=2000).result.name == "2000-1"
 
 
+class CountingRecords(dict):
+    """A view's records that count how many the rules look at."""
+
+    looked = 0
+
+    def __getitem__(self, key):
+        self.looked += 1
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.looked += 1
+        return super().get(key, default)
+
+
+def chain(length: int, depths: bool) -> MetadataView:
+    """s0 <- s1 <- ... <- live, with each record's depth recorded or not (a record from before)."""
+    records = CountingRecords()
+    for i in range(length):
+        parent = f"s{i - 1}" if i else None
+        records[f"s{i}"] = SnapshotRecord(f"s{i}", f"s{i}", parent, 1000 + i, depth=i + 1 if depths else 0)
+    return MetadataView(1, f"s{length - 1}" if length else None, records)
+
+
+def test_create_records_its_depth_and_checks_it_without_walking_the_chain():
+    deep = chain(1000, depths=True)
+    plan = rules.plan_create(deep, DOM, "new", None, None, state="shutoff", now=5000, new_id="n")
+    assert plan.result.depth == 1001
+    assert plan.intents[0]["record"]["depth"] == 1001
+    assert deep.snapshots.looked < 10  # not one look per ancestor
+    old = chain(1000, depths=False)  # records from before: the chain is walked, and the depth recorded
+    assert rules.plan_create(old, DOM, "new", None, None, state="shutoff", now=5000).result.depth == 1001
+    assert rules.plan_create(view(None), DOM, "first", None, None, state="shutoff", now=1).result.depth == 1
+
+
+@pytest.mark.parametrize("depths", [True, False])
+def test_create_past_the_deepest_chain_is_refused(depths):
+    full = chain(rules.MAX_CHAIN_SNAPSHOTS, depths)
+    with pytest.raises(SnapfsError) as info:
+        rules.plan_create(full, DOM, "new", None, None, state="shutoff", now=5000)
+    assert info.value.errno == errno.EMLINK
+    one_less = chain(rules.MAX_CHAIN_SNAPSHOTS - 1, depths)
+    assert rules.plan_create(one_less, DOM, "x", None, None, state="shutoff", now=5000).result.depth == 1024
+
+
+def test_a_depth_recorded_before_a_merge_is_a_bound_walked_only_near_the_limit():
+    """Merges take ancestors away, so a recorded depth may exceed the real one: near the
+    limit the chain is walked and the real depth recorded."""
+    full = chain(rules.MAX_CHAIN_SNAPSHOTS, depths=True)
+    del full.snapshots["s5"]
+    full.snapshots["s6"].parent = "s4"  # s5 merged away: one less deep than recorded
+    plan = rules.plan_create(full, DOM, "new", None, None, state="shutoff", now=5000)
+    assert plan.result.depth == rules.MAX_CHAIN_SNAPSHOTS
+
+
 def test_merge_with_one_dependent_folds_into_it():
     plan = rules.plan_merge(TREE, DOM, "b")  # only the live disk sits on b
     assert plan.intents[0] == {"do": "fold", "snap": "b", "into": [LIVE], "parent": "a"}

@@ -66,7 +66,14 @@ def test_listings(tree: Tree) -> None:
     assert sorted(names(tree, "vm1", "snapshots")) == ["a", "b", "c"]
     assert names(tree, "vm1", "snapshots", "a") == ["xml", "description", "state", "compression", "control", "disks"]
     assert "parent" in names(tree, "vm1", "snapshots", "b")
-    assert names(tree, "vm1", "snapshots", "b", "disks") == ["vda.raw", "vda.changes", "vdb.raw", "vdb.changes"]
+    assert names(tree, "vm1", "snapshots", "b", "disks") == [
+        "vda.raw",
+        "vda.changes",
+        "vda.map",
+        "vdb.raw",
+        "vdb.changes",
+        "vdb.map",
+    ]
     assert names(tree, "vm1", "disks") == ["vda", "vdb"]
     assert tree.find(at(tree, "vm1", "snapshots"), "nope", tree.reading()) is None
     assert tree.find(at(tree, "vm1", "snapshots", "a"), "parent", tree.reading()) is None  # a root
