@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import trio
 
-from . import layerlock, notify, xml
+from . import layerlock, notify, runtime, xml
 from .domain import DomainCore
 from .durable import atomic_write, write_json
 from .engines import Engine
@@ -159,11 +159,13 @@ class StoreCore:
         core = self.domain(name)
         try:
             async with self.files.locked(), core.files.locked():
+                await runtime.refuse_while_running(core, "undefine it")
                 await core.finish_journal()
                 count = len(core.view().snapshots)
                 if not remove_snapshots:
                     await self._refuse_undefine_with_data(core, count)
                 await trio.to_thread.run_sync(_remove_domain, core.files)
+                runtime.forget(core.files)
         except SnapfsError as exc:
             if core.files.exists():
                 core.record_error("undefine", exc.message)

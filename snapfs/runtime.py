@@ -332,6 +332,19 @@ async def refuse_if_running(dom: DomainCore, cause: SnapfsError) -> None:
         ) from cause
 
 
+async def refuse_while_running(dom: DomainCore, then: str) -> None:
+    """EBUSY while the domain's QEMU runs (undefine would delete the files it writes)."""
+    if await is_running(dom.files):
+        raise busy(f"Domain {dom.name!r} is running; shut it down first (snapfs shutdown {dom.name}), then {then}.")
+
+
+def forget(files: DomainFiles) -> None:
+    """Remove the run-time files of a domain that is gone (undefined, not running)."""
+    run = RunFiles.of(files)
+    for path in (run.qmp, run.pid, run.attached, run.stopped):
+        _unlink(path)
+
+
 # ---- carrying out --------------------------------------------------------------------------
 
 

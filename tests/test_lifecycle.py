@@ -276,6 +276,8 @@ def test_changes_to_a_running_domain_are_refused_metadata_works(lab: Lab) -> Non
     done = subprocess.run(["mkdir", lab.mnt("vm1/snapshots/s1")], capture_output=True, text=True)
     assert errno_of(done.stderr) == errno.EBUSY
     assert "running" in lab.read("vm1/last-error")
+    cli_refused(lab.cli("undefine", "vm1", "--remove-snapshots"), *words)
+    api_refused(None, lambda: snapfs.open_store(lab.store).undefine("vm1", True), errno.EBUSY, *words)
     assert dom.list_snapshot_names() == ["s0"]
     # metadata only: fine while it runs
     lab.ok("snapshot-rename", "vm1", "s0", "first")
