@@ -11,6 +11,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from . import runtime
 from .catalog import StoreCore
 from .cliargs import version  # noqa: F401  (public here; defined beside --version, which reads it lazily)
 from .domain import DomainCore
@@ -20,6 +21,24 @@ from .rules import DeactivateFlags
 from .store import default_store_path
 
 T = TypeVar("T")
+
+# libvirt-python's names for Domain.state()'s first item, and the reasons snapfs gives.
+DomainState = runtime.State
+VIR_DOMAIN_NOSTATE = runtime.State.NOSTATE
+VIR_DOMAIN_RUNNING = runtime.State.RUNNING
+VIR_DOMAIN_BLOCKED = runtime.State.BLOCKED
+VIR_DOMAIN_PAUSED = runtime.State.PAUSED
+VIR_DOMAIN_SHUTDOWN = runtime.State.SHUTDOWN
+VIR_DOMAIN_SHUTOFF = runtime.State.SHUTOFF
+VIR_DOMAIN_CRASHED = runtime.State.CRASHED
+VIR_DOMAIN_PMSUSPENDED = runtime.State.PMSUSPENDED
+VIR_DOMAIN_RUNNING_UNKNOWN = runtime.RUNNING_UNKNOWN
+VIR_DOMAIN_RUNNING_BOOTED = runtime.RUNNING_BOOTED
+VIR_DOMAIN_PAUSED_USER = runtime.PAUSED_USER
+VIR_DOMAIN_SHUTOFF_UNKNOWN = runtime.SHUTOFF_UNKNOWN
+VIR_DOMAIN_SHUTOFF_SHUTDOWN = runtime.SHUTOFF_SHUTDOWN
+VIR_DOMAIN_SHUTOFF_DESTROYED = runtime.SHUTOFF_DESTROYED
+VIR_DOMAIN_SHUTOFF_CRASHED = runtime.SHUTOFF_CRASHED
 
 
 def _run(fn: Callable[..., Awaitable[T]], *args) -> T:
@@ -149,6 +168,39 @@ class Domain:
 
     def last_error(self) -> str:
         return self.core.last_error()
+
+    # ---- who runs QEMU (DESIGN section 8), libvirt-python's calls ----------------------
+    def create(self, flags: int = 0, qemu_args: list[str] | None = None) -> int:
+        """Start the domain's QEMU (libvirt's virDomainCreate): with `qemu_args` (recorded for
+        the next start) or the recorded ones. Returns 0, as libvirt does."""
+        _check_flags(flags)
+        _run(runtime.start, self.core, qemu_args)
+        return 0
+
+    def shutdown(self, timeout: float = runtime.SHUTDOWN_TIMEOUT) -> int:
+        """ACPI power-down; QEMU quits if the guest has not stopped after `timeout` seconds."""
+        _run(runtime.shutdown, self.core, timeout)
+        return 0
+
+    def destroy(self) -> int:
+        _run(runtime.destroy, self.core)
+        return 0
+
+    def state(self, flags: int = 0) -> list[int]:
+        """[state, reason] with libvirt's numbers (VIR_DOMAIN_RUNNING, VIR_DOMAIN_SHUTOFF, ...)."""
+        _check_flags(flags)
+        found = _run(runtime.state, self.core.files)
+        return [int(found[0]), int(found[1])]
+
+    def isActive(self) -> int:  # noqa: N802  (libvirt-python's name)
+        return int(_run(runtime.is_running, self.core.files))
+
+    def attach(self, socket: str) -> None:
+        """Adopt a QEMU started elsewhere (its QMP socket for snapfs alone)."""
+        _run(runtime.attach, self.core, socket)
+
+    def detach(self) -> None:
+        _run(runtime.detach, self.core)
 
     def live_paths(self) -> dict[str, str]:
         """{target: path of the disk's live layer}, where the domain's writes go; mirrors

@@ -188,14 +188,18 @@ class StoreCore:
     async def undefine(self, name: str, remove_snapshots: bool = False) -> None:
         import trio
 
+        from . import runtime
+
         core = self.domain(name)
         try:
             async with self.files.locked(), core.files.locked():
+                await runtime.refuse_while_running(core, "undefine it")
                 await core.finish_journal()
                 count = len(core.view().snapshots)
                 if not remove_snapshots:
                     await self._refuse_undefine_with_data(core, count)
                 await trio.to_thread.run_sync(_remove_domain, core.files)
+                runtime.forget(core.files)
         except SnapfsError as exc:
             if core.files.exists():
                 core.record_error("undefine", exc.message)

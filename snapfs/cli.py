@@ -279,10 +279,34 @@ async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
         "snapshot-rename": lambda: _extension(dom, args),
         "snapshot-compress": lambda: _extension(dom, args),
         "snapshot-desc": lambda: _extension(dom, args),
+        **_lifecycle_verbs(dom, args),
     }
     if verb not in verbs:
         raise invalid(f"Unknown verb {verb!r}.")
     return await verbs[verb]()
+
+
+def _lifecycle_verbs(dom: DomainCore, args: argparse.Namespace) -> dict[str, Callable[[], Awaitable[str]]]:
+    """Who runs QEMU (DESIGN section 8), in virsh's words and output."""
+    from . import runtime
+
+    async def done(pending: Awaitable[None], what: str) -> str:
+        await pending
+        return f"Domain '{dom.name}' {what}\n\n"
+
+    async def domstate() -> str:
+        found = await runtime.state(dom.files)
+        word = runtime.STATE_WORDS[found[0]]
+        return f"{word} ({runtime.reason_word(found)})\n\n" if args.reason else f"{word}\n\n"
+
+    return {
+        "start": lambda: done(runtime.start(dom, args.qemu_args or None), "started"),
+        "shutdown": lambda: done(runtime.shutdown(dom, args.timeout), "is being shutdown"),
+        "destroy": lambda: done(runtime.destroy(dom), "destroyed"),
+        "domstate": domstate,
+        "attach": lambda: done(runtime.attach(dom, args.socket), "attached"),
+        "detach": lambda: done(runtime.detach(dom), "detached"),
+    }
 
 
 async def _text(text: str) -> str:

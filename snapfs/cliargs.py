@@ -33,6 +33,14 @@ EXAMPLES = {
     "snapshot-rename": "snapfs snapshot-rename vm1 before-upgrade pre-6.6",
     "snapshot-compress": "snapfs snapshot-compress vm1 before-upgrade zstd",
     "snapshot-desc": "snapfs snapshot-desc vm1 before-upgrade 'kernel 6.1, known good'",
+    "start": "snapfs start vm1 -- -accel kvm -machine q35 -nic user -display none\n"
+    "  snapfs start vm1            (again with the recorded arguments)",
+    "shutdown": "snapfs shutdown vm1 --timeout 120",
+    "destroy": "snapfs destroy vm1",
+    "domstate": "snapfs domstate vm1 --reason",
+    "attach": "snapfs attach vm1 /run/vm1-snapfs.qmp\n"
+    "  (QEMU started with -qmp unix:/run/vm1-snapfs.qmp,server=on,wait=off, a socket for snapfs alone)",
+    "detach": "snapfs detach vm1",
 }
 
 
@@ -179,6 +187,7 @@ def _build(chosen: str | None) -> argparse.ArgumentParser:
     _list_verb(verb)
     _reading_verbs(verb)
     _changing_verbs(verb)
+    _lifecycle_verbs(verb)
     return parser
 
 
@@ -315,3 +324,27 @@ def spell_out_compress(argv: list[str]) -> list[str]:
     """`--compress` may come before the domain (the seed's order), so it takes no value
     by position; `--compress=zstd` is rewritten to a hidden option that does."""
     return [f"--compress-kind={a.split('=', 1)[1]}" if a.startswith("--compress=") else a for a in argv]
+
+
+def _lifecycle_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
+    """Who runs QEMU (DESIGN section 8)."""
+    p = verb(
+        "start",
+        "Start the domain's QEMU (daemonized) on its live disks; the arguments after -- (machine, "
+        "accelerator, network, kernel, display) are recorded and reused by the next start.",
+    )
+    p.add_argument("domain")
+    p.add_argument("qemu_args", nargs="*", metavar="QEMU-ARG", help="after --: QEMU's own arguments")
+    p = verb("shutdown", "Shut the domain down: ACPI power button, then QEMU quits after the timeout.")
+    p.add_argument("domain")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="how long the guest has (default 60)")
+    p = verb("destroy", "End the domain's QEMU at once (the guest is not asked).")
+    p.add_argument("domain")
+    p = verb("domstate", "Print the domain's state: running, paused or shut off (virsh's words).")
+    p.add_argument("domain")
+    p.add_argument("--reason", action="store_true", help="also the reason, as virsh")
+    p = verb("attach", "Adopt a QEMU started elsewhere whose disks are the domain's live disks.")
+    p.add_argument("domain")
+    p.add_argument("socket", metavar="QMP-SOCKET", help="a QMP socket of that QEMU that snapfs may use alone")
+    p = verb("detach", "Forget an attached QEMU (it keeps running).")
+    p.add_argument("domain")

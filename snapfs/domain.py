@@ -245,7 +245,7 @@ class DomainCore:
                     plan = planner(self.view(), engine)
                     steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
                     if steps:
-                        with await journal.refuse_unless_ready(engine, steps):  # the layers stay held
+                        with await self._refuse_unless_ready(journal, engine, steps):  # the layers stay held
                             changed = True
                             await journal.run(operation, plan.subject, engine, steps)
                     return plan.result
@@ -257,6 +257,17 @@ class DomainCore:
         finally:
             if changed:
                 await self.tell_changed()
+
+    async def _refuse_unless_ready(self, journal: Journal, engine: Engine, steps: list[dict]):
+        """The journal's hold on the layers; a layer held because the domain runs is refused
+        with a sentence that says so (no engine changes a running domain's disks yet)."""
+        from . import runtime
+
+        try:
+            return await journal.refuse_unless_ready(engine, steps)
+        except SnapfsError as exc:
+            await runtime.refuse_if_running(self, exc)
+            raise
 
     def _failed(self, operation: str, caught: BaseException) -> BaseException:
         """The one exception a failed operation raises, its sentence in last-error."""

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+from . import runtime
 from .errors import SnapfsError, io_error, not_found
 from .records import DiskRecord, MetadataView, SnapshotRecord
 from .rules import CONTROL_WORDS
@@ -55,6 +56,8 @@ class Kind(enum.Enum):
     MAP = "data extents"  # .../disks/<target>.map
     LIVE_DISKS = "live disks"  # /<dom>/disks/
     LIVE_DISK = "live disk"  # /<dom>/disks/<target> -> the live layer
+    DOMAIN_STATE = "domain state"  # /<dom>/state: running, paused, shut off
+    DOMAIN_CONTROL = "domain control"  # /<dom>/control: start, shutdown, destroy
 
 
 DOMAIN_ENTRIES = {
@@ -64,6 +67,8 @@ DOMAIN_ENTRIES = {
     "job": Kind.JOB,
     "snapshots": Kind.SNAPSHOTS,
     "disks": Kind.LIVE_DISKS,
+    "state": Kind.DOMAIN_STATE,
+    "control": Kind.DOMAIN_CONTROL,
 }
 SNAPSHOT_ENTRIES = {
     "xml": Kind.SNAP_XML,
@@ -78,14 +83,15 @@ DISK_SUFFIXES = {".raw": Kind.RAW, ".changes": Kind.CHANGES, ".map": Kind.MAP}
 EXTENTS = {Kind.CHANGES, Kind.MAP}  # JSON lines computed by a qemu-img run (load)
 DIRECTORIES = {Kind.ROOT, Kind.DOMAIN, Kind.SNAPSHOTS, Kind.SNAPSHOT, Kind.DISKS, Kind.LIVE_DISKS}
 SYMLINKS = {Kind.CURRENT, Kind.PARENT, Kind.LIVE_DISK}
-WRITABLE = {Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL}
+WRITABLE = {Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL, Kind.DOMAIN_CONTROL}
 # Files whose size changes without a change of the domain's metadata (progress, the
 # latest refusal): their attributes must never be kept.
-VOLATILE = {Kind.JOB, Kind.LAST_ERROR}
+VOLATILE = {Kind.JOB, Kind.LAST_ERROR, Kind.DOMAIN_STATE}
 XML_CACHE_SIZE = 4096
 CHANGES_CACHE_SIZE = 4096
 RECORD_FIELDS = tuple(f.name for f in fields(SnapshotRecord))
 CONTROL_TEXT = (" ".join(CONTROL_WORDS) + "\n").encode()
+DOMAIN_CONTROL_TEXT = (" ".join(runtime.CONTROL_WORDS) + "\n").encode()
 
 # A snapshot's changed extents of one disk, or with True its data extents: disk.changes(dom, snap_id, target, whole).
 ChangesReader = Callable[["DomainCore", str, str, bool], Awaitable[list[dict]]]
@@ -150,7 +156,7 @@ class Reading:
         self._cores: dict[str, DomainCore] = {}
         self._views: dict[str, MetadataView] = {}
         self._names: list[str] | None = None
-        self.changes: dict[Node, bytes] = {}  # .changes and .map files loaded for this reading
+        self.changes: dict[Node, bytes] = {}  # .changes and .map files, /<dom>/state, loaded for this reading
         self.allocated: dict[Node, int] = {}  # the data bytes of the .raw files loaded for this reading
 
     def domain(self, name: str) -> DomainCore:
@@ -399,9 +405,11 @@ class Tree:
             return document(now.domain(node.dom).job())
         if node.kind is Kind.CONTROL:
             return CONTROL_TEXT
+        if node.kind is Kind.DOMAIN_CONTROL:
+            return DOMAIN_CONTROL_TEXT
         if node.kind is Kind.SNAP_XML:
             return self._snapshot_xml_bytes(node, now)
-        if node.kind in EXTENTS:
+        if node.kind in EXTENTS or node.kind is Kind.DOMAIN_STATE:
             data = now.changes.get(node)
             if data is None:  # every path that sizes or reads a .changes or .map loads it first
                 raise io_error(f"{self.path(node, now)} was read before it was computed.")
@@ -453,11 +461,15 @@ class Tree:
 
     async def load(self, node: Node, now: Reading) -> None:
         """Compute what the node's size and content need that takes a qemu-img run (a
-        .changes or .map file, a .raw's blocks), once per reading; nothing for every other
-        node. A .raw whose map cannot be read now (an operation changes its chain) shows
-        all its size as allocated, and its stat is not refused."""
+        .changes or .map file, a .raw's blocks) or a question to QEMU (/<dom>/state), once per
+        reading; nothing for every other node. A .raw whose map cannot be read now (an
+        operation changes its chain) shows all its size as allocated, and its stat is not
+        refused."""
         if node.kind in EXTENTS and node not in now.changes:
             now.changes[node] = await self._changes_bytes(node, now)
+        elif node.kind is Kind.DOMAIN_STATE and node not in now.changes:
+            # asked of QEMU on every reading (the file is volatile and read with direct_io)
+            now.changes[node] = text_file(await runtime.state_word(now.domain(node.dom).files))
         elif node.kind is Kind.RAW and node not in now.allocated:
             dom, map_node = now.domain(node.dom), node.child(Kind.MAP, node.disk)
             if dom.operation_naming([dom.layer_path(node.disk, node.snap)]) is not None:

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import runtime
 from .errors import DependentsError, SnapfsError
 from .rules import validate_description
 from .vfs import WRITABLE, Kind, Node, Tree
 
 log = logging.getLogger(__name__)
 
-ACTS_IN_WRITE = {Kind.COMPRESSION: "compression", Kind.CONTROL: "control"}
+ACTS_IN_WRITE = {Kind.COMPRESSION: "compression", Kind.CONTROL: "control", Kind.DOMAIN_CONTROL: "control"}
 
 
 @dataclass
@@ -148,7 +149,9 @@ class Writes:
             raise refusal(self.tree, node, errno.EINVAL, operation, message) from None
         dom = self.tree.domain(node)
         try:
-            if node.kind is Kind.CONTROL:
+            if node.kind is Kind.DOMAIN_CONTROL:
+                await runtime.control(dom, word)
+            elif node.kind is Kind.CONTROL:
                 await dom.control(node.snap, word)
             else:
                 await dom.set_compression(node.snap, word)

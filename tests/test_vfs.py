@@ -62,7 +62,7 @@ def content(tree: Tree, *path: str) -> bytes:
 
 def test_listings(tree: Tree) -> None:
     assert names(tree) == ["vm1"]
-    assert names(tree, "vm1") == ["xml", "current", "last-error", "job", "snapshots", "disks"]
+    assert names(tree, "vm1") == ["xml", "current", "last-error", "job", "snapshots", "disks", "state", "control"]
     assert sorted(names(tree, "vm1", "snapshots")) == ["a", "b", "c"]
     assert names(tree, "vm1", "snapshots", "a") == ["xml", "description", "state", "compression", "control", "disks"]
     assert "parent" in names(tree, "vm1", "snapshots", "b")
