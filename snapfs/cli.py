@@ -262,6 +262,8 @@ async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
     if verb in ("define", "list", "undefine"):
         return await _store_verb(store, args)
     dom = store.domain(args.domain)
+    if verb in LIFECYCLE_VERBS:  # only these bring runtime.py (trio, QMP)
+        return await _lifecycle_verbs(dom, args)[verb]()
     verbs: dict[str, Callable[[], Awaitable[str]]] = {
         "dumpxml": lambda: _text(dom.domain_xml()),
         "snapshot-create": lambda: _create_from_file(dom, args),
@@ -279,11 +281,13 @@ async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
         "snapshot-rename": lambda: _extension(dom, args),
         "snapshot-compress": lambda: _extension(dom, args),
         "snapshot-desc": lambda: _extension(dom, args),
-        **_lifecycle_verbs(dom, args),
     }
     if verb not in verbs:
         raise invalid(f"Unknown verb {verb!r}.")
     return await verbs[verb]()
+
+
+LIFECYCLE_VERBS = ("start", "shutdown", "destroy", "domstate", "attach", "detach")
 
 
 def _lifecycle_verbs(dom: DomainCore, args: argparse.Namespace) -> dict[str, Callable[[], Awaitable[str]]]:
