@@ -289,7 +289,8 @@ class DomainFiles:
     def needs_carry_over(self, targets: list[str]) -> bool:
         """Whether a disk's live.qcow2 is still the live layer's real file (a store made
         before live layers had names of their own), or the state does not name them yet."""
-        return not self.view().live or any(not os.path.islink(self.live_link(t)) for t in targets)
+        # state.json alone (not every snapshot's record): every open of the store asks this
+        return not self._state().get("live") or any(not os.path.islink(self.live_link(t)) for t in targets)
 
     def carry_over(self, targets: list[str]) -> None:
         """Give an old-layout domain's live layers real names of their own: record
