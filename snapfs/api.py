@@ -219,6 +219,11 @@ class Domain:
         Snapshot.layer_paths()."""
         return {d.target: self.core.live_path(d.target) for d in self.core.disks}
 
+    def live_layer_paths(self) -> dict[str, str]:
+        """{target: real file of the disk's live layer}: live_paths() are stable symlinks to
+        these (DESIGN section 8); hand a QEMU these, never the symlinks."""
+        return {d.target: self.core.live_file(d.target) for d in self.core.disks}
+
     def base_paths(self) -> dict[str, str]:
         """{target: path of the disk's base image} as defined; snapfs never writes it."""
         return {d.target: d.base for d in self.core.disks}

@@ -9,6 +9,7 @@ announcer, which tells the other processes that registered for news (notify.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -18,9 +19,9 @@ from .domain import DomainCore
 from .durable import atomic_write, write_json
 from .engines import Engine
 from .errors import SnapfsError, busy, exists, invalid, not_found
-from .records import LIVE, DiskRecord, DomainRecord
+from .records import DiskRecord, DomainRecord, fresh_layer_name
 from .rules import validate_name
-from .store import DomainFiles, StoreFiles
+from .store import DomainFiles, StoreFiles, replace_with_symlink
 
 if TYPE_CHECKING:
     from . import notify
@@ -178,11 +179,13 @@ class StoreCore:
         files = self.files.domain(record.name)
         await trio.to_thread.run_sync(shutil.rmtree, files.path, True)  # a define that crashed
         os.makedirs(files.snapshots_dir)
+        live = {disk.target: fresh_layer_name() for disk in record.disks}
         for disk in record.disks:
             os.makedirs(files.layers_dir(disk.target))
-            await self.engine.new_live_layer(files.layer(disk.target, LIVE), disk)
+            await self.engine.new_live_layer(files.layer_path(disk.target, live[disk.target]), disk)
+            await trio.to_thread.run_sync(replace_with_symlink, files.live_link(disk.target), live[disk.target])
         await trio.to_thread.run_sync(atomic_write, files.file("domain.xml"), text.encode("utf-8"))
-        await trio.to_thread.run_sync(files.write_state, None)
+        await trio.to_thread.run_sync(functools.partial(files.write_state, None, live=live))
         await trio.to_thread.run_sync(write_json, files.file("domain.json"), asdict(record))
 
     async def undefine(self, name: str, remove_snapshots: bool = False) -> None:
@@ -213,7 +216,7 @@ class StoreCore:
         if count:
             raise busy(f"Domain {core.name!r} has {count} snapshot(s); pass --remove-snapshots to delete them with it.")
         for disk in core.disks:
-            if await self.engine.has_own_data(core.live_path(disk.target)):
+            if await self.engine.has_own_data(core.live_file(disk.target)):
                 raise busy(
                     f"Domain {core.name!r} has changes in its live disk {disk.target} that would be lost; "
                     "pass --remove-snapshots to delete them with it."

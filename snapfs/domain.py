@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from . import rules
 from .engines import Engine
 from .errors import SnapfsError, invalid, io_error, not_found, single
-from .records import LIVE, DiskRecord, DomainRecord, MetadataView, SnapshotRecord
+from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
 from .store import DomainFiles
 
@@ -66,11 +66,17 @@ class DomainCore:
             raise not_found(f"Domain {self.name!r} has no snapshot named {name!r}.")
         return found
 
-    def layer_path(self, target: str, snap_id: str) -> str:
-        return self.files.layer(target, snap_id)
+    def layer_path(self, target: str, snap_id: str, view: MetadataView | None = None) -> str:
+        """The real path of L(S) on disk `target`."""
+        return self.files.snapshot_layer(self.get(snap_id, view), target)
 
     def live_path(self, target: str) -> str:
-        return self.files.layer(target, LIVE)
+        """The live layer's stable path (a symlink to its real file): what the domain XML names."""
+        return self.files.live_link(target)
+
+    def live_file(self, target: str) -> str:
+        """The real path of the live layer of disk `target` (what QEMU must be handed)."""
+        return self.files.live_layer(self.view(), target)
 
     def domain_xml(self) -> str:
         from . import xml
@@ -84,7 +90,7 @@ class DomainCore:
         view = self.view()
         snap = self.get(snap_id, view)
         parent = view.snapshots.get(snap.parent) if snap.parent else None
-        layers = {d.target: self.layer_path(d.target, snap.id) for d in self.disks}
+        layers = {d.target: self.files.snapshot_layer(snap, d.target) for d in self.disks}
         return xml.snapshot_xml(
             name=snap.name,
             description=snap.description,
@@ -215,6 +221,17 @@ class DomainCore:
             return self.engine
         raise io_error(f"The journal of domain {self.name!r} was written by engine {name!r}, which is not here.")
 
+    async def _carry_over(self) -> None:
+        """Give an old-layout domain the layout of DESIGN section 8 (store.py), then check
+        that every live layer's stable name leads to the real file the state names. The
+        caller holds the lock, and no journal is pending."""
+        import trio
+
+        targets = [d.target for d in self.disks]
+        if await trio.to_thread.run_sync(self.files.needs_carry_over, targets):
+            await trio.to_thread.run_sync(self.files.carry_over, targets)
+        self.files.check_live_links(self.view())
+
     def journal(self) -> Journal:
         from .journal import Journal
 
@@ -241,6 +258,7 @@ class DomainCore:
                     changed = journal.pending()
                     await trio.to_thread.run_sync(self.files.remove_temporaries, self.engine.temporary_suffixes)
                     await journal.finish(self._engine_named)
+                    await self._carry_over()
                     engine = self._engine()
                     plan = planner(self.view(), engine)
                     steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
@@ -301,7 +319,29 @@ class DomainCore:
         if journal is not None:
             what = f"unfinished {journal['operation']} {journal.get('subject') or ''}".rstrip()
             return f"{what}: {journal['failed']}" if journal.get("failed") else what
+        if self.files.needs_carry_over([d.target for d in self.disks]):
+            return "old layout: carried over by the next change once its live disks are free"
         return None
+
+    def _old_layout(self) -> bool:
+        """Whether the domain still has the layout from before DESIGN section 8; False
+        when its metadata cannot be read (a change on it says why)."""
+        try:
+            return self.files.needs_carry_over([d.target for d in self.disks])
+        except SnapfsError:
+            return False
+
+    async def _recover_layout(self) -> None:
+        """Carry an old-layout domain over when its journal is done; a live layer in use
+        leaves it for later, said in last-error (and health)."""
+        if self.files.read_journal() is not None:
+            return
+        try:
+            await self._carry_over()
+        except SnapfsError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            self.record_error("recover", exc.message)
 
     async def tell_changed(self) -> None:
         """Tell the store's subscribers that the domain changed; never with the lock held
@@ -320,11 +360,14 @@ class DomainCore:
         written to last-error, not raised: one domain never stops another's recovery."""
         try:
             journal = self.files.read_journal()
-            if journal is None or journal.get("failed"):
+            if journal is not None and journal.get("failed"):
+                return
+            if journal is None and not self._old_layout():
                 return
             async with self.files.locked(wait=0):
                 try:
                     await self.finish_journal(crashed_only=True)
+                    await self._recover_layout()
                 finally:
                     self.files.clear_job()
         except BaseException as caught:

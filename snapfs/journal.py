@@ -31,7 +31,14 @@ CRASH_EXIT_STATUS = 86
 
 # Steps that only rename, create or delete whole files by name, and the names they use.
 # Any other step (a commit, a rebase: reading and writing layer data) is heavy.
-_LIGHT_STEPS = {"overlay": ("dst",), "rename": ("src", "dst"), "delete": ("path",), "meta_write": (), "meta_delete": ()}
+_LIGHT_STEPS = {
+    "overlay": ("dst",),
+    "rename": ("src", "dst"),
+    "delete": ("path",),
+    "link": ("path",),
+    "meta_write": (),
+    "meta_delete": (),
+}
 
 
 class Journal:
@@ -196,7 +203,8 @@ class Journal:
         elif do == "meta_delete":
             await trio.to_thread.run_sync(self.files.delete_snapshot, step["id"], syncs)
         elif do == "state":
-            await trio.to_thread.run_sync(self.files.write_state, step["current"], step.get("changed"), syncs)
+            live = step.get("live")
+            await trio.to_thread.run_sync(self.files.write_state, step["current"], step.get("changed"), syncs, live)
         else:
             await engine.run(step, self.files, recovering=recovering, syncs=syncs, progress=progress)
 

@@ -7,9 +7,10 @@ without importing trio or any engine.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-LIVE = "live"  # the live layer's id in layer paths, and the live disk among dependents
+LIVE = "live"  # the live disk among dependents; layers/<target>/live.qcow2 is its stable name
+LIVE_LINK = "live.qcow2"  # a relative symlink to the live layer's real file, in the same directory
 COMPRESSIONS = ("gzip", "zstd", "none")
 
 
@@ -41,6 +42,9 @@ class SnapshotRecord:
     description: str = ""
     state: str = "shutoff"
     compression: str = "none"
+    # {target: basename of L(S)'s real file}; None (snapshots made before layers had their
+    # own names) means <id>.qcow2 on every disk. Read it through layer_name().
+    layers: dict[str, str] | None = None
     # The snapshots in its chain when it was made, itself included (0: not recorded, a
     # record from before). Never less than its depth now: no operation moves a snapshot
     # under a deeper one (merges and discards only take ancestors away).
@@ -49,6 +53,26 @@ class SnapshotRecord:
     @classmethod
     def from_json(cls, data: dict) -> SnapshotRecord:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def layer_name(record: SnapshotRecord, target: str) -> str:
+    """The basename of L(S)'s real file on disk `target` (beside the disk's other layers):
+    the one answer to that question (store.py joins it to the directory)."""
+    if record.layers is not None and target in record.layers:
+        return record.layers[target]
+    return f"{record.id}.qcow2"
+
+
+def live_name(view: MetadataView, target: str) -> str:
+    """The basename of the live layer's real file on disk `target`."""
+    return view.live[target]
+
+
+def fresh_layer_name() -> str:
+    """A new real layer file's basename: a uuid of its own, never reused across disks."""
+    import uuid  # here, not at the top: the reading verbs never make a name
+
+    return f"{uuid.uuid4()}.qcow2"
 
 
 def snapshot_order(record: SnapshotRecord) -> tuple[int, str]:
@@ -64,6 +88,7 @@ class MetadataView:
     current: str | None
     snapshots: dict[str, SnapshotRecord]
     epoch: str | None = None
+    live: dict[str, str] = field(default_factory=dict)  # {target: basename of the live layer's real file}
 
     @functools.cached_property
     def _by_name(self) -> dict[str, SnapshotRecord]:
@@ -90,6 +115,25 @@ class MetadataView:
     def children(self, snap_id: str | None) -> list[SnapshotRecord]:
         """Oldest first. Indexes are built once per view, so walking a tree stays linear."""
         return list(self._children.get(snap_id, ()))
+
+    def targets(self) -> list[str]:
+        """The disks' targets, as the live layers' names record them."""
+        return list(self.live)
+
+    @functools.cached_property
+    def _layer_owners(self) -> dict[str, str | None]:
+        owners: dict[str, str | None] = {}
+        for target in self.live:
+            names = {self.live[target]} | {layer_name(record, target) for record in self.snapshots.values()}
+            for name in names:
+                owners[name] = target if name not in owners else None  # None: two disks share the name
+        return owners
+
+    def layer_files(self) -> dict[str, str]:
+        """{basename: target} of every real layer file of every disk (live and frozen),
+        leaving out a basename that more than one disk uses (legacy <id>.qcow2 layers of a
+        domain with several disks)."""
+        return {name: target for name, target in self._layer_owners.items() if target is not None}
 
 
 def carry_name_index(old: MetadataView, new: MetadataView, changed: list[str]) -> None:

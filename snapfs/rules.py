@@ -6,18 +6,25 @@ must happen to the layers and the records, for all disks at once) or a refusal
 (engines/) turns each layer intent into its own file steps, and the journal (journal.py)
 carries them out. Intents are small JSON-able dicts:
 
-    freeze S              the live layer becomes L(S)
-    new_live on=S|None    a new, empty live layer on L(S) (on the base image for None)
+    freeze S              the live layer becomes L(S): its real file keeps its name
+    new_live on=S|None names={t: N}
+                          a new, empty live layer (real file N per disk) on L(S) (on the
+                          base image for None); the live layer's stable name then leads to it
     fold S into=[D...] parent=P
                           S's data goes into its dependents (child snapshots' layers, or
                           "live"), which then sit on P; L(S) is gone afterwards
-    drop S                delete L(S)
+    drop S|live           delete L(S), or a live layer's real file that nothing uses any more
     recompress S parent=P kind=K
                           rewrite L(S) (which sits on P) compressed with K
     rebase_live onto=P    the live layer moves onto P, keeping its content
     meta_write record     write a snapshot's record
     meta_delete id        delete a snapshot's record
-    state current         record `current`: the last step of every change
+    state current [live]  record `current` (and the live layers' real names): the last step of every change
+
+Every layer intent names the real files it is about, per disk ({target: basename}, through
+records.layer_name / view.live; the backing of a layer is its parent's file, or the base
+image for None): an engine joins them to the disk's layer directory and decides nothing.
+New real names are drawn here, one per disk (records.fresh_layer_name).
 
 The layer tree's queries (dependents, subtree, ancestors) live here too: they are the
 questions the rules ask of the metadata, and nothing else needs them.
@@ -31,7 +38,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from .errors import DependentsError, SnapfsError, exists, invalid, not_found
-from .records import COMPRESSIONS, LIVE, MetadataView, SnapshotRecord
+from .records import COMPRESSIONS, LIVE, MetadataView, SnapshotRecord, fresh_layer_name, layer_name
 
 CONTROL_WORDS = ("merge", "merge-force", "discard", "discard-force", "revert", "deactivate")
 MAX_DESCRIPTION_BYTES = 64 * 1024
@@ -168,12 +175,22 @@ def plan_create(
     validate_description(description or "")
     import uuid as uuidlib  # here, not at the top: the reading verbs never make an id
 
-    snap = SnapshotRecord(new_id or str(uuidlib.uuid4()), name, view.current, now, description or "", state, kind)
+    frozen = _live_names(view, domain)
+    snap = SnapshotRecord(
+        new_id or str(uuidlib.uuid4()), name, view.current, now, description or "", state, kind, frozen
+    )
     snap.depth = depth
-    intents = [meta_write(snap), _intent("freeze", snap=snap.id), _intent("new_live", on=snap.id)]
+    fresh = _fresh_names(view)
+    intents = [
+        meta_write(snap),
+        _intent("freeze", snap=snap.id, layers=frozen),
+        _new_live(view, snap.id, fresh, frozen),
+    ]
     if kind != "none":
-        intents.append(_recompress(snap.id, snap.parent, kind))
-    intents.append(state_step(snap.id))
+        intents.append(
+            _intent("recompress", snap=snap.id, layers=frozen, parent=_names_of(view, snap.parent), kind=kind)
+        )
+    intents.append(state_step(snap.id, fresh))
     return Plan(intents, snap, snap.name)
 
 
@@ -209,7 +226,9 @@ def refuse_deep_chain(view: MetadataView, domain: str) -> int:
 
 def plan_revert(view: MetadataView, domain: str, snap_id: str) -> Plan:
     snap = get(view, snap_id, domain)
-    return Plan([_intent("new_live", on=snap_id), state_step(snap_id)], subject=snap.name)
+    old, fresh = _live_names(view, domain), _fresh_names(view)
+    intents = [_new_live(view, snap_id, fresh), state_step(snap_id, fresh), _drop(LIVE, old)]
+    return Plan(intents, subject=snap.name)
 
 
 def plan_discard(view: MetadataView, domain: str, snap_id: str) -> Plan:
@@ -221,7 +240,7 @@ def plan_discard(view: MetadataView, domain: str, snap_id: str) -> Plan:
             f"Snapshot {snap.name!r} cannot be discarded: {_names(view, deps)} {verb} on it "
             "(merge it, or discard-force to delete its subtree)."
         )
-    intents = [meta_delete(snap_id), _intent("drop", snap=snap_id), state_step(view.current)]
+    intents = [meta_delete(snap_id), _drop(snap_id, _names_of(view, snap_id)), state_step(view.current)]
     return Plan(intents, subject=snap.name)
 
 
@@ -230,12 +249,23 @@ def plan_merge(view: MetadataView, domain: str, snap_id: str) -> Plan:
     deps = dependents(view, snap_id)
     if not deps:
         return plan_discard(view, domain, snap_id)
-    intents = [_intent("fold", snap=snap_id, into=deps, parent=snap.parent)]
+    _live_names(view, domain)
+    intents = [
+        _intent(
+            "fold",
+            snap=snap_id,
+            into=deps,
+            parent=snap.parent,
+            layers=_names_of(view, snap_id),
+            into_layers={dep: _names_of(view, dep) for dep in deps},
+            parent_layers=_names_of(view, snap.parent),
+        )
+    ]
     # Clusters moved by commit or rebase arrive uncompressed (a commit even rewrites the
     # child's own clusters and the header's compression type): a surviving child that is
     # compressed is recompressed, so its layer stays entirely in its own setting.
     children = view.children(snap_id)
-    intents += [_recompress(c.id, snap.parent, c.compression) for c in children if c.compression != "none"]
+    intents += [_recompress(view, c.id, snap.parent, c.compression) for c in children if c.compression != "none"]
     intents += [meta_write(replace(child, parent=snap.parent)) for child in children]
     intents.append(meta_delete(snap_id))
     intents.append(state_step(snap.parent if view.current == snap_id else view.current))
@@ -246,10 +276,14 @@ def plan_discard_force(view: MetadataView, domain: str, snap_id: str) -> Plan:
     snap = get(view, snap_id, domain)
     doomed = subtree(view, snap_id)
     live_inside = view.current in doomed
-    intents = [_intent("new_live", on=snap.parent)] if live_inside else []
+    old, fresh = _live_names(view, domain), _fresh_names(view)
+    intents = [_new_live(view, snap.parent, fresh)] if live_inside else []
     intents += [meta_delete(node) for node in reversed(doomed)]
-    intents += [_intent("drop", snap=node) for node in doomed]
-    intents.append(state_step(snap.parent if live_inside else view.current))
+    intents += [_drop(node, _names_of(view, node)) for node in doomed]
+    if live_inside:
+        intents += [state_step(snap.parent, fresh), _drop(LIVE, old)]
+    else:
+        intents.append(state_step(view.current))
     return Plan(intents, subject=snap.name)
 
 
@@ -257,7 +291,8 @@ def plan_deactivate(view: MetadataView, domain: str, snap_id: str) -> Plan:
     snap = get(view, snap_id, domain)
     if not live_descends_from(view, snap_id):
         return Plan([])
-    return Plan([_intent("rebase_live", onto=snap.parent), state_step(snap.parent)], subject=snap.name)
+    rebase = _intent("rebase_live", layers=_live_names(view, domain), onto=_names_of(view, snap.parent))
+    return Plan([rebase, state_step(snap.parent)], subject=snap.name)
 
 
 def plan_rename(view: MetadataView, domain: str, snap_id: str, new_name: str) -> Plan:
@@ -279,7 +314,7 @@ def plan_description(view: MetadataView, domain: str, snap_id: str, text: str) -
 def plan_compression(view: MetadataView, domain: str, snap_id: str, kind: str) -> Plan:
     snap = get(view, snap_id, domain)
     kind = validate_compression(kind)
-    intents = [_recompress(snap_id, snap.parent, kind), meta_write(replace(snap, compression=kind))]
+    intents = [_recompress(view, snap_id, snap.parent, kind), meta_write(replace(snap, compression=kind))]
     return Plan([*intents, state_step(view.current)], subject=snap.name)
 
 
@@ -288,8 +323,46 @@ def _intent(do: str, **args) -> dict:
     return {"do": do, **args}
 
 
-def _recompress(snap_id: str, parent: str | None, kind: str) -> dict:
-    return _intent("recompress", snap=snap_id, parent=parent, kind=kind)
+def _recompress(view: MetadataView, snap_id: str, parent: str | None, kind: str) -> dict:
+    layers, parent_layers = _names_of(view, snap_id), _names_of(view, parent)
+    return _intent("recompress", snap=snap_id, layers=layers, parent=parent_layers, kind=kind)
+
+
+def _new_live(view: MetadataView, on: str | None, names: dict[str, str], frozen: dict | None = None) -> dict:
+    """A new live layer (real files `names`) on `on`'s layers; `frozen`: the live layers
+    this one replaces become L(on) (a create), so an engine holds them as it would A."""
+    intent = _intent("new_live", on=on, names=names, backing=frozen or _names_of(view, on))
+    if frozen:
+        intent["frozen"] = True
+    return intent
+
+
+def _drop(snap_id: str, layers: dict[str, str]) -> dict:
+    return _intent("drop", snap=snap_id, layers=layers)
+
+
+def _names_of(view: MetadataView, snap_id: str | None) -> dict[str, str] | None:
+    """{target: basename} of L(S)'s real files, of the live layers for LIVE; None for the base."""
+    if snap_id is None:
+        return None
+    if snap_id == LIVE_DEPENDENT:
+        return dict(view.live)
+    record = view.snapshots[snap_id]
+    return {target: layer_name(record, target) for target in view.targets()}
+
+
+def _live_names(view: MetadataView, domain: str) -> dict[str, str]:
+    """The live layers' real names; a view without them is from a store not carried over
+    to this layout (the domain carries it over before any plan)."""
+    if not view.live:
+        raise SnapfsError(
+            errno.EIO, f"Domain {domain!r} has no recorded live layers; reopen the store to carry it over."
+        )
+    return dict(view.live)
+
+
+def _fresh_names(view: MetadataView) -> dict[str, str]:
+    return {target: fresh_layer_name() for target in view.targets()}
 
 
 def meta_write(record: SnapshotRecord) -> dict:
@@ -300,8 +373,8 @@ def meta_delete(snap_id: str) -> dict:
     return _intent("meta_delete", id=snap_id)
 
 
-def state_step(current: str | None) -> dict:
-    return _intent("state", current=current)
+def state_step(current: str | None, live: dict[str, str] | None = None) -> dict:
+    return _intent("state", current=current, **({"live": live} if live is not None else {}))
 
 
 def _names(view: MetadataView, ids: list[str]) -> str:

@@ -34,7 +34,6 @@ import trio
 from . import qmp, xml
 from .durable import fsync_dir, read_json, write_json
 from .errors import SnapfsError, busy, invalid, single
-from .records import LIVE
 
 if TYPE_CHECKING:
     from .domain import DomainCore
@@ -411,7 +410,7 @@ def _command(dom: DomainCore, run: RunFiles, user_args: list[str]) -> list[str]:
     if vcpus and "-smp" not in given:
         cmd += ["-smp", str(vcpus)]
     for disk in record.disks:
-        real = os.path.realpath(dom.files.layer(disk.target, LIVE))  # QEMU is never given a symlink
+        real = dom.files.live_layer(dom.view(), disk.target)  # QEMU is never given a symlink
         node = f"disk-{disk.target}"
         file = {"driver": "file", "node-name": f"{node}-file", "filename": real}
         cmd += ["-blockdev", _json({"driver": "qcow2", "node-name": node, "file": file})]
@@ -513,7 +512,8 @@ def _check_disks(dom: DomainCore, devices: list[dict], sock: str) -> None:
         if isinstance(inserted.get("file"), str):
             name = device.get("qdev") or device.get("device") or "?"
             images[name] = (os.path.realpath(inserted["file"]), bool(inserted.get("ro")))
-    wanted = {os.path.realpath(dom.files.layer(d.target, LIVE)): d.target for d in dom.disks}
+    view = dom.view()
+    wanted = {os.path.realpath(dom.files.live_layer(view, d.target)): d.target for d in dom.disks}
     found = {real for real, _ in images.values()}
     for real, target in wanted.items():
         if real not in found:

@@ -4,9 +4,13 @@
     STORE/run/<token>                     one registration per mount (notify.py)
     STORE/domains/<dom>/domain.json       name, uuid, disks (target, base, format, size)
     STORE/domains/<dom>/domain.xml        the libvirt XML as defined
-    STORE/domains/<dom>/state.json        current snapshot id and a generation counter
-    STORE/domains/<dom>/snapshots/<id>.json   one metadata file per snapshot
-    STORE/domains/<dom>/layers/<target>/<id>.qcow2   L(S); live.qcow2 is A
+    STORE/domains/<dom>/state.json        current snapshot id, a generation counter, and
+                                          `live`: {target: basename of the live layer's real file}
+    STORE/domains/<dom>/snapshots/<id>.json   one metadata file per snapshot (`layers`: its real files)
+    STORE/domains/<dom>/layers/<target>/<uuid>.qcow2  the real layer files (L(S) of each snapshot,
+                                          and A); a file keeps its name from birth to deletion
+    STORE/domains/<dom>/layers/<target>/live.qcow2    -> <uuid>.qcow2: the live layer's stable
+                                          name, a relative symlink retargeted atomically
     STORE/domains/<dom>/memory/<id>       a snapshot's saved guest memory (made when first needed)
     STORE/domains/<dom>/journal.json      the intent of an unfinished operation
     STORE/domains/<dom>/job               what a long operation is doing now
@@ -28,7 +32,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
 from .durable import (
@@ -42,7 +46,16 @@ from .durable import (
     write_json,
 )
 from .errors import CorruptError, SnapfsError, not_found
-from .records import DomainRecord, MetadataView, SnapshotRecord, carry_name_index
+from .records import (
+    LIVE_LINK,
+    DomainRecord,
+    MetadataView,
+    SnapshotRecord,
+    carry_name_index,
+    fresh_layer_name,
+    layer_name,
+    live_name,
+)
 
 LOCK_WAIT_SECONDS = float(os.environ.get("SNAPFS_LOCK_WAIT", "10"))
 
@@ -79,9 +92,33 @@ class DomainFiles:
     def layers_dir(self, target: str) -> str:
         return os.path.join(self.path, "layers", target)
 
-    def layer(self, target: str, snap_id: str) -> str:
-        """L(S) for a snapshot id, or A for LIVE."""
-        return os.path.join(self.layers_dir(target), f"{snap_id}.qcow2")
+    def layer_path(self, target: str, name: str) -> str:
+        """The real layer file `name` (a basename) of disk `target`."""
+        return os.path.join(self.layers_dir(target), name)
+
+    def snapshot_layer(self, record: SnapshotRecord, target: str) -> str:
+        """The real path of L(S) on disk `target`."""
+        return self.layer_path(target, layer_name(record, target))
+
+    def live_layer(self, view: MetadataView, target: str) -> str:
+        """The real path of the live layer of disk `target` (what QEMU and qemu-img are given)."""
+        return self.layer_path(target, live_name(view, target))
+
+    def live_link(self, target: str) -> str:
+        """The live layer's stable path: a symlink to its real file (DESIGN section 8)."""
+        return self.layer_path(target, LIVE_LINK)
+
+    def check_live_links(self, view: MetadataView) -> None:
+        """CorruptError unless each disk's live.qcow2 is exactly the symlink to the live
+        layer the state names (recovery finishing a journal is the only time it may not be)."""
+        for target, name in view.live.items():
+            link = self.live_link(target)
+            try:
+                shown = os.readlink(link)
+            except OSError:
+                shown = None
+            if shown != name:
+                raise CorruptError(link, f"it should be a symbolic link to {name}")
 
     @property
     def memory_dir(self) -> str:
@@ -181,11 +218,14 @@ class DomainFiles:
                 snapshots = dict(cached.snapshots)
                 for snap_id in state["changed"]:
                     self._reload_one(snapshots, snap_id)
-                view = MetadataView(generation, state["current"], snapshots, epoch)
+                view = MetadataView(generation, state["current"], snapshots, epoch, state.get("live") or {})
                 carry_name_index(cached, view, state["changed"])
                 cached = self._cache = view
             else:
-                cached = self._cache = MetadataView(generation, state["current"], self._load_all(), epoch)
+                snapshots = self._load_all()
+                cached = self._cache = MetadataView(
+                    generation, state["current"], snapshots, epoch, state.get("live") or {}
+                )
             if raw is not None:
                 self._seen = (raw, cached)
             return cached
@@ -204,11 +244,15 @@ class DomainFiles:
     def _reload_one(self, snapshots: dict[str, SnapshotRecord], snap_id: str) -> None:
         path = self._snapshot_file(snap_id)
         try:
-            snapshots[snap_id] = SnapshotRecord.from_json(read_json(path))
+            record = SnapshotRecord.from_json(read_json(path))
         except FileNotFoundError:
             snapshots.pop(snap_id, None)
+            return
         except (KeyError, TypeError) as exc:
             raise CorruptError(path, f"not a snapshot record: {exc}") from None
+        if record.layers is not None and not _is_live_names(record.layers):
+            raise CorruptError(path, "its layers are not file names")
+        snapshots[snap_id] = record
 
     def write_snapshot(self, record: SnapshotRecord, syncs: DirSyncs | None = None) -> None:
         write_json(self._snapshot_file(record.id), asdict(record), syncs)
@@ -218,8 +262,15 @@ class DomainFiles:
         unlink_if_present(path)
         sync_dir_of(path, syncs)
 
-    def write_state(self, current: str | None, changed: list[str] | None = None, syncs: DirSyncs | None = None) -> None:
-        """Record current and bump the generation: the last write of every change.
+    def write_state(
+        self,
+        current: str | None,
+        changed: list[str] | None = None,
+        syncs: DirSyncs | None = None,
+        live: dict[str, str] | None = None,
+    ) -> None:
+        """Record current (and the live layers' real names, when they change) and bump the
+        generation: the last write of every change.
 
         `changed` names the snapshot files the change wrote or deleted, so a reader one
         generation behind re-reads only those instead of every snapshot's file."""
@@ -228,9 +279,58 @@ class DomainFiles:
 
         epoch = previous.get("epoch") or uuid.uuid4().hex
         state: dict = {"current": current, "epoch": epoch, "generation": previous["generation"] + 1}
+        live = live if live is not None else previous.get("live")
+        if live is not None:
+            state["live"] = dict(live)
         if changed is not None:
             state["changed"] = sorted(set(changed))
         write_json(self.file("state.json"), state, syncs)
+
+    # the layout of DESIGN section 8, carried over from a store made before it
+    def needs_carry_over(self, targets: list[str]) -> bool:
+        """Whether a disk's live.qcow2 is still the live layer's real file (a store made
+        before live layers had names of their own), or the state does not name them yet."""
+        # state.json alone (not every snapshot's record): every open of the store asks this
+        return not self._state().get("live") or any(not os.path.islink(self.live_link(t)) for t in targets)
+
+    def carry_over(self, targets: list[str]) -> None:
+        """Give an old-layout domain's live layers real names of their own: record
+        live={t: <uuid>.qcow2} in the state (durable) first, then per disk hard-link
+        live.qcow2 to that name and rename a symlink to it over live.qcow2. Safe to run
+        again from any point: live.qcow2 is always the regular file or the symlink to the
+        same inode. The caller holds the domain's lock and has finished its journal; EBUSY
+        (nothing changed) while a process holds a live layer."""
+        from . import layerlock  # only an old store needs it here
+
+        view = self.view()
+        live = dict(view.live)
+        regular = [t for t in targets if not os.path.islink(self.live_link(t))]
+        busy = layerlock.in_use([self.live_link(t) for t in regular])
+        if busy is not None:
+            target = os.path.basename(os.path.dirname(busy))
+            raise SnapfsError(
+                errno.EBUSY,
+                f"The live disk {target} of domain {self.name!r} is in use by another process, so its layer "
+                "cannot be given the new layout's name yet; the next change on the domain does it once it is closed.",
+            )
+        if any(t not in live for t in targets):
+            live.update({t: fresh_layer_name() for t in targets if t not in live})
+            self.write_state(view.current, [], live=live)
+            _carry_over_point("state")
+        for target in regular:
+            self._link_live_to_own_name(target, live[target])
+
+    def _link_live_to_own_name(self, target: str, name: str) -> None:
+        link, real = self.live_link(target), self.layer_path(target, name)
+        try:
+            os.link(link, real)
+        except FileExistsError:
+            if not os.path.samestat(os.stat(real), os.lstat(link)):
+                raise CorruptError(real, f"it should be the same file as {link}") from None
+        fsync_dir(self.layers_dir(target))
+        _carry_over_point(f"{target}:link")
+        replace_with_symlink(link, name, crash_point=lambda: _carry_over_point(f"{target}:symlink"))
+        _carry_over_point(f"{target}:done")
 
     # journal
     @property
@@ -317,6 +417,28 @@ class DomainFiles:
             yield
 
 
+def replace_with_symlink(
+    path: str, target: str, syncs: DirSyncs | None = None, crash_point: Callable[[], None] | None = None
+) -> None:
+    """Make `path` a symlink to `target` atomically (a new symlink renamed over it): the
+    one way a live layer's stable name is retargeted. Idempotent."""
+    tmp = path + LINK_SUFFIX
+    unlink_if_present(tmp)
+    os.symlink(target, tmp)
+    if crash_point is not None:
+        crash_point()
+    os.rename(tmp, path)
+    sync_dir_of(path, syncs)
+
+
+def _carry_over_point(point: str) -> None:
+    """Fault injection for the tests (as journal.fault_point): SNAPFS_CRASH_AT=carry-over:<point>
+    kills the process there, as a power cut would."""
+    if os.environ.get("SNAPFS_CRASH_AT") == f"carry-over:{point}":
+        os._exit(86)
+
+
+LINK_SUFFIX = ".link"  # a symlink being made beside live.qcow2; recovery removes one left over
 _TEMPORARY = re.compile(r"(^job\.tmp\d+$)|(\.tmp\d+\.\d+$)")
 
 
@@ -355,9 +477,18 @@ def _state_from(raw: bytes, path: str) -> dict:
         isinstance(state, dict)
         and isinstance(state.get("generation"), int)
         and (state.get("current") is None or isinstance(state.get("current"), str))
+        and _is_live_names(state.get("live", {}))
     ):
-        raise CorruptError(path, "not a domain state (current, generation)")
+        raise CorruptError(path, "not a domain state (current, generation, live)")
     return state
+
+
+def _is_live_names(live: object) -> bool:
+    """{target: basename}: bare file names, never a path (they are joined to a layer directory)."""
+    return isinstance(live, dict) and all(
+        isinstance(t, str) and isinstance(n, str) and n and "/" not in n and n not in (".", "..", LIVE_LINK)
+        for t, n in live.items()
+    )
 
 
 def _journal_problem(journal: dict) -> str | None:

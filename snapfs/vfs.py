@@ -4,6 +4,8 @@ here (fs.py turns this into handlers; kcache.py keeps what the kernel holds), so
 whole tree can be checked without a mount:
 
     /<dom>/xml, current -> snapshots/<name>, last-error, job, snapshots/, disks/<target> -> live layer
+    /<dom>/disks/<uuid>.qcow2 -> every real layer file of every disk, so that a relative
+                                 backing name resolves next to disks/<target> (qemu-img)
     /<dom>/snapshots/<name>/xml, description, state, parent -> ../<p>, compression, control
     /<dom>/snapshots/<name>/disks/<target>.raw, <target>.changes, <target>.map   (for backup tools)
 
@@ -58,6 +60,7 @@ class Kind(enum.Enum):
     LIVE_DISK = "live disk"  # /<dom>/disks/<target> -> the live layer
     DOMAIN_STATE = "domain state"  # /<dom>/state: running, paused, shut off
     DOMAIN_CONTROL = "domain control"  # /<dom>/control: start, shutdown, destroy
+    LAYER = "layer file"  # /<dom>/disks/<basename> -> a real layer file (node.disk: its basename)
 
 
 DOMAIN_ENTRIES = {
@@ -82,7 +85,7 @@ SNAPSHOT_ENTRIES = {
 DISK_SUFFIXES = {".raw": Kind.RAW, ".changes": Kind.CHANGES, ".map": Kind.MAP}
 EXTENTS = {Kind.CHANGES, Kind.MAP}  # JSON lines computed by a qemu-img run (load)
 DIRECTORIES = {Kind.ROOT, Kind.DOMAIN, Kind.SNAPSHOTS, Kind.SNAPSHOT, Kind.DISKS, Kind.LIVE_DISKS}
-SYMLINKS = {Kind.CURRENT, Kind.PARENT, Kind.LIVE_DISK}
+SYMLINKS = {Kind.CURRENT, Kind.PARENT, Kind.LIVE_DISK, Kind.LAYER}
 WRITABLE = {Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL, Kind.DOMAIN_CONTROL}
 # Files whose size changes without a change of the domain's metadata (progress, the
 # latest refusal): their attributes must never be kept.
@@ -238,6 +241,9 @@ class Tree:
         if node.kind is Kind.LIVE_DISK:
             self.disk(node, now)
             return now.domain(node.dom).live_path(node.disk)  # absolute: qemu-img info works on it
+        if node.kind is Kind.LAYER:
+            target = now.view(node.dom).layer_files().get(node.disk)
+            return None if target is None else now.domain(node.dom).files.layer_path(target, node.disk)
         view = now.view(node.dom)
         if node.kind is Kind.CURRENT:
             current = view.snapshots.get(view.current) if view.current else None
@@ -270,8 +276,12 @@ class Tree:
                 for suffix, kind in DISK_SUFFIXES.items():
                     yield disk.target + suffix, node.child(kind, disk.target)
         elif node.kind is Kind.LIVE_DISKS:
-            for disk in now.domain(node.dom).disks:
-                yield disk.target, node.child(Kind.LIVE_DISK, disk.target)
+            targets = [disk.target for disk in now.domain(node.dom).disks]
+            for target in targets:
+                yield target, node.child(Kind.LIVE_DISK, target)
+            for name in sorted(now.view(node.dom).layer_files()):
+                if name not in targets:
+                    yield name, node.child(Kind.LAYER, name)
         else:
             raise SnapfsError(errno.ENOTDIR, f"{self.path(node, now)} is not a directory.")
 
@@ -306,7 +316,9 @@ class Tree:
         """<target>.raw / <target>.changes in a snapshot's disks/, <target> in /<dom>/disks/."""
         targets = {disk.target for disk in now.domain(parent.dom).disks}
         if parent.kind is Kind.LIVE_DISKS:
-            return parent.child(Kind.LIVE_DISK, name) if name in targets else None
+            if name in targets:
+                return parent.child(Kind.LIVE_DISK, name)
+            return parent.child(Kind.LAYER, name) if name in now.view(parent.dom).layer_files() else None
         target, dot, suffix = name.rpartition(".")
         kind = DISK_SUFFIXES.get(dot + suffix)
         return parent.child(kind, target) if kind is not None and target in targets else None
@@ -319,7 +331,7 @@ class Tree:
             return Node(Kind.SNAPSHOTS, node.dom)
         if node.kind in DISK_SUFFIXES.values():
             return Node(Kind.DISKS, node.dom, node.snap)
-        if node.kind is Kind.LIVE_DISK:
+        if node.kind in (Kind.LIVE_DISK, Kind.LAYER):
             return Node(Kind.LIVE_DISKS, node.dom)
         if node.snap:
             return Node(Kind.SNAPSHOT, node.dom, node.snap)

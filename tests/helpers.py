@@ -118,31 +118,40 @@ def apply_writes(data: bytes, writes: dict[int, int]) -> bytes:
 
 def layout_problems(domain) -> list[str]:
     """What is wrong with a domain's layer files against its metadata (empty when right),
-    read through the public API (live_paths, base_paths, layer_paths, get_parent).
+    read through the public API (live_paths, live_layer_paths, base_paths, layer_paths,
+    get_parent).
 
-    Per disk: layers/<target>/ holds exactly live.qcow2 and one <id>.qcow2 per snapshot;
-    each snapshot layer's backing link is its parent's layer basename (or the base image's
-    absolute path for a root); live.qcow2 sits on current's layer (or the base)."""
+    Per disk: layers/<target>/ holds exactly live.qcow2 (a relative symlink to the live
+    layer's real file beside it), that real file, and one real file per snapshot, no two
+    of them alike; each snapshot layer's backing link is its parent's layer basename (or
+    the base image's absolute path for a root); the live layer sits on current's layer
+    (or the base)."""
     snaps = [domain.snapshot_lookup_by_name(name) for name in domain.list_snapshot_names()]
     current = domain.current_snapshot()
     problems = []
     for target, live in domain.live_paths().items():
         directory = os.path.dirname(live)
-        want = {"live.qcow2"} | {f"{snap.id}.qcow2" for snap in snaps}
+        real = domain.live_layer_paths()[target]
+        if os.path.basename(live) != "live.qcow2" or os.readlink(live) != os.path.basename(real):
+            problems.append(f"{target}: {live} is not a symlink to {os.path.basename(real)}")
+        names = [os.path.basename(real)] + [os.path.basename(snap.layer_paths()[target]) for snap in snaps]
+        if len(set(names)) != len(names) or any(os.path.dirname(s.layer_paths()[target]) != directory for s in snaps):
+            problems.append(f"{target}: layer names are not distinct files of one directory: {names}")
+        want = {"live.qcow2", *names}
         have = set(os.listdir(directory))
         if have != want:
             problems.append(f"{target}: orphan {sorted(have - want)} missing {sorted(want - have)}")
             continue
         base = domain.base_paths()[target]
 
-        def link(on, base=base) -> str:
-            return base if on is None else f"{on.id}.qcow2"
+        def link(on, base=base, target=target) -> str:
+            return base if on is None else os.path.basename(on.layer_paths()[target])
 
         for snap in snaps:
             got = backing_filename(snap.layer_paths()[target])
             if got != link(snap.get_parent()):
                 problems.append(f"{target}: layer of {snap.name!r} backs on {got}, want {link(snap.get_parent())}")
-        got = backing_filename(live)
+        got = backing_filename(real)
         if got != link(current):
             problems.append(f"{target}: live layer backs on {got}, want {link(current)}")
     return problems

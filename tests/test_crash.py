@@ -204,7 +204,7 @@ CASES = [
         "create",
         ["snapshot-create-as", DOM, "new", "made in a crash test"],
         lambda m: m.create("new", "made in a crash test"),
-        {"meta_write", "rename", "overlay", "state"},
+        {"meta_write", "overlay", "link", "state"},
     ),
     Case(
         "create-zstd",
@@ -214,7 +214,13 @@ CASES = [
         {"recompress", "overlay"},
         compressed=("newz", "zstd"),
     ),
-    Case("revert", "revert", ["create-with-snapshot", DOM, "q"], lambda m: m.revert("q"), {"overlay", "state"}),
+    Case(
+        "revert",
+        "revert",
+        ["create-with-snapshot", DOM, "q"],
+        lambda m: m.revert("q"),
+        {"overlay", "link", "state", "delete"},
+    ),
     Case(
         "merge-0-dependents",
         "merge",
@@ -264,7 +270,7 @@ CASES = [
         "discard-force",
         ["snapshot-deactivate", DOM, "c", "--deleteforce"],
         lambda m: m.discard_force("c"),
-        {"overlay", "meta_delete", "delete"},
+        {"overlay", "link", "meta_delete", "delete"},
     ),
     Case("deactivate", "deactivate", ["snapshot-deactivate", DOM, "c"], lambda m: m.deactivate("c"), {"rebase"}),
     Case("rename", "rename", ["snapshot-rename", DOM, "k", "kk"], lambda m: m.rename("k", "kk"), {"meta_write"}),

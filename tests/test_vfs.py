@@ -74,7 +74,8 @@ def test_listings(tree: Tree) -> None:
         "vdb.changes",
         "vdb.map",
     ]
-    assert names(tree, "vm1", "disks") == ["vda", "vdb"]
+    disks = names(tree, "vm1", "disks")  # the stable names, then every real layer file (3 snapshots + live, 2 disks)
+    assert disks[:2] == ["vda", "vdb"] and len(disks) == 2 + 8 and all(n.endswith(".qcow2") for n in disks[2:])
     assert tree.find(at(tree, "vm1", "snapshots"), "nope", tree.reading()) is None
     assert tree.find(at(tree, "vm1", "snapshots", "a"), "parent", tree.reading()) is None  # a root
     assert tree.find(at(tree, "vm1", "snapshots", "a", "disks"), "vdz.raw", tree.reading()) is None

@@ -20,15 +20,15 @@ import trio
 from .. import layerlock, qemu
 from ..durable import DirSyncs, fsync_file, sync_dir_of, unlink_if_present
 from ..errors import io_error
-from ..records import LIVE, DiskRecord
-from ..store import DomainFiles
+from ..records import LIVE_LINK, DiskRecord, layer_name
+from ..store import LINK_SUFFIX, DomainFiles, replace_with_symlink
 from . import Progress
 
 # The keys of each step that name a file (relative to the domain directory) the step
 # writes, moves or deletes; a "backing" is only read. A file a step only deletes is held
 # against writers; the others against readers too (layerlock.hold).
 WRITES = {
-    "overlay": ("dst",),
+    "overlay": ("dst", "freeze"),
     "rename": ("src", "dst"),
     "commit": ("top", "into"),
     "rebase": ("layer",),
@@ -47,7 +47,7 @@ class QemuImgEngine:
     that makes it durable is then left to the caller's next syncs.flush()."""
 
     name = "qemu-img"
-    temporary_suffixes = (".new", ".rebase", ".compress")
+    temporary_suffixes = (".new", ".rebase", ".compress", LINK_SUFFIX)
 
     def snapshot_state(self) -> str:
         return "shutoff"
@@ -59,38 +59,55 @@ class QemuImgEngine:
             return [intent]
         if do == "fold":
             return self._fold(intent, files, disks)
+        if do == "freeze":
+            return []  # offline, the live layers' real files simply become L(S) (the overlay holds them)
+        if do == "new_live":
+            return self._new_live(intent, files, disks)
         plan = Layout(files)
         per_disk: dict[str, Callable[[DiskRecord], dict]] = {
-            "freeze": lambda d: _step("rename", src=plan.live(d), dst=plan.layer(d, intent["snap"])),
-            "new_live": lambda d: _step("overlay", dst=plan.live(d), **plan.backing(d, intent["on"]), size=d.size),
-            "drop": lambda d: _step("delete", path=plan.layer(d, intent["snap"])),
+            "drop": lambda d: _step("delete", path=plan.layer(d, intent["layers"])),
             "recompress": lambda d: _step(
                 "recompress",
-                layer=plan.layer(d, intent["snap"]),
+                layer=plan.layer(d, intent["layers"]),
                 kind=intent["kind"],
                 **plan.backing(d, intent["parent"]),
             ),
-            "rebase_live": lambda d: _step("rebase", layer=plan.live(d), **plan.backing(d, intent["onto"])),
+            "rebase_live": lambda d: _step(
+                "rebase", layer=plan.layer(d, intent["layers"]), **plan.backing(d, intent["onto"])
+            ),
         }
         if do not in per_disk:
             raise io_error(f"The qemu-img engine has no steps for {do!r}.")
         return [per_disk[do](d) for d in disks]
 
     @staticmethod
+    def _new_live(intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
+        """Per disk an empty overlay under its new real name, then the stable name retargeted
+        to it (link). In a create the overlay also names the layer it freezes, held like A."""
+        plan, names = Layout(files), intent["names"]
+        steps = []
+        for d in disks:
+            step = _step("overlay", dst=plan.layer(d, names), **plan.backing(d, intent["backing"]), size=d.size)
+            if intent.get("frozen"):
+                step["freeze"] = plan.layer(d, intent["backing"])
+            steps.append(step)
+        return steps + [_step("link", path=plan.live_link(d), target=names[d.target]) for d in disks]
+
+    @staticmethod
     def _fold(intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
-        plan, snap, deps = Layout(files), intent["snap"], intent["into"]
+        plan, deps, into = Layout(files), intent["into"], intent["into_layers"]
+        own, parent = intent["layers"], intent["parent_layers"]
         if len(deps) == 1:
-            # Commit D into L(S), then L(S)'s file takes D's path: D's children keep their links.
-            dep = deps[0]
-            steps = [_step("commit", top=plan.layer(d, dep), into=plan.layer(d, snap)) for d in disks]
-            return steps + [_step("rename", src=plan.layer(d, snap), dst=plan.layer(d, dep)) for d in disks]
+            # Commit D into L(S), then L(S)'s file takes D's real name: D's children (or the
+            # live layer's stable name) keep their links.
+            dep = into[deps[0]]
+            steps = [_step("commit", top=plan.layer(d, dep), into=plan.layer(d, own)) for d in disks]
+            return steps + [_step("rename", src=plan.layer(d, own), dst=plan.layer(d, dep)) for d in disks]
         # Two or more dependents: each is rebased (safe, on a copy) onto S's parent.
         steps = [
-            _step("rebase", layer=plan.layer(d, dep), **plan.backing(d, intent["parent"]))
-            for dep in deps
-            for d in disks
+            _step("rebase", layer=plan.layer(d, into[dep]), **plan.backing(d, parent)) for dep in deps for d in disks
         ]
-        return steps + [_step("delete", path=plan.layer(d, snap)) for d in disks]
+        return steps + [_step("delete", path=plan.layer(d, own)) for d in disks]
 
     # ---- the precondition --------------------------------------------------------------------
     def hold_layers(self, files: DomainFiles, steps: list[dict]) -> layerlock.HeldLayers:
@@ -102,7 +119,7 @@ class QemuImgEngine:
         held: dict[str, str] = {}
         checked: set[str] = set()  # chains share their lower parts
         for step in steps:
-            named = [files.file(step[key]) for key in WRITES.get(step["do"], ())]
+            named = [files.file(step[key]) for key in WRITES.get(step["do"], ()) if key in step]
             for path in named:
                 mode = "read" if step["do"] in ONLY_DELETED else "write"
                 if held.get(path) != "write":
@@ -124,9 +141,13 @@ class QemuImgEngine:
         path = files.file
         do = step["do"]
         if do == "overlay":
+            if "freeze" in step:  # the live file becomes L(S) without a rename: its mode follows the store's
+                await _in_thread(_give_layer_mode, path(step["freeze"]), path(step["freeze"]))
             await self.overlay(path(step["dst"]), step["backing"], step["fmt"], step["size"], syncs)
         elif do == "rename":
             await _in_thread(_move, path(step["src"]), path(step["dst"]), syncs)
+        elif do == "link":
+            await _in_thread(replace_with_symlink, path(step["path"]), step["target"], syncs)
         elif do == "commit":
             await self.commit(path(step["top"]), path(step["into"]), recovering, progress)
         elif do == "rebase":
@@ -199,28 +220,33 @@ class QemuImgEngine:
 
 
 class Layout:
-    """Where a disk's layers are, as the steps name them (relative to the domain)."""
+    """Where a disk's layers are, as the steps name them (relative to the domain): the
+    intents name real files ({target: basename}); the store joins them (store.py)."""
 
     def __init__(self, files: DomainFiles) -> None:
         self.files = files
 
-    def layer(self, disk: DiskRecord, snap_id: str) -> str:
-        """L(S), or the live layer A for LIVE."""
-        return os.path.relpath(self.files.layer(disk.target, snap_id), self.files.path)
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, self.files.path)
 
-    def live(self, disk: DiskRecord) -> str:
-        return self.layer(disk, LIVE)
+    def layer(self, disk: DiskRecord, names: dict[str, str]) -> str:
+        """The real layer file that `names` ({target: basename}) gives disk `disk`."""
+        return self._relative(self.files.layer_path(disk.target, names[disk.target]))
 
-    def backing(self, disk: DiskRecord, snap_id: str | None) -> dict:
+    def live_link(self, disk: DiskRecord) -> str:
+        return self._relative(self.files.live_link(disk.target))
+
+    @staticmethod
+    def backing(disk: DiskRecord, names: dict[str, str] | None) -> dict:
         """The backing link (as written in an overlay's header) and format for a layer that
-        sits on snapshot `snap_id`, or on the base image when `snap_id` is None.
+        sits on the real files `names`, or on the base image when `names` is None.
 
         Layers of one disk share a directory, so in-store links are bare basenames; the base
         image, outside the store, is linked by absolute path.
         """
-        if snap_id is None:
+        if names is None:
             return {"backing": disk.base, "fmt": disk.format}
-        return {"backing": os.path.basename(self.files.layer(disk.target, snap_id)), "fmt": "qcow2"}
+        return {"backing": names[disk.target], "fmt": "qcow2"}
 
 
 def _step(do: str, **args) -> dict:
@@ -289,9 +315,11 @@ async def _replace_checked(layer: str, suffix: str, build: Callable[[str], Await
 
 def _layer_name(files: DomainFiles, path: str) -> str:
     """How a user knows a layer: "disk vda of snapshot 's1'", "the live disk vda"."""
-    target = os.path.basename(os.path.dirname(path))
-    layer_id = os.path.basename(path).removesuffix(".qcow2")
-    if layer_id == LIVE:
+    target, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+    view = files.view()
+    if name == LIVE_LINK or view.live.get(target) == name:
         return f"the live disk {target} of domain {files.name!r}"
-    snap = files.view().snapshots.get(layer_id)
-    return f"disk {target} of snapshot {snap.name!r}" if snap else path
+    for snap in view.snapshots.values():
+        if layer_name(snap, target) == name:
+            return f"disk {target} of snapshot {snap.name!r}"
+    return path
