@@ -2,7 +2,9 @@
 
 An operation takes the domain's lock, finishes a journal a crash left, asks the rules
 (rules.py) for a plan of intents, has the engine chosen for the domain turn them into
-steps, and runs those through the journal (journal.py). Readings take no lock.
+steps, and runs those through the journal (journal.py). Readings take no lock, and load
+neither trio nor lxml unless they need them (the command line's reading verbs start
+fast): those modules are imported where they are used.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ import errno
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import trio
-
-from . import disk, rules, runtime, xml
+from . import rules
 from .engines import Engine
-from .engines.qmp import QmpEngine
 from .errors import SnapfsError, invalid, io_error, not_found, single
-from .journal import Journal, operation_naming
 from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
 from .store import DomainFiles
+
+if TYPE_CHECKING:
+    from . import disk
+    from .journal import Journal
 
 
 class DomainCore:
@@ -79,10 +82,14 @@ class DomainCore:
         return self.files.live_layer(self.view(), target)
 
     def domain_xml(self) -> str:
+        from . import xml
+
         live = {d.target: self.live_path(d.target) for d in self.disks}
         return xml.domain_xml_on_layers(self.files.original_xml(), live)
 
     def snapshot_xml(self, snap_id: str) -> str:
+        from . import xml
+
         view = self.view()
         snap = self.get(snap_id, view)
         parent = view.snapshots.get(snap.parent) if snap.parent else None
@@ -108,15 +115,22 @@ class DomainCore:
     def operation_naming(self, paths: list[str]) -> str | None:
         """The unfinished operation (any process) that writes, moves or deletes one of
         `paths`, or None."""
+        from .journal import operation_naming
+
         return operation_naming(self.files, paths)
 
     async def open_disk(self, snap_id: str, target: str) -> disk.SnapshotDisk:
         """Snapshot `snap_id`'s disk `target` as bytes, open until close() (disk.py)."""
+        from . import disk
+
         return await disk.open_disk(self, snap_id, target)
 
-    async def disk_changes(self, snap_id: str, target: str) -> list[dict]:
-        """The extents L(S) of disk `target` holds against its backing (disk.py)."""
-        return await disk.changes(self, snap_id, target)
+    async def disk_changes(self, snap_id: str, target: str, whole: bool = False) -> list[dict]:
+        """The extents L(S) of disk `target` holds against its backing, or with `whole`
+        those of S's whole image that hold data (disk.py)."""
+        from . import disk
+
+        return await disk.changes(self, snap_id, target, whole)
 
     def record_error(self, operation: str, message: str) -> None:
         self.files.record_error(operation, message)
@@ -133,7 +147,7 @@ class DomainCore:
         snapshots come later), as virsh takes memory by default."""
 
         def plan(view: MetadataView, engine: Engine) -> Plan:
-            if engine.name == QmpEngine.name and not disk_only:
+            if engine.name == "qmp" and not disk_only:
                 raise SnapfsError(
                     errno.EOPNOTSUPP,
                     f"Domain {self.name!r} is running, and snapfs does not save a guest's memory yet: ask for a "
@@ -148,6 +162,8 @@ class DomainCore:
     async def create_from_xml(
         self, text: str | bytes, compress: str | None = None, disk_only: bool = False
     ) -> SnapshotRecord:
+        from . import xml
+
         try:
             request = xml.parse_snapshot_request(text)
         except SnapfsError as exc:
@@ -216,11 +232,15 @@ class DomainCore:
     async def _engine(self) -> Engine:
         """The engine for an operation now: the QMP engine while the domain runs (its QMP
         socket answers), else the offline qemu-img engine."""
+        from .engines.qmp import QmpEngine
+
         socket = self._socket()
         running = await QmpEngine.if_running(socket, self.engine, self.name) if socket else None
         return running or self.engine
 
     def _socket(self) -> str | None:
+        from . import runtime
+
         return self.qmp_socket or runtime.qmp_socket(self.files)
 
     def _engine_named(self, name: str | None) -> Engine:
@@ -228,7 +248,9 @@ class DomainCore:
         The QMP engine finishes its steps whether QEMU still runs or not."""
         if name is None or name == self.engine.name:
             return self.engine
-        if name == QmpEngine.name:
+        if name == "qmp":
+            from .engines.qmp import QmpEngine
+
             return QmpEngine(self._socket(), self.engine, self.name)
         raise io_error(f"The journal of domain {self.name!r} was written by engine {name!r}, which is not here.")
 
@@ -236,12 +258,16 @@ class DomainCore:
         """Give an old-layout domain the layout of DESIGN section 8 (store.py), then check
         that every live layer's stable name leads to the real file the state names. The
         caller holds the lock, and no journal is pending."""
+        import trio
+
         targets = [d.target for d in self.disks]
         if await trio.to_thread.run_sync(self.files.needs_carry_over, targets):
             await trio.to_thread.run_sync(self.files.carry_over, targets)
         self.files.check_live_links(self.view())
 
     def journal(self) -> Journal:
+        from .journal import Journal
+
         return Journal(self.files, self.disks)
 
     async def finish_journal(self, crashed_only: bool = False) -> None:
@@ -255,6 +281,8 @@ class DomainCore:
         Every failure leaves one SnapfsError (or the interruption itself), last-error
         written and the job line cleared: the core's edge, where trio's exception groups
         end."""
+        import trio
+
         changed = False  # set before anything is written: a failure part-way is news too
         try:
             async with self.files.locked():
@@ -285,6 +313,8 @@ class DomainCore:
         """The journal's hold on the layers; a layer the offline engine finds held because
         the domain runs after all (its QEMU did not answer snapfs) is refused with a sentence
         that says so."""
+        from . import runtime
+
         try:
             return await journal.refuse_unless_ready(engine, steps)
         except SnapfsError as exc:
@@ -294,6 +324,8 @@ class DomainCore:
 
     def _failed(self, operation: str, caught: BaseException) -> BaseException:
         """The one exception a failed operation raises, its sentence in last-error."""
+        import trio
+
         exc = single(caught)
         if isinstance(exc, SnapfsError):
             self.record_error(operation, exc.message)
@@ -350,6 +382,8 @@ class DomainCore:
         """Tell the store's subscribers that the domain changed; never with the lock held
         (a subscriber may be serving a request that waits for it)."""
         if self._changed is not None:
+            import trio
+
             with trio.CancelScope(shield=True):
                 await self._changed(self.name)
 

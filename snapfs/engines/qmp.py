@@ -153,10 +153,11 @@ class QmpEngine:
 
     name = "qmp"
 
-    def __init__(self, socket: str | None, offline: QemuImgEngine, domain: str = "") -> None:
+    def __init__(self, socket: str | None, offline: QemuImgEngine, domain: str = "", linked: str | None = None) -> None:
         self.socket = socket
         self.offline = offline
         self.domain = domain
+        self.linked = linked  # why the layers cannot change (QEMU runs a disk through a symlink)
         self.temporary_suffixes = offline.temporary_suffixes
 
     def snapshot_state(self) -> str:
@@ -165,28 +166,31 @@ class QmpEngine:
     @classmethod
     async def if_running(cls, socket: str, offline: QemuImgEngine, domain: str) -> QmpEngine | None:
         """The engine for a QEMU that answers on `socket` (None: none does, the domain is shut
-        off). Refused before anything is planned: a QEMU that opened a disk through a symlink
-        (the live layer's stable name) would reopen it by that name after the switch."""
+        off). A QEMU that opened a disk through a symlink (the live layer's stable name) would
+        reopen it by that name after a switch: then every change to a layer is refused before
+        anything is written (renames and descriptions still work)."""
         try:
             async with qmp.connect(socket, timeout=2.0) as q:
                 nodes, active = await block_nodes(q), await active_nodes(q)
         except SnapfsError:
             return None
-        linked = [n for n in nodes if n.name in active and n.through_link]
-        if linked:
-            raise SnapfsError(
-                errno.EOPNOTSUPP,
-                f"Domain {domain!r} runs on {linked[0].path}, a symbolic link: QEMU reopens a file by the name it "
-                "was given, so snapfs changes its disks only when it was started on the real files "
-                "(snapfs start does; Domain.live_layer_paths() names them).",
-            )
-        return cls(socket, offline, domain)
+        links = [n.path for n in nodes if n.name in active and n.through_link]
+        linked = (
+            f"Domain {domain!r} runs on {links[0]}, a symbolic link: QEMU reopens a file by the name it was "
+            "given, so snapfs changes its disks only when it was started on the real files (snapfs start does; "
+            "Domain.live_layer_paths() names them)."
+            if links
+            else None
+        )
+        return cls(socket, offline, domain, linked)
 
     # ---- intents -> steps -------------------------------------------------------------------
     def steps(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
         do = intent["do"]
         if do in METADATA_STEPS:
             return [intent]
+        if self.linked:
+            raise SnapfsError(errno.EOPNOTSUPP, self.linked)
         view = files.view()
         chain = running_chain(view)
         name = files.name
