@@ -16,7 +16,8 @@ Twice over:
   the guest runs, so the merge with an off-chain dependent is in the second matrix.)
 - on a fresh copy of a small offline-built store per point, with a QEMU that holds the
   live layers but runs no guest (-S: nothing writes, so every content is known exactly):
-  snapfs killed and QEMU left running, and both killed (QEMU right after snapfs). After
+  both killed (QEMU right after snapfs), and for the merge with an off-chain dependent
+  snapfs killed with QEMU left running too. After
   recovery every snapshot and the live disk read exactly as the operation's result says,
   and the layout, the backing links and `qemu-img check` of every layer are right.
 """
@@ -258,6 +259,7 @@ class CopyCase:
     id: str
     op: Op
     after: Callable[[dict], dict]  # contents before -> contents after
+    alive_too: bool = False  # QEMU left running too (the guest matrix covers the other cases)
 
 
 def _created(before: dict) -> dict:
@@ -271,7 +273,7 @@ def _merged(name: str) -> Callable[[dict], dict]:
 COPY_CASES = [
     CopyCase("create", ("create", "new"), _created),
     CopyCase("merge-current", ("merge", "c"), _merged("c")),
-    CopyCase("merge-two-dependents-one-off-chain", ("merge", "r"), _merged("r")),
+    CopyCase("merge-two-dependents-one-off-chain", ("merge", "r"), _merged("r"), alive_too=True),
 ]
 
 
@@ -314,8 +316,9 @@ def test_crash_with_a_paused_qemu_alive_or_killed(case: CopyCase, template: Temp
         points = crash_points(root, case.op, tmp_path)
     finally:
         qemu.kill()
-    print(f"crash points of paused-QEMU {case.id}: {len(points)} x 2")
-    runs = [(point, alive) for point in points for alive in (True, False)]
+    conditions = (True, False) if case.alive_too else (False,)
+    print(f"crash points of paused-QEMU {case.id}: {len(points)} x {len(conditions)}")
+    runs = [(point, alive) for point in points for alive in conditions]
     with ThreadPoolExecutor(WORKERS) as pool:
         results = pool.map(
             lambda ir: copy_point(case, template, ir[1][0], tmp_path / f"p{ir[0]}", ir[1][1]), enumerate(runs)
