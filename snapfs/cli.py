@@ -355,12 +355,16 @@ def _read(args: argparse.Namespace) -> str | None:
 
 
 def _needs_recovery(store: StoreCore, name: str) -> bool:
-    """Whether StoreCore.recover would do anything for domain `name`."""
+    """Whether StoreCore.recover would do anything for domain `name`: finish a journal, or
+    carry an old-layout domain over (store.py)."""
     try:
-        journal = store.files.domain(name).read_journal()
+        files = store.files.domain(name)
+        journal = files.read_journal()
+        if journal is not None and not journal.get("failed"):
+            return True
+        return files.needs_carry_over([disk.target for disk in files.record().disks])
     except SnapfsError:
         return True
-    return journal is not None and not journal.get("failed")
 
 
 def _without_loop(coroutine: Coroutine[object, object, str]) -> str:
