@@ -38,10 +38,7 @@ class DomainCore:
         changed: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.files = files
-        self.engine = engine  # the offline engine
-        # The QMP socket of the QEMU running this domain when it is not where runtime.py
-        # keeps it (tests); running = it answers.
-        self.qmp_socket: str | None = None
+        self.engine = engine  # the offline engine; the QMP engine is made per operation
         self.definition = definition
         self.name = files.name
         self._record: DomainRecord | None = None
@@ -241,7 +238,7 @@ class DomainCore:
     def _socket(self) -> str | None:
         from . import runtime
 
-        return self.qmp_socket or runtime.qmp_socket(self.files)
+        return runtime.qmp_socket(self.files)
 
     def _engine_named(self, name: str | None) -> Engine:
         """The engine that wrote a journal (None: a journal from before engines had names).

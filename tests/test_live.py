@@ -156,15 +156,19 @@ def test_live_create_two_disks_one_instant(live: Live) -> None:
     assert counter(live.snap("l1").layer_paths()["vda"], "vda") == n  # frozen stays frozen
 
 
-def test_ten_in_a_row_through_api_and_cli(live: Live) -> None:
+def test_ten_in_a_row_through_api_and_cli(live: Live, tmp_path: Path) -> None:
     previous = -1
     started = time.monotonic()
     for i in range(10):
         live.guest.wait_counter(live.guest.last() + 2)
         before = live.guest.last()
         name = f"row{i}"
-        if i % 2:
+        if i % 3 == 1:
             cli(live.root, "snapshot-create-as", DOM, name, "--disk-only")
+        elif i % 3 == 2:
+            request = tmp_path / f"{name}.xml"
+            request.write_text(f"<domainsnapshot><name>{name}</name></domainsnapshot>")
+            cli(live.root, "snapshot-create", DOM, str(request), "--disk-only")
         else:
             live.domain.snapshot_create_xml(DISK_ONLY.format(name))
         n = check_snapshot(live, name, before)
