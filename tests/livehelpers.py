@@ -183,13 +183,15 @@ def _operate(root: str, operation: str, name: str, env: dict[str, str]) -> None:
     domain = snapfs.open_store(root).lookup_domain(DOM)
     if operation == "create":
         domain.snapshot_create_xml(DISK_ONLY.format(name))
+    elif operation == "deactivate":
+        domain.snapshot_lookup_by_name(name).deactivate(snapfs.DeactivateFlags.NONE)
     else:
         domain.snapshot_lookup_by_name(name).deactivate(snapfs.DeactivateFlags.MERGE)
 
 
 def operate(root: str, operation: str, name: str, env: dict[str, str] | None = None) -> int:
-    """Run `create` (a disk-only snapshot `name`) or `merge` (of `name`) through the API in a
-    child process; its exit status (0: done)."""
+    """Run `create` (a disk-only snapshot `name`), `merge` or `deactivate` (of `name`) through
+    the API in a child process; its exit status (0: done)."""
     child = _FORKS.Process(target=_operate, args=(root, operation, name, env or {}))
     child.start()
     child.join(120)

@@ -274,6 +274,7 @@ COPY_CASES = [
     CopyCase("create", ("create", "new"), _created),
     CopyCase("merge-current", ("merge", "c"), _merged("c")),
     CopyCase("merge-two-dependents-one-off-chain", ("merge", "r"), _merged("r"), alive_too=True),
+    CopyCase("deactivate", ("deactivate", "c"), lambda before: before, alive_too=True),
 ]
 
 

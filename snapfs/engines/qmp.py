@@ -32,7 +32,7 @@ import trio
 from .. import layerlock, qemu, qmp, rules
 from ..durable import DirSyncs, unlink_if_present
 from ..errors import SnapfsError, io_error
-from ..records import LIVE, DiskRecord, MetadataView
+from ..records import LIVE, DiskRecord, MetadataView, layer_name
 from ..store import DomainFiles
 from . import Progress
 from .qemu_img import METADATA_STEPS, QemuImgEngine
@@ -218,7 +218,7 @@ class QmpEngine:
                 name, "QEMU holds the layers this would recompress; shut it down first (or leave it uncompressed)."
             )
         if do == "rebase_live":
-            raise refused(name, "shut it down first to deactivate a snapshot its running disk stands on.")
+            return self._deactivate(intent, files, disks, view)
         raise refused(name, "shut it down first: its running disk depends on what this would delete.")
 
     def _create(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
@@ -263,6 +263,29 @@ class QmpEngine:
                     }
                 )
         return steps + [{"do": "release", "path": layouts.own(d)} for d in disks]
+
+    def _deactivate(self, intent: dict, files: DomainFiles, disks: list[DiskRecord], view: MetadataView) -> list[dict]:
+        """The live layer pulls everything above P (the stream of a merge, with no layer
+        deleted): it then sits on P, S and the layers between stay as they are."""
+        below = view.snapshots[view.current]  # the live layer's backing now (QEMU gone: re-pointed there)
+        steps = []
+        for d in disks:
+            own = {d.target: layer_name(below, d.target)}
+            onto = intent["onto"]
+            base = d.base if onto is None else _rel(files, d, onto)
+            backing = (
+                {"backing": d.base, "fmt": d.format} if onto is None else {"backing": onto[d.target], "fmt": "qcow2"}
+            )
+            steps.append(
+                {
+                    "do": "stream",
+                    "layer": _rel(files, d, intent["layers"]),
+                    "base": base,
+                    "from": _rel(files, d, own),
+                    **backing,
+                }
+            )
+        return steps
 
     # ---- the precondition --------------------------------------------------------------------
     def hold_layers(self, files: DomainFiles, steps: list[dict]) -> contextlib.AbstractContextManager:
