@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from . import disk, qmp, rules, runtime, xml
-from .engines import Engine
+from .engines import Engine, memory
 from .engines.qmp import QmpEngine
 from .errors import SnapfsError, invalid, io_error, not_found, single
 from .journal import Journal, operation_naming
@@ -96,6 +96,7 @@ class DomainCore:
             domain=xml.domain_xml_on_layers(self.files.original_xml(), layers),
             compression=snap.compression,
             disks=list(layers.items()),
+            memory=self.files.memory(snap.id) if memory.has_memory(snap) else None,
         )
 
     def last_error(self) -> str:
@@ -129,19 +130,18 @@ class DomainCore:
         compression: str | None = None,
         disk_only: bool = False,
     ) -> SnapshotRecord:
-        """A snapshot of every disk; of a running domain only with `disk_only` (memory
-        snapshots come later), as virsh takes memory by default."""
+        """A snapshot of every disk; of a running domain with its memory too unless
+        `disk_only`, as virsh does (engines/memory.py)."""
+        paused = not disk_only and (await runtime.state(self.files))[0] is runtime.State.PAUSED
 
         def plan(view: MetadataView, engine: Engine) -> Plan:
-            if engine.name == QmpEngine.name and not disk_only:
-                raise SnapfsError(
-                    errno.EOPNOTSUPP,
-                    f"Domain {self.name!r} is running, and snapfs does not save a guest's memory yet: ask for a "
-                    "disk-only snapshot (--disk-only, <memory snapshot='no'/>, or a mkdir in the mount).",
-                )
             now = int(time.time())
-            state = engine.snapshot_state()
-            return rules.plan_create(view, self.name, name, description, compression, state=state, now=now)
+            with_memory = engine.name == QmpEngine.name and not disk_only
+            state = ("paused" if paused else "running") if with_memory else engine.snapshot_state()
+            made = rules.plan_create(view, self.name, name, description, compression, state=state, now=now)
+            if with_memory:
+                memory.mark_memory_create(made, self.files, paused)
+            return made
 
         return await self._operate("create", plan)
 
@@ -156,8 +156,22 @@ class DomainCore:
         disk_only = disk_only or request.disk_only
         return await self.create(request.name, request.description, request.compression or compress, disk_only)
 
-    async def revert(self, snap_id: str) -> None:
-        await self._operate("revert", lambda view, _: rules.plan_revert(view, self.name, snap_id))
+    async def revert(self, snap_id: str, start: bool | None = None) -> None:
+        """Revert to a snapshot; a running domain's QEMU is restarted on it (engines/memory.py).
+        `start`: True (--running), False (--paused), None (as the snapshot was)."""
+        attached = os.path.islink(runtime.RunFiles.of(self.files).attached)
+
+        def plan(view: MetadataView, engine: Engine) -> Plan:
+            made = rules.plan_revert(view, self.name, snap_id)
+            return memory.plan_revert_running(
+                made, view, self.files, snap_id, engine.name == QmpEngine.name, attached, start
+            )
+
+        def engine_for(engine: Engine, view: MetadataView) -> Engine:
+            wanted = memory.needs_qemu(view, self.files, snap_id, start)
+            return QmpEngine(None, self.engine, self.name) if engine is self.engine and wanted else engine
+
+        await self._operate("revert", plan, engine_for)
 
     async def merge(self, snap_id: str) -> None:
         await self._operate("merge", lambda view, _: rules.plan_merge(view, self.name, snap_id))
@@ -251,7 +265,12 @@ class DomainCore:
         next change on the domain."""
         await self.journal().finish(self._engine_named, crashed_only)
 
-    async def _operate(self, operation: str, planner: Callable[[MetadataView, Engine], Plan]):
+    async def _operate(
+        self,
+        operation: str,
+        planner: Callable[[MetadataView, Engine], Plan],
+        engine_for: Callable[[Engine, MetadataView], Engine] | None = None,
+    ):
         """Every change: lock, tidy and finish what an earlier operation left, plan, run.
         Every failure leaves one SnapfsError (or the interruption itself), last-error
         written and the job line cleared: the core's edge, where trio's exception groups
@@ -266,8 +285,11 @@ class DomainCore:
                     await journal.finish(self._engine_named)
                     await self._carry_over()
                     engine = await self._engine()
+                    if engine_for is not None:
+                        engine = engine_for(engine, self.view())
                     plan = planner(self.view(), engine)
                     steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
+                    steps = memory.with_memory_deletes(self.view(), self.files, steps)
                     if steps:
                         with await self._refuse_unless_ready(journal, engine, steps):  # the layers stay held
                             changed = True

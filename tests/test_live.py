@@ -48,7 +48,6 @@ from livehelpers import (
 )
 
 import snapfs
-from snapfs.errors import SnapfsError
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -172,13 +171,18 @@ def test_ten_in_a_row_through_api_and_cli(live: Live) -> None:
     assert_healthy(live)
 
 
-def test_memory_snapshot_refused_while_running(live: Live) -> None:
+def test_memory_snapshot_of_attached_domain(live: Live) -> None:
+    """Without --disk-only a running domain's memory is saved too (tests/test_memory.py has
+    the reverts); merging the snapshot removes its memory file."""
     names = live.domain.list_snapshot_names()
-    run = cli(live.root, "snapshot-create-as", DOM, "withmem", check=False)
-    assert run.returncode != 0 and "--disk-only" in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    with pytest.raises(SnapfsError, match="disk-only|memory snapshot='no'"):
-        live.domain.snapshot_create_xml("<domainsnapshot><name>withmem</name></domainsnapshot>")
-    assert live.domain.list_snapshot_names() == names
+    cli(live.root, "snapshot-create-as", DOM, "withmem")
+    snap = live.snap("withmem")
+    assert "<state>running</state>" in snap.get_xml_desc()
+    memory = Path(live.root) / "domains" / DOM / "memory" / snap.id
+    assert memory.stat().st_size > MiB
+    cli(live.root, "snapshot-delete", DOM, "withmem")
+    assert not memory.exists() and live.domain.list_snapshot_names() == names
+    assert_healthy(live)
 
 
 # ---- merge ------------------------------------------------------------------------------------
