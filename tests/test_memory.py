@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from factory import define_domain, make_bases
+from fsfixtures import Mount
 from guest.build import guest_files
 from guest.counter import Counter, Record, read_counter
 from livehelpers import CLUSTER, COUNTER_AREA, DOM, PATTERN_AT, TARGETS, MiB, cli, has_pattern, hmp
@@ -176,6 +177,7 @@ def test_memory_snapshot_and_revert_same_boot(vm: Vm) -> None:
     after = vm.domain.snapshot_create_xml("<domainsnapshot><name>after1</name></domainsnapshot>", 16)
     now = frozen_counters(vm.domain, "after1")
     assert now[""] == tag and now["vda"] >= printed[0] + 5  # carried on over the snapshot's blocks
+    assert now["vdb"] <= now["vda"] <= now["vdb"] + 1  # both disks from the same instant
     for target, path in after.layer_paths().items():
         assert not has_pattern(path, 0x77, PATTERN_AT), f"{target}: a write made after the snapshot survived"
 
@@ -220,6 +222,27 @@ def test_revert_paused_override(vm: Vm) -> None:
     cli(vm.root, "snapshot-revert", DOM, "m2", "--running")
     assert vm.state() == "running"
     vm.wait_printing(since, old_printing=False)
+
+
+def test_mount_memory_file_and_revert(vm: Vm, tmp_path: Path) -> None:
+    vm.domain.snapshot_create_xml("<domainsnapshot><name>m3</name></domainsnapshot>")
+    vm.domain.snapshot_create_xml("<domainsnapshot><name>d3</name><memory snapshot='no'/></domainsnapshot>", 16)
+    m3 = vm.domain.snapshot_lookup_by_name("m3")
+    saved = Path(vm.root) / "domains" / DOM / "memory" / m3.id
+    mount = Mount(vm.root, str(tmp_path / "mnt")).start()
+    try:
+        snaps = Path(mount.path) / DOM / "snapshots"
+        assert (snaps / "m3" / "memory").read_bytes() == saved.read_bytes()
+        assert (snaps / "m3" / "state").read_text() == "running\n"
+        assert not (snaps / "d3" / "memory").exists() and "memory" not in os.listdir(snaps / "d3")
+        with pytest.raises(PermissionError):
+            open(snaps / "m3" / "memory", "r+b")  # noqa: SIM115
+        since = vm.mark()
+        (snaps / "m3" / "control").write_text("revert\n")
+        assert vm.state() == "running"
+        assert vm.wait_printing(since) and vm.boots(since) == []
+    finally:
+        mount.stop()
 
 
 def test_merge_and_discard_remove_memory(vm: Vm) -> None:
