@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench.py                 # everything (~10 minutes)
     .venv/bin/python bench/bench.py create merge    # some sections
 
-Sections: create, scale, ls, merge, reads, concurrency, backup. Every figure is a median of
+Sections: create, scale, ls, merge, reads, concurrency, backup, live (bench_live.py). Every figure is a median of
 several runs; ratios are taken against bare qemu-img run by this same process, in the
 same run, on the same disk. Nothing here asserts: the goals are printed beside the figures.
 """
@@ -493,6 +493,7 @@ SECTIONS = {
     "reads": section_reads,
     "concurrency": section_concurrency,
     "backup": section_backup,
+    "live": lambda root: __import__("bench_live").section_live(root, report=report),
 }
 
 
