@@ -3,9 +3,10 @@
     .venv/bin/python bench/bench.py                 # everything (~10 minutes)
     .venv/bin/python bench/bench.py create merge    # some sections
 
-Sections: create, scale, ls, merge, reads, concurrency, backup, live (bench_live.py). Every figure is a median of
-several runs; ratios are taken against bare qemu-img run by this same process, in the
-same run, on the same disk. Nothing here asserts: the goals are printed beside the figures.
+Sections: create, scale, ls, merge, reads, concurrency, backup, cli, sparse, memory
+(bench_memory.py: issue 14's `live` figures). Every figure is a median of several runs;
+ratios are taken against bare qemu-img run by this same process, in the same run, on the
+same disk. Nothing here asserts: the goals are printed beside the figures.
 """
 
 from __future__ import annotations
@@ -367,15 +368,43 @@ def section_reads(root: str) -> None:
     with mounted(os.path.join(root, "store"), mnt):
         snaps = os.path.join(mnt, "vm1", "snapshots")
         paths = [os.path.join(snaps, f"s{i % 20}", "xml") for i in range(1000)]
+        bare = os.path.join(root, "bare-xml")
+        os.makedirs(bare)
+        bare_paths = [shutil.copyfile(p, os.path.join(bare, f"s{i}.xml")) for i, p in enumerate(paths[:20])] * 50
+        mount_s, bare_s, ratios = [], [], []
+        for _ in range(5):  # pairs: the machine's speed drifts
+            bare_s.append(_read_all(bare_paths))
+            mount_s.append(_read_all(paths))
+            ratios.append(mount_s[-1] / bare_s[-1])
+        report("1,000 x cat xml of a local file (s)", f"{statistics.median(bare_s):.3f}")
+        report(
+            "1,000 x cat xml through the mount (s)",
+            f"{statistics.median(mount_s):.3f}",
+            f"{statistics.median(ratios):.1f}x",
+            "goal < 1 s",
+        )
         t = time.perf_counter()
-        for p in paths:
-            with open(p, "rb") as f:
-                f.read()
-        report("1,000 x cat xml through the mount (s)", f"{time.perf_counter() - t:.2f}", "", "goal < 1 s")
+        for p in paths:  # a real cat: a process per read, as a user's loop would
+            subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
+        mount_cat = time.perf_counter() - t
+        t = time.perf_counter()
+        for p in bare_paths:
+            subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
+        bare_cat = time.perf_counter() - t
+        report("1,000 x `cat` (a process each), local file (s)", f"{bare_cat:.2f}")
+        report("1,000 x `cat` (a process each), mount (s)", f"{mount_cat:.2f}", f"{mount_cat / bare_cat:.2f}x")
         t = time.perf_counter()
         for p in paths:
             os.stat(p)
         report("1,000 x stat through the mount (s)", f"{time.perf_counter() - t:.2f}", "", "goal < 1 s")
+
+
+def _read_all(paths: list[str]) -> float:
+    t = time.perf_counter()
+    for p in paths:
+        with open(p, "rb") as f:
+            f.read()
+    return time.perf_counter() - t
 
 
 # ---- 6. concurrency: ls of one domain during a merge on another --------------------------------
@@ -486,6 +515,99 @@ def _backup_pairs(root: str, label: str, size: int, written: int, runs: int) -> 
     )
 
 
+# ---- 8. the command line's start-up beside virsh's ------------------------------------------
+# (what snapfs runs, what virsh runs): the same verb; virsh on libvirt's test driver (no daemon).
+CLI_VERBS = (
+    (["snapshot-list", "vm1"], ["snapshot-list", "test"]),
+    (["list"], ["list"]),
+    (["--help"], ["--help"]),
+)
+
+
+def section_cli(root: str, runs: int = 20) -> None:
+    """`snapfs VERB` beside `virsh -c test:///default VERB`: each ratio is the median of
+    `runs` interleaved pairs (virsh comes with libvirt-clients, see contrib/setup.sh). The
+    snapfs runs may write bytecode, as an installed package has it (pip compiles it)."""
+    if shutil.which("virsh") is None:
+        report("snapfs VERB / virsh VERB", "skipped", "", "virsh is missing: apt-get install libvirt-clients")
+        return
+    dom = new_domain(root, disks=1)
+    for i in range(5):
+        dom.snapshot_create_xml(f"<domainsnapshot><name>s{i}</name></domainsnapshot>")
+    store = os.path.join(root, "store")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+    def bare_python() -> None:
+        subprocess.run([PYTHON, "-c", "pass"], check=True, capture_output=True, env=env)
+
+    for ours, theirs in CLI_VERBS:
+
+        def snapfs_verb(ours: list[str] = ours) -> None:
+            subprocess.run([SNAPFS, "--store", store, *ours], check=True, capture_output=True, env=env)
+
+        def virsh_verb(theirs: list[str] = theirs) -> None:
+            subprocess.run(["virsh", "-c", "test:///default", *theirs], check=True, capture_output=True)
+
+        snapfs_verb()  # writes the bytecode
+        virsh, ((snap, ratio), (bare, bare_ratio)) = paired(runs, virsh_verb, snapfs_verb, bare_python)
+        report(f"virsh -c test:///default {' '.join(theirs)} (ms)", f"{virsh:.1f}")
+        report(f"snapfs {' '.join(ours)}, Python start-up included (ms)", f"{snap:.1f}", f"{ratio:.2f}x", "goal <= 3x")
+        report("  python -c pass in the same pairs: the floor (ms)", f"{bare:.1f}", f"{bare_ratio:.2f}x")
+
+
+# ---- 9. sparse: a full backup with contrib/snapfs-backup (reads the .map's data only) ----------
+def section_sparse(root: str, size: int = GiB, runs: int = 5) -> None:
+    """The half-data 1 GiB image of section 7 (16 x 32 MiB, one every 64 MiB): a full backup
+    of its snapshot with contrib/snapfs-backup through the mount, against `qemu-img convert
+    -O raw` of the snapshot's layer (both write a sparse 1 GiB file in the same directory);
+    ratio = convert / backup, the median of interleaved pairs. And `du` of the .raw."""
+    dom = new_domain(root, disks=1, size=size)
+    live = dom.core.live_path("vda")
+    for i in range(size // (64 * MiB)):
+        qemu_io_write(live, i % 250 + 1, i * 64 * MiB, 32 * MiB)
+    layer = dom.snapshot_create_xml("<domainsnapshot><name>big</name></domainsnapshot>").layer_paths()["vda"]
+    out, dest = os.path.join(root, "convert.raw"), os.path.join(root, "backups")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "snapfs-backup")
+    mnt = os.path.join(root, "mnt")
+
+    def clean() -> None:  # outside the timed runs: freeing 512 MiB of written pages is not the copy's cost
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.sync()
+
+    def convert() -> None:
+        qemu_img("convert", "-f", "qcow2", "-O", "raw", layer, out)
+
+    def backup() -> None:
+        subprocess.run([PYTHON, script, "full", mnt, "vm1", "big", dest], check=True)
+
+    os.sync()
+    with mounted(os.path.join(root, "store"), mnt):
+        raw = os.path.join(mnt, "vm1", "snapshots", "big", "disks", "vda.raw")
+        clean()
+        convert()  # warm-ups
+        backup()
+        convert_times, backup_times = [], []
+        for _ in range(runs):
+            convert_times.append(median_ms(convert, 1, clean))
+            backup_times.append(median_ms(backup, 1, clean))
+        du = int(subprocess.run(["du", "-B1", raw], capture_output=True, text=True, check=True).stdout.split()[0])
+        with open(raw.removesuffix(".raw") + ".map") as f:
+            data = sum(json.loads(line)["length"] for line in f)
+    restored = os.stat(os.path.join(dest, "big", "vda.raw")).st_blocks * 512
+    report("qemu-img convert -O raw, 1 GiB half data (ms)", f"{statistics.median(convert_times):.0f}")
+    report(
+        "snapfs-backup full of the same snapshot (ms)",
+        f"{statistics.median(backup_times):.0f}",
+        f"{pair_ratio(convert_times, backup_times):.2f}x",
+        "goal >= 1.0x (speed against convert)",
+    )
+    report("du of its .raw through the mount (MiB)", f"{du / MiB:.0f}", f"{du / data:.2f}x", "goal = data")
+    report("data in its .map (MiB)", f"{data / MiB:.0f}")
+    report("du of the backup's vda.raw (MiB)", f"{restored / MiB:.0f}", f"{restored / data:.2f}x")
+
+
 SECTIONS = {
     "create": section_create,
     "scale": section_scale,
@@ -493,7 +615,9 @@ SECTIONS = {
     "reads": section_reads,
     "concurrency": section_concurrency,
     "backup": section_backup,
-    "live": lambda root: __import__("bench_live").section_live(root, report=report),
+    "cli": section_cli,
+    "sparse": section_sparse,
+    "memory": lambda root: __import__("bench_memory").section_live(root, report=report),
 }
 
 

@@ -1,153 +1,114 @@
-"""bench.py's `live` section: a memory snapshot and a revert of the real test guest (256 MiB, TCG).
+"""The `live` figures of issue 13, each beside its twin in one run, on the real test guest
+(tests/guest, TCG) of a two-disk domain:
 
-- guest pause during a memory snapshot: from QEMU's STOP and RESUME events (their own
-  timestamps), heard on a second QMP monitor given to QEMU for this (snapfs holds its own
-  socket while it works; QEMU sends events to every monitor). Goal <= 50 ms (libvirt 9.0
-  measured here: 234 ms), moonshot <= 5 ms.
-- revert to a memory snapshot (end QEMU, new live layer, start with -incoming defer, load,
-  cont) against a bare QEMU start with the same arguments + `migrate-incoming` of the same
-  file + cont. Goal <= 1.3x.
+- a disk-only snapshot's wall time through the API (libvirt 9.0 measured here: 155 ms; the
+  goal is at most 0.3 x that), and the longest pause in the guest's counter around it
+  against its usual step (the guest writes flat out: goal, a stall of at most 10 ms);
+- a live merge that moves 256 MiB (a snapshot holding them, streamed into the live layer)
+  against an offline merge that moves the same 256 MiB (held by the live layer, committed
+  into L(S), which is then renamed over it); goal at most 1.5 x.
+
+    .venv/bin/python bench/bench_live.py [runs]
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
+import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import trio
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from snapfs import qmp
+import trio  # noqa: E402
+from factory import define_domain, make_bases  # noqa: E402
+from guest.vm import Guest, running_guest  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from guest.build import guest_files  # noqa: E402
+import snapfs  # noqa: E402
+from snapfs import qmp  # noqa: E402
 
-DOM = "bench"
 MiB = 1 << 20
+DISK = 512 * MiB
+DATA = 256 * MiB
+LIBVIRT_SNAPSHOT_S = 0.155
+DISK_ONLY = "<domainsnapshot><name>{}</name><memory snapshot='no'/></domainsnapshot>"
 
 
-def _args(directory: Path, events: Path | None) -> list[str]:
-    kernel, initrd = guest_files()
-    monitor = ["-qmp", f"unix:{events},server=on,wait=off"] if events else []
-    return monitor + [
-        "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1",
-        "-chardev", f"file,id=con,path={directory / 'console.log'},append=on", "-serial", "chardev:con",
-    ]  # fmt: skip
+def gaps(guest: Guest, start: float, end: float) -> tuple[float, float]:
+    """(longest gap between counter steps around [start, end], median gap before start)."""
+    times = [t for t, _ in guest.counter_times()]
+    pairs = list(zip(times, times[1:], strict=False))
+    around = [b - a for a, b in pairs if b >= start and a <= end] or [0.0]
+    before = [b - a for a, b in pairs if b < start][-200:] or [0.0]
+    return max(around), statistics.median(before)
 
 
-def _wait_console(console: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if console.exists() and "\nC 2" in console.read_text(errors="replace"):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the guest did not start writing its counter")
+async def _hmp(sock: Path, command: str) -> None:
+    async with qmp.connect(sock) as q:
+        await q.hmp(command, timeout=600)
 
 
-def _stamp(event: dict) -> float:
-    return event["timestamp"]["seconds"] + event["timestamp"]["microseconds"] / 1e6
+def fill(guest: Guest, size: int) -> None:
+    """The guest's disks get `size` bytes of pattern above its counter (a guest write made from
+    outside, DESIGN section 8's recipe)."""
+    for disk in ("vda", "vdb"):
+        trio.run(_hmp, guest.sock, f'qemu-io -d {disk}/virtio-backend "write -P 0x5a {64 * MiB} {size}"')
 
 
-async def _pause_of(events: Path, act) -> float:
-    """The guest's pause (RESUME - STOP, seconds) while `act` runs in a thread."""
-    async with qmp.connect(events) as q:
-        since = q.mark()
-        await trio.to_thread.run_sync(act)
-        stop = await q.wait_event("STOP", since=since, timeout=30)
-        resume = await q.wait_event("RESUME", since=since, timeout=30)
-        return _stamp(resume) - _stamp(stop)
+def main(runs: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="snapfs-bench-live-") as tmp:
+        directory = Path(tmp)
+        bases = make_bases(str(directory / "images"), {}, sizes={"vda": DISK, "vdb": DISK})
+        root = str(directory / "store")
+        domain = define_domain(root, "vm1", bases)
+        real = {t: Path(p) for t, p in domain.live_layer_paths().items()}
+        with running_guest(directory, real, step_us=0) as guest:
+            domain.attach(str(guest.sock))
+            walls, stalls, steps = [], [], []
+            for i in range(runs):
+                guest.wait_counter(guest.last() + 50)
+                started = time.monotonic()
+                domain.snapshot_create_xml(DISK_ONLY.format(f"s{i}"))
+                ended = time.monotonic()
+                guest.wait_counter(guest.last() + 50)
+                stall, step = gaps(guest, started, ended)
+                walls.append(ended - started)
+                stalls.append(stall)
+                steps.append(step)
+            wall = statistics.median(walls)
+            print(f"live disk-only snapshot (2 disks), median of {runs}: {wall * 1000:.0f} ms")
+            ratio = wall / LIBVIRT_SNAPSHOT_S
+            print(f"  libvirt 9.0 here: {LIBVIRT_SNAPSHOT_S * 1000:.0f} ms; ratio {ratio:.2f} (goal <= 0.3)")
+            print(f"  guest counter: longest gap around a snapshot {statistics.median(stalls) * 1000:.1f} ms (median),")
+            print(f"  its usual step {statistics.median(steps) * 1000:.2f} ms (goal: a stall of at most 10 ms)")
+            for i in range(runs):
+                domain.snapshot_lookup_by_name(f"s{i}").deactivate(snapfs.DeactivateFlags.MERGE)
+            fill(guest, DATA)
+            domain.snapshot_create_xml(DISK_ONLY.format("big"))
+            offline_root = str(directory / "offline")
+            guest.wait_counter(guest.last() + 20)
+            started = time.monotonic()
+            domain.snapshot_lookup_by_name("big").deactivate(snapfs.DeactivateFlags.MERGE)
+            live_merge = time.monotonic() - started
+            # The twin moves the same 256 MiB offline: written after a new `big`, they are in the
+            # live layer, which the offline merge commits into L(big).
+            domain.snapshot_create_xml(DISK_ONLY.format("big"))
+            fill(guest, DATA)
+            domain.detach()
+        shutil.copytree(root, offline_root, symlinks=True)
+        shutil.rmtree(os.path.join(offline_root, "run"), ignore_errors=True)
+        offline = snapfs.open_store(offline_root).lookup_domain("vm1")
+        started = time.monotonic()
+        offline.snapshot_lookup_by_name("big").deactivate(snapfs.DeactivateFlags.MERGE)
+        offline_merge = time.monotonic() - started
+        print(f"merge of a snapshot holding {DATA // MiB} MiB into the live layer: live {live_merge:.2f} s")
+        ratio = live_merge / offline_merge
+        print(f"  offline, the same 256 MiB: {offline_merge:.2f} s; ratio {ratio:.2f} (goal <= 1.5)")
 
 
-def _bare_revert(args: list[str], memory: str, layers: dict[str, str], directory: Path) -> float:
-    """A bare QEMU with the same devices (fresh overlays on the snapshot's layers, made
-    before the clock starts): started with -incoming defer, the memory loaded, cont."""
-    sock = directory / "bare.qmp"
-    cmd = ["qemu-system-x86_64", "-daemonize", "-pidfile", str(directory / "bare.pid")]
-    cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
-    for target, layer in layers.items():
-        overlay = directory / f"bare-{target}.qcow2"
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", layer, str(overlay)], check=True
-        )
-        node = f"disk-{target}"
-        spec = {"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": str(overlay)}}
-        cmd += ["-blockdev", json.dumps(spec), "-device", f"virtio-blk-pci,id={target},drive={node}"]
-    cmd += [*args, "-incoming", "defer", "-S"]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
-
-    async def load() -> None:
-        async with qmp.connect(sock) as q:
-            await q.execute("migrate-incoming", uri="exec:" + shlex.join(["cat", memory]))
-            while (await q.execute("query-migrate")).get("status") != "completed":
-                await trio.sleep(0.02)
-            await q.execute("cont")
-
-    trio.run(load)
-    took = time.perf_counter() - start
-
-    async def quit_() -> None:
-        async with qmp.connect(sock) as q:
-            await q.execute("quit")
-
-    trio.run(quit_)
-    return took
-
-
-def section_live(root: str, runs: int = 5, report=print) -> None:
-    from factory import define_domain, make_bases
-
-    directory = Path(root)
-    bases = make_bases(str(directory / "images"), {}, sizes={"vda": 64 * MiB, "vdb": 64 * MiB})
-    domain = define_domain(str(directory / "store"), DOM, bases)
-    events = directory / "events.qmp"
-    args = _args(directory, events)
-    domain.create(qemu_args=args)
-    try:
-        _wait_console(directory / "console.log")
-        pauses = []
-        for i in range(runs):
-            pauses.append(
-                trio.run(
-                    _pause_of,
-                    events,
-                    lambda i=i: domain.snapshot_create_xml(f"<domainsnapshot><name>p{i}</name></domainsnapshot>"),
-                )
-            )
-        snap = domain.snapshot_lookup_by_name(f"p{runs - 1}")
-        memory = str(directory / "store" / "domains" / DOM / "memory" / snap.id)
-        size = os.path.getsize(memory)
-        report(
-            "live: guest pause in a memory snapshot (256 MiB guest)",
-            f"{statistics.median(pauses) * 1000:.1f} ms",
-            "",
-            "goal <= 50 ms (libvirt 234 ms)",
-        )
-        reverts, bares = [], []
-        for _ in range(3):
-            start = time.perf_counter()
-            domain.create_with_snapshot(snap)
-            reverts.append(time.perf_counter() - start)
-        layers = {t: os.path.realpath(p) for t, p in snap.layer_paths().items()}
-        for _ in range(3):
-            bares.append(_bare_revert(_args(directory, None), memory, layers, directory))
-        ratio = statistics.median(reverts) / statistics.median(bares)
-        report(
-            f"live: revert to a memory snapshot ({size / MiB:.0f} MB saved)",
-            f"{statistics.median(reverts) * 1000:.0f} ms",
-            f"{ratio:.2f}x",
-            "goal <= 1.3x a bare start + migrate-incoming",
-        )
-    finally:
-        pid = directory / "store" / "run" / "qemu.d" / f"{DOM}.pid"
-        if pid.exists():
-            try:
-                os.kill(int(pid.read_text().strip()), 9)
-            except (OSError, ValueError):
-                pass
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10)

@@ -9,13 +9,10 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from importlib import metadata
 from typing import TypeVar
 
-import trio
-
-from . import runtime
 from .catalog import StoreCore
+from .cliargs import version  # noqa: F401  (public here; defined beside --version, which reads it lazily)
 from .domain import DomainCore
 from .errors import SnapfsError, invalid, single
 from .records import SnapshotRecord
@@ -24,41 +21,48 @@ from .store import default_store_path
 
 T = TypeVar("T")
 
-# libvirt-python's names for Domain.state()'s first item, and the reasons snapfs gives.
-DomainState = runtime.State
 SNAPSHOT_CREATE_DISK_ONLY = 16  # libvirt's VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
 SNAPSHOT_REVERT_RUNNING = 1  # libvirt's VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
 SNAPSHOT_REVERT_PAUSED = 2  # libvirt's VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
-VIR_DOMAIN_NOSTATE = runtime.State.NOSTATE
-VIR_DOMAIN_RUNNING = runtime.State.RUNNING
-VIR_DOMAIN_BLOCKED = runtime.State.BLOCKED
-VIR_DOMAIN_PAUSED = runtime.State.PAUSED
-VIR_DOMAIN_SHUTDOWN = runtime.State.SHUTDOWN
-VIR_DOMAIN_SHUTOFF = runtime.State.SHUTOFF
-VIR_DOMAIN_CRASHED = runtime.State.CRASHED
-VIR_DOMAIN_PMSUSPENDED = runtime.State.PMSUSPENDED
-VIR_DOMAIN_RUNNING_UNKNOWN = runtime.RUNNING_UNKNOWN
-VIR_DOMAIN_RUNNING_BOOTED = runtime.RUNNING_BOOTED
-VIR_DOMAIN_PAUSED_USER = runtime.PAUSED_USER
-VIR_DOMAIN_SHUTOFF_UNKNOWN = runtime.SHUTOFF_UNKNOWN
-VIR_DOMAIN_SHUTOFF_SHUTDOWN = runtime.SHUTOFF_SHUTDOWN
-VIR_DOMAIN_SHUTOFF_DESTROYED = runtime.SHUTOFF_DESTROYED
-VIR_DOMAIN_SHUTOFF_CRASHED = runtime.SHUTOFF_CRASHED
+# libvirt-python's names for Domain.state()'s first item, and the reasons snapfs gives: taken
+# from runtime.py on first use (runtime brings trio and QMP, which reading the store needs not).
+_RUNTIME_NAMES = {
+    "DomainState": "State",
+    **{f"VIR_DOMAIN_{word}": f"State.{word}" for word in ("NOSTATE", "RUNNING", "BLOCKED", "PAUSED")},
+    **{f"VIR_DOMAIN_{word}": f"State.{word}" for word in ("SHUTDOWN", "SHUTOFF", "CRASHED", "PMSUSPENDED")},
+    **{
+        f"VIR_DOMAIN_{reason}": reason
+        for reason in ("RUNNING_UNKNOWN", "RUNNING_BOOTED", "PAUSED_USER", "SHUTOFF_UNKNOWN")
+        + ("SHUTOFF_SHUTDOWN", "SHUTOFF_DESTROYED", "SHUTOFF_CRASHED")
+    },
+}
+
+
+def __getattr__(name: str):
+    if name not in _RUNTIME_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import runtime
+
+    found = runtime
+    for part in _RUNTIME_NAMES[name].split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _runtime():
+    from . import runtime
+
+    return runtime
 
 
 def _run(fn: Callable[..., Awaitable[T]], *args) -> T:
     """Run one core call; a failure comes out as one exception, never a group."""
     try:
+        import trio  # here, not at the top: reading the store needs no event loop
+
         return trio.run(fn, *args)
     except BaseExceptionGroup as group:
         raise single(group) from None
-
-
-def version() -> str:
-    try:
-        return metadata.version("snapfs")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def is_store(path: str) -> bool:
@@ -191,33 +195,34 @@ class Domain:
         """Start the domain's QEMU (libvirt's virDomainCreate): with `qemu_args` (recorded for
         the next start) or the recorded ones. Returns 0, as libvirt does."""
         _check_flags(flags)
-        _run(runtime.start, self.core, qemu_args)
+        _run(_runtime().start, self.core, qemu_args)
         return 0
 
-    def shutdown(self, timeout: float = runtime.SHUTDOWN_TIMEOUT) -> int:
+    def shutdown(self, timeout: float | None = None) -> int:
         """ACPI power-down; QEMU quits if the guest has not stopped after `timeout` seconds."""
-        _run(runtime.shutdown, self.core, timeout)
+        runtime = _runtime()
+        _run(runtime.shutdown, self.core, runtime.SHUTDOWN_TIMEOUT if timeout is None else timeout)
         return 0
 
     def destroy(self) -> int:
-        _run(runtime.destroy, self.core)
+        _run(_runtime().destroy, self.core)
         return 0
 
     def state(self, flags: int = 0) -> list[int]:
         """[state, reason] with libvirt's numbers (VIR_DOMAIN_RUNNING, VIR_DOMAIN_SHUTOFF, ...)."""
         _check_flags(flags)
-        found = _run(runtime.state, self.core.files)
+        found = _run(_runtime().state, self.core.files)
         return [int(found[0]), int(found[1])]
 
     def isActive(self) -> int:  # noqa: N802  (libvirt-python's name)
-        return int(_run(runtime.is_running, self.core.files))
+        return int(_run(_runtime().is_running, self.core.files))
 
     def attach(self, socket: str) -> None:
         """Adopt a QEMU started elsewhere (its QMP socket for snapfs alone)."""
-        _run(runtime.attach, self.core, socket)
+        _run(_runtime().attach, self.core, socket)
 
     def detach(self) -> None:
-        _run(runtime.detach, self.core)
+        _run(_runtime().detach, self.core)
 
     def live_paths(self) -> dict[str, str]:
         """{target: path of the disk's live layer}, where the domain's writes go; mirrors

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-import trio
-
-from . import layerlock, notify, xml
 from .domain import DomainCore
 from .durable import atomic_write, write_json
 from .engines import Engine
@@ -27,9 +23,27 @@ from .records import DiskRecord, DomainRecord, fresh_layer_name
 from .rules import validate_name
 from .store import DomainFiles, StoreFiles, replace_with_symlink
 
+if TYPE_CHECKING:
+    from . import notify
+
 BASE_FORMATS = ("qcow2", "raw")
 
 Subscriber = Callable[[str], Awaitable[None]]  # told a domain's name after it changed
+
+
+class _DeferredEngine:
+    """The qemu-img engine, imported (and with it trio and qemu.py) on its first use: the
+    command line's reading verbs make a StoreCore and never use the engine."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+
+    def __getattr__(self, name: str) -> object:
+        if self._engine is None:
+            from .engines.qemu_img import QemuImgEngine
+
+            self._engine = QemuImgEngine()
+        return getattr(self._engine, name)
 
 
 class StoreCore:
@@ -39,15 +53,21 @@ class StoreCore:
         self.files = StoreFiles(root)
         self.files.ensure()
         self.root = self.files.root
-        if engine is None:
-            from .engines.qemu_img import QemuImgEngine
-
-            engine = QemuImgEngine()
-        self.engine = engine
+        self.engine: Engine = engine if engine is not None else _DeferredEngine()  # type: ignore[assignment]
         self._domains: dict[str, DomainCore] = {}
         self._subscribers: list[Subscriber] = []
         # Tells the other processes' mounts; a mount sets its own token to be left out.
-        self.announcer = notify.Announcer(self.root)
+        self._announcer: notify.Announcer | None = None
+
+    @property
+    def announcer(self) -> notify.Announcer:
+        """Tells the other processes' mounts (made on first use: the reading verbs never
+        announce, and notify.py brings sockets and logging)."""
+        if self._announcer is None:
+            from . import notify
+
+            self._announcer = notify.Announcer(self.root)
+        return self._announcer
 
     def subscribe(self, handler: Subscriber) -> None:
         """Call `await handler(domain_name)` after every change, before the announcer."""
@@ -97,6 +117,10 @@ class StoreCore:
 
         A format not given is probed once here and recorded. Returns the domain and the
         messages to show (probed formats)."""
+        import uuid as uuidlib
+
+        from . import xml  # lxml: here, not at the top (reading verbs that print no XML never load it)
+
         validate_name(name, "domain")
         if not disks:
             raise invalid(f"Domain {name!r} has no disk that snapfs can snapshot.")
@@ -120,6 +144,8 @@ class StoreCore:
     async def define_xml(self, text: str | bytes) -> tuple[DomainCore, list[str]]:
         """Define a domain from libvirt XML; disks that cannot be snapshotted are left out
         and named in the messages."""
+        from . import xml
+
         definition, kept = xml.parse_domain_xml(text)
         disks = [(d.target, d.path, d.format) for d in definition.disks]
         if not disks:
@@ -146,6 +172,10 @@ class StoreCore:
         return records, messages
 
     async def _write_domain(self, record: DomainRecord, text: str) -> None:
+        import shutil
+
+        import trio  # here and below, not at the top: the reading verbs never load trio
+
         files = self.files.domain(record.name)
         await trio.to_thread.run_sync(shutil.rmtree, files.path, True)  # a define that crashed
         os.makedirs(files.snapshots_dir)
@@ -159,14 +189,20 @@ class StoreCore:
         await trio.to_thread.run_sync(write_json, files.file("domain.json"), asdict(record))
 
     async def undefine(self, name: str, remove_snapshots: bool = False) -> None:
+        import trio
+
+        from . import runtime
+
         core = self.domain(name)
         try:
             async with self.files.locked(), core.files.locked():
+                await runtime.refuse_while_running(core, "undefine it")
                 await core.finish_journal()
                 count = len(core.view().snapshots)
                 if not remove_snapshots:
                     await self._refuse_undefine_with_data(core, count)
                 await trio.to_thread.run_sync(_remove_domain, core.files)
+                runtime.forget(core.files)
         except SnapfsError as exc:
             if core.files.exists():
                 core.record_error("undefine", exc.message)
@@ -192,6 +228,10 @@ async def _refuse_own_backing(target: str, path: str, fmt: str) -> None:
     anyone a mount shares it with) read files the definition never named, a json: or
     protocol backing or an external data file anything qemu can open. Read from the
     header; the backing file itself is never opened."""
+    import trio
+
+    from . import layerlock
+
     try:
         backing = await trio.to_thread.run_sync(layerlock.base_backing, path, fmt)
     except SnapfsError as exc:
@@ -204,5 +244,7 @@ async def _refuse_own_backing(target: str, path: str, fmt: str) -> None:
 
 
 def _remove_domain(files: DomainFiles) -> None:
+    import shutil
+
     os.unlink(files.file("domain.json"))
     shutil.rmtree(files.path)

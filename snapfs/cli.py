@@ -1,30 +1,41 @@
-"""The command line: virsh's words over the snapshot API (DESIGN section 3)."""
+"""The command line: virsh's words over the snapshot API (DESIGN section 3).
+
+The reading verbs run without trio (and the verbs that print no XML without lxml): when no
+domain waits for recovery they are answered synchronously, so a `snapfs list` costs little
+more than Python's start-up. trio, lxml, the engine and the store's modules (which --help
+and a usage error never need) are imported where they are used.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import os
-import shlex
 import sys
-import tempfile
-import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING
 
-import trio
-from lxml import etree
-
-from . import cliargs, listing, rules, xml
-from .api import drop_final_newline, open_store_core
-from .catalog import StoreCore
-from .domain import DomainCore
+from . import cliargs, listing, rules
 from .errors import SnapfsError, invalid, single
 from .records import SnapshotRecord
 from .rules import DeactivateFlags
-from .store import default_store_path
+
+if TYPE_CHECKING:
+    from .catalog import StoreCore
+    from .domain import DomainCore
 
 # Verbs that may create the store; every other verb needs an existing one.
 CREATES_STORE = ("define",)
+# Verbs that change nothing: answered without trio when no domain waits for recovery.
+READING_VERBS = (
+    "list",
+    "dumpxml",
+    "snapshot-list",
+    "snapshot-current",
+    "snapshot-dumpxml",
+    "snapshot-info",
+    "snapshot-parent",
+)
 
 
 def _read_input(path: str) -> bytes:
@@ -89,6 +100,8 @@ def _one_of(positional: str | None, option: str | None, what: str) -> str | None
 
 def _request_xml(name: str | None, description: str | None) -> str:
     """What `snapshot-create-as --print-xml` prints (virsh's document and spacing)."""
+    from lxml import etree
+
     root = etree.Element("domainsnapshot")
     for tag, text in (("name", name), ("description", description)):
         if text is not None:
@@ -142,6 +155,9 @@ async def _delete(dom: DomainCore, args: argparse.Namespace) -> str:
 async def _edit(dom: DomainCore, args: argparse.Namespace) -> str:
     if args.clone:
         raise SnapfsError(errno.EOPNOTSUPP, "snapfs cannot clone a snapshot: --clone is not supported.")
+    from . import xml
+    from .api import drop_final_newline
+
     snap = _chosen(dom, args)
     if args.new_name is None and args.new_description is None:
         edited = await _edit_in_editor(dom.snapshot_xml(snap.id))
@@ -165,6 +181,11 @@ async def _edit(dom: DomainCore, args: argparse.Namespace) -> str:
 
 async def _edit_in_editor(text: str) -> str | None:
     """virsh's editing: $VISUAL, else $EDITOR, else vi, on a temporary copy; None when unchanged."""
+    import shlex
+    import tempfile
+
+    import trio
+
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     fd, path = tempfile.mkstemp(prefix="snapfs-", suffix=".xml")
     try:
@@ -204,6 +225,8 @@ async def _extension(dom: DomainCore, args: argparse.Namespace) -> str:
     if args.verb == "snapshot-compress":
         await dom.set_compression(snap.id, args.kind)
         return f"Domain snapshot {snap.name} compression set to {args.kind}\n"
+    from .api import drop_final_newline
+
     await dom.set_description(snap.id, drop_final_newline(args.description))
     return f"Domain snapshot {snap.name} description set\n"
 
@@ -237,6 +260,8 @@ async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
     if verb in ("define", "list", "undefine"):
         return await _store_verb(store, args)
     dom = store.domain(args.domain)
+    if verb in LIFECYCLE_VERBS:  # only these bring runtime.py (trio, QMP)
+        return await _lifecycle_verbs(dom, args)[verb]()
     verbs: dict[str, Callable[[], Awaitable[str]]] = {
         "dumpxml": lambda: _text(dom.domain_xml()),
         "snapshot-create": lambda: _create_from_file(dom, args),
@@ -254,11 +279,13 @@ async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
         "snapshot-rename": lambda: _extension(dom, args),
         "snapshot-compress": lambda: _extension(dom, args),
         "snapshot-desc": lambda: _extension(dom, args),
-        **_lifecycle_verbs(dom, args),
     }
     if verb not in verbs:
         raise invalid(f"Unknown verb {verb!r}.")
     return await verbs[verb]()
+
+
+LIFECYCLE_VERBS = ("start", "shutdown", "destroy", "domstate", "attach", "detach")
 
 
 def _lifecycle_verbs(dom: DomainCore, args: argparse.Namespace) -> dict[str, Callable[[], Awaitable[str]]]:
@@ -308,8 +335,50 @@ async def _current(dom: DomainCore, name_only: bool) -> str:
     return f"{current.name}\n" if name_only else dom.snapshot_xml(current.id)
 
 
+def _open_store(args: argparse.Namespace, create: bool = False) -> StoreCore:
+    from .api import open_store_core
+    from .store import default_store_path
+
+    return open_store_core(args.store or default_store_path(), create)
+
+
+def _read(args: argparse.Namespace) -> str | None:
+    """A reading verb's output without an event loop, or None when a domain waits for
+    recovery (or its journal cannot be read): then the full path recovers first."""
+    store = _open_store(args)
+    if any(_needs_recovery(store, name) for name in store.domain_names()):
+        return None
+    return _without_loop(_run_verb(store, args))
+
+
+def _needs_recovery(store: StoreCore, name: str) -> bool:
+    """Whether StoreCore.recover would do anything for domain `name`: finish a journal, or
+    carry an old-layout domain over (store.py)."""
+    try:
+        files = store.files.domain(name)
+        journal = files.read_journal()
+        if journal is not None and not journal.get("failed"):
+            return True
+        return files.needs_carry_over([disk.target for disk in files.record().disks])
+    except SnapfsError:
+        return True
+
+
+def _without_loop(coroutine: Coroutine[object, object, str]) -> str:
+    """The result of a coroutine that never suspends (a reading verb awaits nothing that
+    needs trio), run to its end without an event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a reading verb waited for the event loop")
+
+
 async def _main(args: argparse.Namespace) -> str:
-    store = open_store_core(args.store or default_store_path(), create=args.verb in CREATES_STORE)
+    import trio
+
+    store = _open_store(args, create=args.verb in CREATES_STORE)
     await store.recover()
     if not (sys.stderr.isatty() and getattr(args, "domain", None)):
         return await _run_verb(store, args)
@@ -323,6 +392,8 @@ async def _main(args: argparse.Namespace) -> str:
 
 async def _show_progress(store: StoreCore, domain: str) -> None:
     """On a terminal: one line that follows the domain's job file (qemu-img's progress)."""
+    import trio
+
     shown = ""
     try:
         files = store.domain(domain).files
@@ -342,14 +413,21 @@ async def _show_progress(store: StoreCore, domain: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cliargs.parser().parse_args(cliargs.spell_out_compress(sys.argv[1:] if argv is None else argv))
+    words = cliargs.spell_out_compress(sys.argv[1:] if argv is None else argv)
+    args = cliargs.parser(words).parse_args(words)
     try:
         if args.verb == "mount":
             from .mount import run_mount
+            from .store import default_store_path
 
             store = args.store or default_store_path()
             return run_mount(store, args.mountpoint, args.foreground, args.allow_other, args.read_only)
-        sys.stdout.write(trio.run(_main, args))
+        text = _read(args) if args.verb in READING_VERBS else None
+        if text is None:
+            import trio
+
+            text = trio.run(_main, args)
+        sys.stdout.write(text)
     except BaseException as caught:  # noqa: BLE001  (the edge: every failure is one sentence)
         return _failed(single(caught))
     return 0
@@ -364,6 +442,8 @@ def _failed(exc: BaseException) -> int:
     if isinstance(exc, SystemExit):
         raise exc
     if os.environ.get("SNAPFS_DEBUG") == "1":
+        import traceback
+
         traceback.print_exception(exc)
     message = exc.message if isinstance(exc, SnapfsError) else f"unexpected {type(exc).__name__}: {exc}"
     print(f"snapfs: error: {' '.join(message.split())}", file=sys.stderr)

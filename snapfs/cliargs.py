@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import functools
+import sys
+from collections.abc import Callable, Iterator
 
-from .api import version
 from .rules import DeactivateFlags
 
 EXAMPLES = {
@@ -42,6 +44,31 @@ EXAMPLES = {
 }
 
 
+def version() -> str:
+    """The installed snapfs's version (importlib.metadata is loaded only when asked)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("snapfs")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Version(argparse.Action):
+    """argparse's version action, the version looked up only when --version is given."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show program's version number and exit"
+        )
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: object, values: object, option_string: object = None
+    ) -> None:
+        parser._print_message(f"snapfs {version()}\n", sys.stdout)
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         """Usage errors too are one sentence on stderr (see `snapfs VERB --help`)."""
@@ -63,14 +90,59 @@ def _snapshot_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--current", action="store_true", help="the current snapshot instead of a name")
 
 
-def parser() -> argparse.ArgumentParser:
+class _Unbuilt:
+    """Stands for the parser of a verb the command line does not run: its arguments are not
+    built (argparse's construction would be most of a reading verb's start-up). Every
+    call is accepted and ignored."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unbuilt]:
+        return lambda *args, **kwargs: self
+
+
+def _verb_in(argv: list[str]) -> str | None:
+    """The verb argparse will take from argv: the first word that is neither an option nor
+    the value of --store (or of a prefix of it, which argparse accepts). "" when there is
+    none (--help, --version or a usage error: no verb's arguments are needed); None after
+    `--`, where every verb is built."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return None
+        if word.startswith("--s") and "=" not in word:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
+
+
+@contextlib.contextmanager
+def _gettext_once() -> Iterator[None]:
+    """argparse has gettext translate the same few words for every verb's parser, and
+    gettext searches for catalogues on each call; while the parser is built, each word is
+    looked up once (the answer depends only on the environment, which does not change)."""
+    original = argparse._  # type: ignore[attr-defined]
+    argparse._ = functools.lru_cache(maxsize=None)(original)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        argparse._ = original  # type: ignore[attr-defined]
+
+
+def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; given the argv it will parse, only the verb found there
+    gets its arguments (the others are listed with their help only, as `--help` shows them)."""
+    with _gettext_once():
+        return _build(_verb_in(argv) if argv is not None else None)
+
+
+def _build(chosen: str | None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="snapfs",
         description="Virtual-machine disk snapshots as files, commands and a Python API.",
         epilog="Every verb has --help with an example. Errors are one sentence on stderr, exit status 1.",
     )
     _store_option(parser, None)
-    parser.add_argument("--version", action="version", version=f"snapfs {version()}")
+    parser.add_argument("--version", action=_Version)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help_text: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
@@ -82,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
             epilog=f"example:\n  {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if chosen is not None and chosen != name and chosen not in aliases:
+            return _Unbuilt()  # type: ignore[return-value]
         _store_option(p, argparse.SUPPRESS)  # the store option also works after the verb
         return p
 

@@ -66,14 +66,15 @@ async def open_disk(dom: DomainCore, snap_id: str, target: str) -> SnapshotDisk:
     return disk
 
 
-async def changes(dom: DomainCore, snap_id: str, target: str) -> list[dict]:
-    """What L(S) of disk `target` holds against its backing (see changed_extents). The
-    extents are S's for as long as the domain's metadata keeps the generation it had
-    before the call (a merge of S's parent changes both)."""
+async def changes(dom: DomainCore, snap_id: str, target: str, whole: bool = False) -> list[dict]:
+    """What L(S) of disk `target` holds against its backing (see changed_extents), or with
+    `whole` where S's whole image holds data (see data_extents). The extents are S's for
+    as long as the domain's metadata keeps the generation it had before the call (a merge
+    of S's parent changes both)."""
     layer = _layer(dom, snap_id, target)
     _refuse_while_changing(dom, snap_id, target, [layer], "read")
     try:
-        extents = await changed_extents(layer)
+        extents = await (data_extents(layer) if whole else changed_extents(layer))
     except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
         if exc.errno == errno.EBUSY:
@@ -268,6 +269,20 @@ async def changed_extents(top: str) -> list[dict]:
             last["length"] += entry["length"]
         else:
             found.append({"start": entry["start"], "length": entry["length"], "zero": zero})
+    return found
+
+
+async def data_extents(top: str) -> list[dict]:
+    """Where the image (the layer through its whole chain) holds data, as a full backup
+    must copy it: {"start", "length"}, neighbours joined; everything else reads as zeros."""
+    found: list[dict] = []
+    for entry in await qemu.extent_map(top):
+        if not entry["data"] or entry["zero"]:
+            continue
+        if found and found[-1]["start"] + found[-1]["length"] == entry["start"]:
+            found[-1]["length"] += entry["length"]
+        else:
+            found.append({"start": entry["start"], "length": entry["length"]})
     return found
 
 

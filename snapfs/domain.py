@@ -2,7 +2,9 @@
 
 An operation takes the domain's lock, finishes a journal a crash left, asks the rules
 (rules.py) for a plan of intents, has the engine chosen for the domain turn them into
-steps, and runs those through the journal (journal.py). Readings take no lock.
+steps, and runs those through the journal (journal.py). Readings take no lock, and load
+neither trio nor lxml unless they need them (the command line's reading verbs start
+fast): those modules are imported where they are used.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ import errno
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import trio
-
-from . import disk, qmp, rules, runtime, xml
-from .engines import Engine, memory
-from .engines.qmp import QmpEngine
+from . import rules
+from .engines import Engine
 from .errors import SnapfsError, invalid, io_error, not_found, single
-from .journal import Journal, operation_naming
-from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord
+from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord, has_memory
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
 from .store import DomainFiles
+
+if TYPE_CHECKING:
+    from . import disk
+    from .journal import Journal
 
 
 class DomainCore:
@@ -35,10 +38,7 @@ class DomainCore:
         changed: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.files = files
-        self.engine = engine  # the offline engine
-        # The QMP socket of the QEMU running this domain when it is not where runtime.py
-        # keeps it (tests); running = it answers.
-        self.qmp_socket: str | None = None
+        self.engine = engine  # the offline engine; the QMP engine is made per operation
         self.definition = definition
         self.name = files.name
         self._record: DomainRecord | None = None
@@ -79,10 +79,14 @@ class DomainCore:
         return self.files.live_layer(self.view(), target)
 
     def domain_xml(self) -> str:
+        from . import xml
+
         live = {d.target: self.live_path(d.target) for d in self.disks}
         return xml.domain_xml_on_layers(self.files.original_xml(), live)
 
     def snapshot_xml(self, snap_id: str) -> str:
+        from . import xml
+
         view = self.view()
         snap = self.get(snap_id, view)
         parent = view.snapshots.get(snap.parent) if snap.parent else None
@@ -96,7 +100,7 @@ class DomainCore:
             domain=xml.domain_xml_on_layers(self.files.original_xml(), layers),
             compression=snap.compression,
             disks=list(layers.items()),
-            memory=self.files.memory(snap.id) if memory.has_memory(snap) else None,
+            memory=self.files.memory(snap.id) if has_memory(snap) else None,
         )
 
     def last_error(self) -> str:
@@ -109,15 +113,22 @@ class DomainCore:
     def operation_naming(self, paths: list[str]) -> str | None:
         """The unfinished operation (any process) that writes, moves or deletes one of
         `paths`, or None."""
+        from .journal import operation_naming
+
         return operation_naming(self.files, paths)
 
     async def open_disk(self, snap_id: str, target: str) -> disk.SnapshotDisk:
         """Snapshot `snap_id`'s disk `target` as bytes, open until close() (disk.py)."""
+        from . import disk
+
         return await disk.open_disk(self, snap_id, target)
 
-    async def disk_changes(self, snap_id: str, target: str) -> list[dict]:
-        """The extents L(S) of disk `target` holds against its backing (disk.py)."""
-        return await disk.changes(self, snap_id, target)
+    async def disk_changes(self, snap_id: str, target: str, whole: bool = False) -> list[dict]:
+        """The extents L(S) of disk `target` holds against its backing, or with `whole`
+        those of S's whole image that hold data (disk.py)."""
+        from . import disk
+
+        return await disk.changes(self, snap_id, target, whole)
 
     def record_error(self, operation: str, message: str) -> None:
         self.files.record_error(operation, message)
@@ -132,6 +143,10 @@ class DomainCore:
     ) -> SnapshotRecord:
         """A snapshot of every disk; of a running domain with its memory too unless
         `disk_only`, as virsh does (engines/memory.py)."""
+        from . import runtime
+        from .engines import memory
+        from .engines.qmp import QmpEngine
+
         paused = not disk_only and (await runtime.state(self.files))[0] is runtime.State.PAUSED
 
         def plan(view: MetadataView, engine: Engine) -> Plan:
@@ -148,6 +163,8 @@ class DomainCore:
     async def create_from_xml(
         self, text: str | bytes, compress: str | None = None, disk_only: bool = False
     ) -> SnapshotRecord:
+        from . import xml
+
         try:
             request = xml.parse_snapshot_request(text)
         except SnapfsError as exc:
@@ -159,6 +176,10 @@ class DomainCore:
     async def revert(self, snap_id: str, start: bool | None = None) -> None:
         """Revert to a snapshot; a running domain's QEMU is restarted on it (engines/memory.py).
         `start`: True (--running), False (--paused), None (as the snapshot was)."""
+        from . import runtime
+        from .engines import memory
+        from .engines.qmp import QmpEngine
+
         attached = os.path.islink(runtime.RunFiles.of(self.files).attached)
 
         def plan(view: MetadataView, engine: Engine) -> Plan:
@@ -230,20 +251,25 @@ class DomainCore:
     async def _engine(self) -> Engine:
         """The engine for an operation now: the QMP engine while the domain runs (its QMP
         socket answers), else the offline qemu-img engine."""
+        from .engines.qmp import QmpEngine
+
         socket = self._socket()
-        if socket is not None and await qmp.answers(socket):
-            return QmpEngine(socket, self.engine, self.name)
-        return self.engine
+        running = await QmpEngine.if_running(socket, self.engine, self.name) if socket else None
+        return running or self.engine
 
     def _socket(self) -> str | None:
-        return self.qmp_socket or runtime.qmp_socket(self.files)
+        from . import runtime
+
+        return runtime.qmp_socket(self.files)
 
     def _engine_named(self, name: str | None) -> Engine:
         """The engine that wrote a journal (None: a journal from before engines had names).
         The QMP engine finishes its steps whether QEMU still runs or not."""
         if name is None or name == self.engine.name:
             return self.engine
-        if name == QmpEngine.name:
+        if name == "qmp":
+            from .engines.qmp import QmpEngine
+
             return QmpEngine(self._socket(), self.engine, self.name)
         raise io_error(f"The journal of domain {self.name!r} was written by engine {name!r}, which is not here.")
 
@@ -251,12 +277,16 @@ class DomainCore:
         """Give an old-layout domain the layout of DESIGN section 8 (store.py), then check
         that every live layer's stable name leads to the real file the state names. The
         caller holds the lock, and no journal is pending."""
+        import trio
+
         targets = [d.target for d in self.disks]
         if await trio.to_thread.run_sync(self.files.needs_carry_over, targets):
             await trio.to_thread.run_sync(self.files.carry_over, targets)
         self.files.check_live_links(self.view())
 
     def journal(self) -> Journal:
+        from .journal import Journal
+
         return Journal(self.files, self.disks)
 
     async def finish_journal(self, crashed_only: bool = False) -> None:
@@ -275,6 +305,10 @@ class DomainCore:
         Every failure leaves one SnapfsError (or the interruption itself), last-error
         written and the job line cleared: the core's edge, where trio's exception groups
         end."""
+        import trio
+
+        from .engines import memory
+
         changed = False  # set before anything is written: a failure part-way is news too
         try:
             async with self.files.locked():
@@ -308,6 +342,8 @@ class DomainCore:
         """The journal's hold on the layers; a layer the offline engine finds held because
         the domain runs after all (its QEMU did not answer snapfs) is refused with a sentence
         that says so."""
+        from . import runtime
+
         try:
             return await journal.refuse_unless_ready(engine, steps)
         except SnapfsError as exc:
@@ -317,6 +353,8 @@ class DomainCore:
 
     def _failed(self, operation: str, caught: BaseException) -> BaseException:
         """The one exception a failed operation raises, its sentence in last-error."""
+        import trio
+
         exc = single(caught)
         if isinstance(exc, SnapfsError):
             self.record_error(operation, exc.message)
@@ -373,6 +411,8 @@ class DomainCore:
         """Tell the store's subscribers that the domain changed; never with the lock held
         (a subscriber may be serving a request that waits for it)."""
         if self._changed is not None:
+            import trio
+
             with trio.CancelScope(shield=True):
                 await self._changed(self.name)
 

@@ -10,8 +10,6 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-import trio
-
 from .errors import CorruptError, busy, not_found
 
 
@@ -103,6 +101,8 @@ def unlink_if_present(path: str) -> None:
 async def flocked(path: str, busy_message: str, wait: float) -> AsyncIterator[None]:
     """An exclusive flock on `path`, polled without blocking the event loop; EBUSY with
     `busy_message` after `wait` seconds."""
+    import trio  # here, not at the top: the reading verbs load this module and never lock
+
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except FileNotFoundError:

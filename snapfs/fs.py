@@ -7,8 +7,8 @@ become is writes.py's; a snapshot's disk bytes come from the opener given to Sna
 and maps every error to an errno: a SnapfsError to its own, anything unexpected to EIO
 plus a last-error line; nothing escapes into pyfuse3.main.
 
-Files are opened with direct_io, so content is never cached; a .raw (whose content never
-changes) is the one exception, see RAW_DIRECT_IO.
+Files are opened with direct_io, so content is never cached, but for two kinds: a .raw
+(whose content never changes, see RAW_DIRECT_IO) and the metadata files of PAGE_CACHED.
 """
 
 from __future__ import annotations
@@ -56,6 +56,15 @@ T = TypeVar("T")
 # cached pages can never be another snapshot's bytes. Inode numbers are never reused.
 RAW_DIRECT_IO = True
 
+# Metadata files whose content changes only with the domain's metadata, so with a change
+# that is announced: opened for reading, they are read through the page cache (a `cat` is
+# an open, a flush and a release; no read, and no getattr, as a read from the cache leaves
+# atime alone) and the kernel drops their pages with their attributes (KernelCache.forget).
+# Not job and last-error (they change with no announcement), nor a .changes or .map (a read may
+# wait for a layer's lock, which an operation announcing a change may hold, while the
+# kernel holds the page the invalidation waits for).
+PAGE_CACHED = {Kind.DOMAIN_XML, Kind.SNAP_XML, Kind.STATE, Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL}
+
 # `rm -rf` of a snapshot tries every file in it: the same refusal within this many seconds
 # of the last is recorded in last-error once, not once per file.
 REPEAT_SECONDS = 2.0
@@ -100,6 +109,8 @@ class FileHandle:
     written: Written | None = None  # opened for writing: what was written (writes.py)
     content: bytes = b""  # what read() serves, computed at offset 0
     disk: OpenDisk | None = None  # a .raw: the open snapshot disk it reads from
+    cached: bool = False  # read through the page cache (PAGE_CACHED)
+    epoch: int = -1  # the kernel cache's epoch when `content` was computed (a cached file)
 
 
 @dataclass
@@ -342,6 +353,9 @@ class SnapFS(pyfuse3.Operations):
         if node.kind is Kind.RAW:
             handle.disk = await self.open_disk(self.tree.reading().domain(node.dom), node.snap, node.disk)
             return pyfuse3.FileInfo(fh=self.new_handle(handle), direct_io=RAW_DIRECT_IO, keep_cache=True)
+        if not writable and node.kind in PAGE_CACHED and self.kcache.keeps_pages(node):
+            handle.cached = True
+            return pyfuse3.FileInfo(fh=self.new_handle(handle), direct_io=False, keep_cache=True)
         return pyfuse3.FileInfo(fh=self.new_handle(handle), direct_io=True, keep_cache=False)
 
     @handler(by_handle=True)
@@ -353,11 +367,27 @@ class SnapFS(pyfuse3.Operations):
             except OSError as exc:
                 message = f"Reading {self.tree.path(handle.node)} at {off} failed: {exc.strerror or exc}."
                 raise self.refused(handle.node, errno.EIO, "read", message) from None
+        if handle.cached:
+            return self.read_cached(handle, off, size)
         if off == 0:
             await self.pending.settled(handle.node)
             now = self.tree.reading()
             await self.tree.load(handle.node, now)
             handle.content = self.tree.content(handle.node, now)
+        return handle.content[off : off + size]
+
+    def read_cached(self, handle: FileHandle, off: int, size: int) -> bytes:
+        """A read for the page cache: computed from the store now, with no await between
+        the reading and the reply (pyfuse3 replies as this returns), so a change announced
+        before the reply finds these pages to drop, and one announced after finds them
+        noted. It never waits for a pending store (the kernel holds the pages being read
+        while that store's announcement waits for them); the store's announcement drops
+        what this read gives. Content kept by the handle is used only while no change was
+        heard of."""
+        self.kcache.keeps_pages(handle.node)
+        if off == 0 or handle.epoch != self.kcache.epoch:
+            handle.content = self.tree.content(handle.node, self.tree.reading())
+            handle.epoch = self.kcache.epoch
         return handle.content[off : off + size]
 
     @handler(by_handle=True)

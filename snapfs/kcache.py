@@ -6,7 +6,8 @@ the entries and attributes it is given for CACHE_SECONDS (that is what makes `ls
 10,000 snapshots fast) and drops them the moment they may have changed: every change of
 a domain, made by this mount or by any other process, reaches forget() (through the
 core, or notify.py for other processes) before the call that made it returns, and the
-kernel is told to forget every entry and attribute of that domain it was given. An
+kernel is told to forget every entry, attribute and cached page of that domain it was
+given (metadata files are read through the page cache: fs.PAGE_CACHED). An
 answer computed from what was read before a change was heard of (the epoch moved
 meanwhile) is given without timeouts.
 """
@@ -65,6 +66,7 @@ class KernelCache:
         self.cache_seconds = cache_seconds  # 0 when changes cannot be heard of (mount.py)
         self._entries: defaultdict[str, set[tuple[int, bytes]]] = defaultdict(set)
         self._inodes: defaultdict[str, set[int]] = defaultdict(set)
+        self._pages: defaultdict[str, set[int]] = defaultdict(set)  # inodes whose content it may cache
         self._invalidating = trio.CapacityLimiter(4)  # never the threads that store I/O needs
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -94,6 +96,14 @@ class KernelCache:
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attrs.time_ns
         return entry
 
+    def keeps_pages(self, node: Node) -> bool:
+        """Whether the kernel may keep the content of the node's file in its page cache
+        until forget() (noted, so that forget() drops it): only while changes are heard of."""
+        if not self.cache_seconds or not node.dom:
+            return False
+        self._pages[node.dom].add(self.inodes.inode(node))
+        return True
+
     def note_entry(self, parent: Node, name: bytes, child: Node, entry: pyfuse3.EntryAttributes) -> None:
         """An entry (name in parent) handed to the kernel: noted if it may keep it."""
         if entry.entry_timeout:
@@ -119,20 +129,25 @@ class KernelCache:
         for another request's change to be announced (see SnapFS.lookup)."""
         self.epoch += 1
         inodes = self._inodes.pop(dom, set())
+        pages = self._pages.pop(dom, set())
         entries = self._entries.pop(dom, set())
         if notify.DO_NOT_WAIT.get():
             for parent_inode, name in entries:
                 pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
             entries = set()
-        if inodes or entries:
-            await trio.to_thread.run_sync(_invalidate, inodes, entries, limiter=self._invalidating)
+        if inodes or pages or entries:
+            await trio.to_thread.run_sync(_invalidate, inodes - pages, pages, entries, limiter=self._invalidating)
 
 
-def _invalidate(inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
-    """Tell the kernel to forget attributes and entries (in a worker thread: it may wait)."""
+def _invalidate(inodes: set[int], pages: set[int], entries: set[tuple[int, bytes]]) -> None:
+    """Tell the kernel to forget attributes, attributes and cached content, and entries (in
+    a worker thread: it may wait, for a page being read, see SnapFS.read)."""
     for inode in inodes:
         with contextlib.suppress(OSError):  # ENOENT: the kernel has forgotten it already
             pyfuse3.invalidate_inode(inode, attr_only=True)
+    for inode in pages:
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_inode(inode, attr_only=False)
     for parent_inode, name in entries:
         with contextlib.suppress(OSError):
             pyfuse3.invalidate_entry(parent_inode, name)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from . import rules
-from .domain import DomainCore
 from .errors import invalid, not_found
 from .records import SnapshotRecord, snapshot_order
+
+if TYPE_CHECKING:
+    from .domain import DomainCore
 
 
 def _when(epoch: int) -> str:

@@ -88,8 +88,15 @@ def mount_options(store_root: str, allow_other: bool, read_only: bool = False) -
 
 
 def open_store(store_root: str) -> StoreCore:
+    """The store to mount; a path that is not one is refused, never made into one (only
+    define makes a store, as for every other verb)."""
     if not os.path.isdir(store_root):
         raise MountError(f"Store {os.path.abspath(store_root)} does not exist.")
+    if not os.path.isdir(os.path.join(store_root, "domains")):
+        raise MountError(
+            f"There is no snapfs store at {os.path.abspath(store_root)} (check --store or $SNAPFS_STORE; "
+            "define creates a store)."
+        )
     try:
         return StoreCore(store_root)
     except SnapfsError as exc:

@@ -27,8 +27,10 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import trio
+if TYPE_CHECKING:
+    import trio  # imported where used: the store's reading verbs load this module, never trio
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class MountListener:
 
     async def serve(self, domain_changed: Callable[[str], Awaitable[None]]) -> None:
         """Answer each message once domain_changed(name) has returned."""
+        import trio
+
         listener = trio.socket.from_stdlib_socket(self._socket)
         async with trio.open_nursery() as nursery:
             while True:
@@ -97,6 +101,8 @@ class MountListener:
 
     @staticmethod
     async def _answer(connection: trio.socket.SocketType, domain_changed: Callable[[str], Awaitable[None]]) -> None:
+        import trio
+
         with connection:
             try:
                 with trio.fail_after(ANSWER_TIMEOUT):
@@ -133,6 +139,8 @@ async def tell_mounts(store_root: str, domain: str, exclude: str | None = None) 
         return
     if not tokens:
         return
+    import trio
+
     wait = not DO_NOT_WAIT.get()
     with trio.move_on_after(ANSWER_TIMEOUT) as scope:
         async with trio.open_nursery() as nursery:
@@ -148,6 +156,8 @@ async def tell_mounts(store_root: str, domain: str, exclude: str | None = None) 
 
 
 async def _tell(store_root: str, token: str, domain: str, wait: bool) -> None:
+    import trio
+
     try:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with sock:

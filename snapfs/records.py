@@ -7,7 +7,6 @@ without importing trio or any engine.
 from __future__ import annotations
 
 import functools
-import uuid
 from dataclasses import dataclass, field
 
 LIVE = "live"  # the live disk among dependents; layers/<target>/live.qcow2 is its stable name
@@ -46,10 +45,21 @@ class SnapshotRecord:
     # {target: basename of L(S)'s real file}; None (snapshots made before layers had their
     # own names) means <id>.qcow2 on every disk. Read it through layer_name().
     layers: dict[str, str] | None = None
+    # The snapshots in its chain when it was made, itself included (0: not recorded, a
+    # record from before). Never less than its depth now: no operation moves a snapshot
+    # under a deeper one (merges and discards only take ancestors away).
+    depth: int = 0
 
     @classmethod
     def from_json(cls, data: dict) -> SnapshotRecord:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+MEMORY_STATES = ("running", "paused")  # a snapshot's state when its memory was saved (engines/memory.py)
+
+
+def has_memory(record: SnapshotRecord) -> bool:
+    return record.state in MEMORY_STATES
 
 
 def layer_name(record: SnapshotRecord, target: str) -> str:
@@ -67,6 +77,8 @@ def live_name(view: MetadataView, target: str) -> str:
 
 def fresh_layer_name() -> str:
     """A new real layer file's basename: a uuid of its own, never reused across disks."""
+    import uuid  # here, not at the top: the reading verbs never make a name
+
     return f"{uuid.uuid4()}.qcow2"
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import enum
 import errno
 import re
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field, replace
 
 from .errors import DependentsError, SnapfsError, exists, invalid, not_found
@@ -166,7 +165,7 @@ def plan_create(
     new_id: str | None = None,
 ) -> Plan:
     """`state` is the domain's state as the snapshot records it (the caller knows it)."""
-    refuse_deep_chain(view, domain)
+    depth = refuse_deep_chain(view, domain) + 1
     if name is None:
         name = default_name(view, now)
     validate_name(name)
@@ -174,10 +173,13 @@ def plan_create(
         raise exists(f"Domain {domain!r} already has a snapshot named {name!r}.")
     kind = validate_compression(compression or "none")
     validate_description(description or "")
+    import uuid as uuidlib  # here, not at the top: the reading verbs never make an id
+
     frozen = _live_names(view, domain)
     snap = SnapshotRecord(
         new_id or str(uuidlib.uuid4()), name, view.current, now, description or "", state, kind, frozen
     )
+    snap.depth = depth
     fresh = _fresh_names(view)
     intents = [
         meta_write(snap),
@@ -200,19 +202,26 @@ def default_name(view: MetadataView, now: int) -> str:
     return name
 
 
-def refuse_deep_chain(view: MetadataView, domain: str) -> None:
-    """EMLINK if a new snapshot on the current one would make the chain too deep."""
+def refuse_deep_chain(view: MetadataView, domain: str) -> int:
+    """EMLINK if a new snapshot on the current one would make the chain too deep; else
+    the current snapshot's depth (or a bound of it). O(1): the current record's depth at
+    creation bounds its depth now; the chain is walked only without one, or near the limit."""
+    current = view.snapshots.get(view.current) if view.current else None
+    if current is None:
+        return 0
+    if 0 < current.depth < MAX_CHAIN_SNAPSHOTS:
+        return current.depth
     depth, snap_id = 0, view.current
-    while snap_id is not None and snap_id in view.snapshots:
-        depth += 1
-        if depth >= MAX_CHAIN_SNAPSHOTS:
-            raise SnapfsError(
-                errno.EMLINK,
-                f"Domain {domain!r}: the current snapshot is {MAX_CHAIN_SNAPSHOTS} snapshots deep, the most "
-                "one chain may hold (qemu-img slows with the square of a chain's depth); merge some, or revert "
-                "to a shallower snapshot first.",
-            )
-        snap_id = view.snapshots[snap_id].parent
+    while snap_id is not None and snap_id in view.snapshots and depth < MAX_CHAIN_SNAPSHOTS:
+        depth, snap_id = depth + 1, view.snapshots[snap_id].parent
+    if depth >= MAX_CHAIN_SNAPSHOTS:
+        raise SnapfsError(
+            errno.EMLINK,
+            f"Domain {domain!r}: the current snapshot is {MAX_CHAIN_SNAPSHOTS} snapshots deep, the most "
+            "one chain may hold (qemu-img slows with the square of a chain's depth); merge some, or revert "
+            "to a shallower snapshot first.",
+        )
+    return depth
 
 
 def plan_revert(view: MetadataView, domain: str, snap_id: str) -> Plan:

@@ -23,6 +23,8 @@ import errno
 import json
 import os
 import signal
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -254,11 +256,12 @@ async def shutdown(dom: DomainCore, timeout: float = SHUTDOWN_TIMEOUT) -> None:
     async with _acting(dom, "shutdown"):
         run = RunFiles.of(dom.files)
         sock = await _running_socket(dom, run)
+        pid = await _peer_pid(sock)
         with contextlib.suppress(SnapfsError):  # it may be gone already, or busy: quit follows
             async with qmp.connect(sock, timeout=PROBE_TIMEOUT) as q:
                 await q.execute("system_powerdown")
-        if not await _stopped_within(sock, timeout):
-            await _quit(dom, run, sock)
+        if not await _ended_within(sock, pid, timeout):
+            await _quit(dom, sock, pid)
         _forget(run, "shutdown")
 
 
@@ -267,7 +270,7 @@ async def destroy(dom: DomainCore) -> None:
     async with _acting(dom, "destroy"):
         run = RunFiles.of(dom.files)
         sock = await _running_socket(dom, run)
-        await _quit(dom, run, sock)
+        await _quit(dom, sock, await _peer_pid(sock))
         _forget(run, "destroyed")
 
 
@@ -331,6 +334,19 @@ async def refuse_if_running(dom: DomainCore, cause: SnapfsError) -> None:
             f"Domain {dom.name!r} is running, but its QEMU did not answer snapfs on its QMP socket (another "
             "client holds it, and QEMU serves one at a time); try again when that client is gone.",
         ) from cause
+
+
+async def refuse_while_running(dom: DomainCore, then: str) -> None:
+    """EBUSY while the domain's QEMU runs (undefine would delete the files it writes)."""
+    if await is_running(dom.files):
+        raise busy(f"Domain {dom.name!r} is running; shut it down first (snapfs shutdown {dom.name}), then {then}.")
+
+
+def forget(files: DomainFiles) -> None:
+    """Remove the run-time files of a domain that is gone (undefined, not running)."""
+    run = RunFiles.of(files)
+    for path in (run.qmp, run.pid, run.attached, run.stopped):
+        _unlink(path)
 
 
 # ---- carrying out --------------------------------------------------------------------------
@@ -445,40 +461,51 @@ async def _launch(cmd: list[str], run: RunFiles) -> None:
         raise SnapfsError(errno.EIO, f"QEMU started but does not answer on {run.qmp}.")
 
 
-async def _stopped_within(sock: str, timeout: float) -> bool:
+async def _peer_pid(sock: str) -> int | None:
+    """The pid of the process listening on `sock` (SO_PEERCRED; no QMP client is needed, so
+    it works while another client holds the socket), or None."""
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            await s.connect(sock)
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    return struct.unpack("3i", creds)[0] or None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has released its files and locks)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return bool(fields) and fields[0] != "Z"
+
+
+async def _ended_within(sock: str, pid: int | None, timeout: float) -> bool:
+    """Wait until the QEMU has ended: its process when known (so that its image locks are
+    gone), else its socket; False after `timeout`."""
     with trio.move_on_after(timeout):
-        while await _probe(sock) is not None:
-            await trio.sleep(0.2)
+        while _alive(pid) if pid else await _probe(sock) is not None:
+            await trio.sleep(0.1)
         return True
     return False
 
 
-async def _quit(dom: DomainCore, run: RunFiles, sock: str) -> None:
-    """`quit` over QMP; a QEMU snapfs started that does not end is killed."""
+async def _quit(dom: DomainCore, sock: str, pid: int | None) -> None:
+    """`quit` over QMP; a QEMU that does not end is killed."""
     with contextlib.suppress(SnapfsError):  # gone meanwhile, or not answering: checked below
         async with qmp.connect(sock, timeout=PROBE_TIMEOUT) as q:
             await q.execute("quit", timeout=PROBE_TIMEOUT)
-    if await _stopped_within(sock, QUIT_TIMEOUT):
+    if await _ended_within(sock, pid, QUIT_TIMEOUT):
         return
-    pid = _our_pid(run) if sock == run.qmp else None
     if pid is None:
         raise SnapfsError(errno.ETIMEDOUT, f"The QEMU of domain {dom.name!r} did not quit within {QUIT_TIMEOUT:g} s.")
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    if not await _stopped_within(sock, QUIT_TIMEOUT):
+    if not await _ended_within(sock, pid, QUIT_TIMEOUT):
         raise SnapfsError(errno.ETIMEDOUT, f"The QEMU of domain {dom.name!r} (pid {pid}) survived SIGKILL.")
-
-
-def _our_pid(run: RunFiles) -> int | None:
-    """The pidfile's pid if that process is a QEMU serving our socket (a pid can be reused)."""
-    try:
-        with open(run.pid, encoding="ascii") as f:
-            pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (OSError, ValueError):
-        return None
-    return pid if os.fsencode(run.qmp) in cmdline else None
 
 
 def _check_disks(dom: DomainCore, devices: list[dict], sock: str) -> None:

@@ -32,8 +32,7 @@ import re
 import stat
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
 from .durable import (
@@ -276,6 +275,8 @@ class DomainFiles:
         `changed` names the snapshot files the change wrote or deleted, so a reader one
         generation behind re-reads only those instead of every snapshot's file."""
         previous = self._state(must_exist=False)
+        import uuid  # here, not at the top: the reading verbs never write a state
+
         epoch = previous.get("epoch") or uuid.uuid4().hex
         state: dict = {"current": current, "epoch": epoch, "generation": previous["generation"] + 1}
         live = live if live is not None else previous.get("live")
@@ -289,7 +290,8 @@ class DomainFiles:
     def needs_carry_over(self, targets: list[str]) -> bool:
         """Whether a disk's live.qcow2 is still the live layer's real file (a store made
         before live layers had names of their own), or the state does not name them yet."""
-        return not self.view().live or any(not os.path.islink(self.live_link(t)) for t in targets)
+        # state.json alone (not every snapshot's record): every open of the store asks this
+        return not self._state().get("live") or any(not os.path.islink(self.live_link(t)) for t in targets)
 
     def carry_over(self, targets: list[str]) -> None:
         """Give an old-layout domain's live layers real names of their own: record
@@ -314,6 +316,7 @@ class DomainFiles:
         if any(t not in live for t in targets):
             live.update({t: fresh_layer_name() for t in targets if t not in live})
             self.write_state(view.current, [], live=live)
+            _carry_over_point("state")
         for target in regular:
             self._link_live_to_own_name(target, live[target])
 
@@ -325,7 +328,9 @@ class DomainFiles:
             if not os.path.samestat(os.stat(real), os.lstat(link)):
                 raise CorruptError(real, f"it should be the same file as {link}") from None
         fsync_dir(self.layers_dir(target))
-        replace_with_symlink(link, name)
+        _carry_over_point(f"{target}:link")
+        replace_with_symlink(link, name, crash_point=lambda: _carry_over_point(f"{target}:symlink"))
+        _carry_over_point(f"{target}:done")
 
     # journal
     @property
@@ -412,14 +417,25 @@ class DomainFiles:
             yield
 
 
-def replace_with_symlink(path: str, target: str, syncs: DirSyncs | None = None) -> None:
+def replace_with_symlink(
+    path: str, target: str, syncs: DirSyncs | None = None, crash_point: Callable[[], None] | None = None
+) -> None:
     """Make `path` a symlink to `target` atomically (a new symlink renamed over it): the
     one way a live layer's stable name is retargeted. Idempotent."""
     tmp = path + LINK_SUFFIX
     unlink_if_present(tmp)
     os.symlink(target, tmp)
+    if crash_point is not None:
+        crash_point()
     os.rename(tmp, path)
     sync_dir_of(path, syncs)
+
+
+def _carry_over_point(point: str) -> None:
+    """Fault injection for the tests (as journal.fault_point): SNAPFS_CRASH_AT=carry-over:<point>
+    kills the process there, as a power cut would."""
+    if os.environ.get("SNAPFS_CRASH_AT") == f"carry-over:{point}":
+        os._exit(86)
 
 
 LINK_SUFFIX = ".link"  # a symlink being made beside live.qcow2; recovery removes one left over

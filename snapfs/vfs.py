@@ -4,8 +4,10 @@ here (fs.py turns this into handlers; kcache.py keeps what the kernel holds), so
 whole tree can be checked without a mount:
 
     /<dom>/xml, current -> snapshots/<name>, last-error, job, snapshots/, disks/<target> -> live layer
+    /<dom>/disks/<uuid>.qcow2 -> every real layer file of every disk, so that a relative
+                                 backing name resolves next to disks/<target> (qemu-img)
     /<dom>/snapshots/<name>/xml, description, state, parent -> ../<p>, compression, control
-    /<dom>/snapshots/<name>/disks/<target>.raw, <target>.changes   (for backup tools)
+    /<dom>/snapshots/<name>/disks/<target>.raw, <target>.changes, <target>.map   (for backup tools)
 
 Every error is a SnapfsError with its errno (ENOENT for what does not exist now). Reads
 never wait for a domain lock: metadata is replaced atomically, so a reading sees the
@@ -26,9 +28,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from . import runtime
-from .engines.memory import has_memory
 from .errors import SnapfsError, io_error, not_found
-from .records import DiskRecord, MetadataView, SnapshotRecord
+from .records import DiskRecord, MetadataView, SnapshotRecord, has_memory
 from .rules import CONTROL_WORDS
 
 if TYPE_CHECKING:
@@ -54,11 +55,13 @@ class Kind(enum.Enum):
     DISKS = "disks"  # /<dom>/snapshots/<name>/disks/
     RAW = "disk image"  # .../disks/<target>.raw
     CHANGES = "changed extents"  # .../disks/<target>.changes
+    MAP = "data extents"  # .../disks/<target>.map
     LIVE_DISKS = "live disks"  # /<dom>/disks/
     LIVE_DISK = "live disk"  # /<dom>/disks/<target> -> the live layer
     DOMAIN_STATE = "domain state"  # /<dom>/state: running, paused, shut off
     DOMAIN_CONTROL = "domain control"  # /<dom>/control: start, shutdown, destroy
     MEMORY = "saved memory"  # /<dom>/snapshots/<name>/memory (a snapshot with memory only)
+    LAYER = "layer file"  # /<dom>/disks/<basename> -> a real layer file (node.disk: its basename)
 
 
 DOMAIN_ENTRIES = {
@@ -81,9 +84,10 @@ SNAPSHOT_ENTRIES = {
     "disks": Kind.DISKS,
     "memory": Kind.MEMORY,
 }
-DISK_SUFFIXES = {".raw": Kind.RAW, ".changes": Kind.CHANGES}
+DISK_SUFFIXES = {".raw": Kind.RAW, ".changes": Kind.CHANGES, ".map": Kind.MAP}
+EXTENTS = {Kind.CHANGES, Kind.MAP}  # JSON lines computed by a qemu-img run (load)
 DIRECTORIES = {Kind.ROOT, Kind.DOMAIN, Kind.SNAPSHOTS, Kind.SNAPSHOT, Kind.DISKS, Kind.LIVE_DISKS}
-SYMLINKS = {Kind.CURRENT, Kind.PARENT, Kind.LIVE_DISK}
+SYMLINKS = {Kind.CURRENT, Kind.PARENT, Kind.LIVE_DISK, Kind.LAYER}
 WRITABLE = {Kind.DESCRIPTION, Kind.COMPRESSION, Kind.CONTROL, Kind.DOMAIN_CONTROL}
 # Files whose size changes without a change of the domain's metadata (progress, the
 # latest refusal): their attributes must never be kept.
@@ -94,8 +98,8 @@ RECORD_FIELDS = tuple(f.name for f in fields(SnapshotRecord))
 CONTROL_TEXT = (" ".join(CONTROL_WORDS) + "\n").encode()
 DOMAIN_CONTROL_TEXT = (" ".join(runtime.CONTROL_WORDS) + "\n").encode()
 
-# A snapshot's changed extents of one disk: disk.changes(dom, snap_id, target).
-ChangesReader = Callable[["DomainCore", str, str], Awaitable[list[dict]]]
+# A snapshot's changed extents of one disk, or with True its data extents: disk.changes(dom, snap_id, target, whole).
+ChangesReader = Callable[["DomainCore", str, str, bool], Awaitable[list[dict]]]
 
 
 @dataclass(frozen=True)
@@ -124,10 +128,11 @@ class Attributes:
     nlink: int
     time_ns: int  # atime, mtime and ctime alike
     owner: tuple[int, int] | None = None  # (uid, gid) when not the mount's: a disk's are its layer's
+    allocated: int | None = None  # bytes that hold data, when not all of them (a .raw)
 
     @property
     def blocks(self) -> int:
-        return (self.size + 511) // 512
+        return ((self.size if self.allocated is None else self.allocated) + 511) // 512
 
 
 def text_file(text: str) -> bytes:
@@ -148,7 +153,7 @@ class Reading:
     """One request's reading of the store: each domain is resolved, and its metadata
     read, at most once per reading (a listing or a lookup asks for them many times)."""
 
-    __slots__ = ("store", "known", "changes", "_cores", "_views", "_names")
+    __slots__ = ("store", "known", "changes", "allocated", "_cores", "_views", "_names")
 
     def __init__(self, store: StoreCore, known: dict[str, DomainCore]) -> None:
         self.store = store
@@ -156,7 +161,8 @@ class Reading:
         self._cores: dict[str, DomainCore] = {}
         self._views: dict[str, MetadataView] = {}
         self._names: list[str] | None = None
-        self.changes: dict[Node, bytes] = {}  # .changes files and /<dom>/state loaded for this reading
+        self.changes: dict[Node, bytes] = {}  # .changes and .map files, /<dom>/state, loaded for this reading
+        self.allocated: dict[Node, int] = {}  # the data bytes of the .raw files loaded for this reading
 
     def domain(self, name: str) -> DomainCore:
         """The domain if it exists now (ENOENT otherwise). A name seen before needs only
@@ -237,6 +243,9 @@ class Tree:
         if node.kind is Kind.LIVE_DISK:
             self.disk(node, now)
             return now.domain(node.dom).live_path(node.disk)  # absolute: qemu-img info works on it
+        if node.kind is Kind.LAYER:
+            target = now.view(node.dom).layer_files().get(node.disk)
+            return None if target is None else now.domain(node.dom).files.layer_path(target, node.disk)
         view = now.view(node.dom)
         if node.kind is Kind.CURRENT:
             current = view.snapshots.get(view.current) if view.current else None
@@ -271,8 +280,12 @@ class Tree:
                 for suffix, kind in DISK_SUFFIXES.items():
                     yield disk.target + suffix, node.child(kind, disk.target)
         elif node.kind is Kind.LIVE_DISKS:
-            for disk in now.domain(node.dom).disks:
-                yield disk.target, node.child(Kind.LIVE_DISK, disk.target)
+            targets = [disk.target for disk in now.domain(node.dom).disks]
+            for target in targets:
+                yield target, node.child(Kind.LIVE_DISK, target)
+            for name in sorted(now.view(node.dom).layer_files()):
+                if name not in targets:
+                    yield name, node.child(Kind.LAYER, name)
         else:
             raise SnapfsError(errno.ENOTDIR, f"{self.path(node, now)} is not a directory.")
 
@@ -307,7 +320,9 @@ class Tree:
         """<target>.raw / <target>.changes in a snapshot's disks/, <target> in /<dom>/disks/."""
         targets = {disk.target for disk in now.domain(parent.dom).disks}
         if parent.kind is Kind.LIVE_DISKS:
-            return parent.child(Kind.LIVE_DISK, name) if name in targets else None
+            if name in targets:
+                return parent.child(Kind.LIVE_DISK, name)
+            return parent.child(Kind.LAYER, name) if name in now.view(parent.dom).layer_files() else None
         target, dot, suffix = name.rpartition(".")
         kind = DISK_SUFFIXES.get(dot + suffix)
         return parent.child(kind, target) if kind is not None and target in targets else None
@@ -318,9 +333,9 @@ class Tree:
             return ROOT
         if node.kind is Kind.SNAPSHOT:
             return Node(Kind.SNAPSHOTS, node.dom)
-        if node.kind in (Kind.RAW, Kind.CHANGES):
+        if node.kind in DISK_SUFFIXES.values():
             return Node(Kind.DISKS, node.dom, node.snap)
-        if node.kind is Kind.LIVE_DISK:
+        if node.kind in (Kind.LIVE_DISK, Kind.LAYER):
             return Node(Kind.LIVE_DISKS, node.dom)
         if node.snap:
             return Node(Kind.SNAPSHOT, node.dom, node.snap)
@@ -335,8 +350,8 @@ class Tree:
             if node.snap:
                 record = (now or self.reading()).view(node.dom).snapshots.get(node.snap)
                 parts += ["snapshots", record.name if record else node.snap]
-                if node.kind in (Kind.RAW, Kind.CHANGES):
-                    parts += ["disks", node.disk + (".raw" if node.kind is Kind.RAW else ".changes")]
+                if node.kind in DISK_SUFFIXES.values():
+                    parts += ["disks", node.disk + _entry_name(DISK_SUFFIXES, node.kind)]
                 elif node.kind is not Kind.SNAPSHOT:
                     parts.append(_entry_name(SNAPSHOT_ENTRIES, node.kind))
             else:
@@ -347,7 +362,8 @@ class Tree:
 
     # ---- what it shows -------------------------------------------------------------------
     def attributes(self, node: Node, now: Reading) -> Attributes:
-        """The node's attributes now. A .changes must have been loaded (load) first."""
+        """The node's attributes now. A .changes or .map must have been loaded (load) first;
+        a .raw shows its data as its blocks once loaded, all its size before."""
         stamp = self.snapshot(node, now).creation_time * 1_000_000_000 if node.snap else self._started_ns
         if node.kind in DIRECTORIES:
             mode = stat.S_IFDIR | (0o755 if node.kind is Kind.SNAPSHOTS else 0o555)
@@ -359,14 +375,15 @@ class Tree:
             return Attributes(stat.S_IFLNK | 0o777, len(target.encode("utf-8")), 1, stamp)
         if node.kind is Kind.RAW:
             mode, owner = self._layer_access(node, now)
-            return Attributes(mode, self.disk(node, now).size, 1, stamp, owner)  # the virtual size
+            size, allocated = self.disk(node, now).size, now.allocated.get(node)  # the virtual size
+            return Attributes(mode, size, 1, stamp, owner, allocated)
         if node.kind is Kind.MEMORY:
             path = memory_file(node, now)
             if path is None:
                 raise gone()
             st = os.stat(path)
             return Attributes(stat.S_IFREG | (st.st_mode & 0o444), st.st_size, 1, stamp, (st.st_uid, st.st_gid))
-        if node.kind is Kind.CHANGES:
+        if node.kind in EXTENTS:
             mode, owner = self._layer_access(node, now)
             return Attributes(mode, len(self.content(node, now)), 1, stamp, owner)
         mode = stat.S_IFREG | (0o644 if node.kind in WRITABLE else 0o444)
@@ -414,9 +431,9 @@ class Tree:
             return DOMAIN_CONTROL_TEXT
         if node.kind is Kind.SNAP_XML:
             return self._snapshot_xml_bytes(node, now)
-        if node.kind in (Kind.CHANGES, Kind.DOMAIN_STATE):
+        if node.kind in EXTENTS or node.kind is Kind.DOMAIN_STATE:
             data = now.changes.get(node)
-            if data is None:  # every path that sizes or reads a .changes loads it first
+            if data is None:  # every path that sizes or reads a .changes or .map loads it first
                 raise io_error(f"{self.path(node, now)} was read before it was computed.")
             return data
         if node.kind in (Kind.DESCRIPTION, Kind.STATE, Kind.COMPRESSION):
@@ -466,16 +483,28 @@ class Tree:
 
     async def load(self, node: Node, now: Reading) -> None:
         """Compute what the node's size and content need that takes a qemu-img run (a
-        .changes file) or a question to QEMU (/<dom>/state), once per reading; nothing for
-        every other node."""
-        if node.kind is Kind.CHANGES and node not in now.changes:
+        .changes or .map file, a .raw's blocks) or a question to QEMU (/<dom>/state), once per
+        reading; nothing for every other node. A .raw whose map cannot be read now (an
+        operation changes its chain) shows all its size as allocated, and its stat is not
+        refused."""
+        if node.kind in EXTENTS and node not in now.changes:
             now.changes[node] = await self._changes_bytes(node, now)
         elif node.kind is Kind.DOMAIN_STATE and node not in now.changes:
             # asked of QEMU on every reading (the file is volatile and read with direct_io)
             now.changes[node] = text_file(await runtime.state_word(now.domain(node.dom).files))
+        elif node.kind is Kind.RAW and node not in now.allocated:
+            dom, map_node = now.domain(node.dom), node.child(Kind.MAP, node.disk)
+            if dom.operation_naming([dom.layer_path(node.disk, node.snap)]) is not None:
+                return  # a stat is not refused, nor recorded in last-error
+            try:
+                await self.load(map_node, now)
+            except SnapfsError:
+                return
+            now.allocated[node] = sum(json.loads(line)["length"] for line in now.changes[map_node].splitlines())
 
     async def _changes_bytes(self, node: Node, now: Reading) -> bytes:
-        """<target>.changes: what L(S) holds against its backing, as JSON lines.
+        """<target>.changes: what L(S) holds against its backing, as JSON lines; <target>.map:
+        where S's whole image holds data.
 
         Computed once per generation of the domain (every change of the metadata bumps
         it) and cached: a merge of S's parent moves the parent's changes into L(S) and
@@ -490,7 +519,7 @@ class Tree:
         if cached is not None and cached[0] == key:
             self._changes.move_to_end(node)
             return cached[1]
-        extents = await self._read_changes(dom, node.snap, node.disk)
+        extents = await self._read_changes(dom, node.snap, node.disk, node.kind is Kind.MAP)
         data = "".join(json.dumps(extent) + "\n" for extent in extents).encode("ascii")
         after = dom.view()
         if after.generation == view.generation and after.epoch == view.epoch:

@@ -158,6 +158,11 @@ def layer_problems(root: str) -> list[str]:
             continue
         for name in sorted(names):
             path = os.path.join(dirpath, name)
+            if name == "live.qcow2":  # the live layer's stable name: a symlink to a real file beside it
+                target = os.readlink(path) if os.path.islink(path) else ""
+                if "/" in target or not os.path.isfile(os.path.join(dirpath, target)):
+                    problems.append(f"{path}: not a symlink to a layer beside it")
+                continue
             if not os.path.isfile(path) or os.path.islink(path):
                 problems.append(f"{path}: not a regular file")
                 continue

@@ -9,11 +9,13 @@ import multiprocessing
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import trio
 from guest.counter import Counter, check_consistent, read_counter
+from guest.vm import qemu_command
 from helpers import SNAPFS
 
 import snapfs
@@ -181,13 +183,15 @@ def _operate(root: str, operation: str, name: str, env: dict[str, str]) -> None:
     domain = snapfs.open_store(root).lookup_domain(DOM)
     if operation == "create":
         domain.snapshot_create_xml(DISK_ONLY.format(name))
+    elif operation == "deactivate":
+        domain.snapshot_lookup_by_name(name).deactivate(snapfs.DeactivateFlags.NONE)
     else:
         domain.snapshot_lookup_by_name(name).deactivate(snapfs.DeactivateFlags.MERGE)
 
 
 def operate(root: str, operation: str, name: str, env: dict[str, str] | None = None) -> int:
-    """Run `create` (a disk-only snapshot `name`) or `merge` (of `name`) through the API in a
-    child process; its exit status (0: done)."""
+    """Run `create` (a disk-only snapshot `name`), `merge` or `deactivate` (of `name`) through
+    the API in a child process; its exit status (0: done)."""
     child = _FORKS.Process(target=_operate, args=(root, operation, name, env or {}))
     child.start()
     child.join(120)
@@ -195,3 +199,28 @@ def operate(root: str, operation: str, name: str, env: dict[str, str] | None = N
         child.kill()
         child.join()
     return child.exitcode if child.exitcode is not None else -9
+
+
+class PausedQemu:
+    """QEMU on a store's live layers, its guest never started (-S): it holds the files, answers
+    QMP, runs jobs, and writes nothing."""
+
+    def __init__(self, root: str, directory: Path, through_links: bool = False) -> None:
+        domain = snapfs.open_store(root).lookup_domain(DOM)
+        self.sock = directory / "qmp.sock"
+        paths = domain.live_paths() if through_links else domain.live_layer_paths()
+        disks = {t: Path(p) for t, p in paths.items()}
+        self.proc = subprocess.Popen([*qemu_command(self.sock, disks), "-S"], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (self.sock.exists() and _answers(self.sock)):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
+            time.sleep(0.05)
+        domain.attach(str(self.sock))
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def _answers(sock: Path) -> bool:
+    return trio.run(qmp.answers, sock)

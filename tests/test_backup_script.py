@@ -3,12 +3,15 @@ non-zero exit, never a traceback; a restore writes a sparse file."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
 import pytest
 from fsfixtures import CLUSTER, DISK_SIZE, PYTHON, REPO, fs_fixture, write_pattern  # noqa: F401
 from refusal import cli_refused
+
+import snapfs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,3 +70,77 @@ def test_restore_is_sparse_and_exact(backed_up, tmp_path):
             assert os.stat(restored).st_blocks <= data_blocks + 64, (
                 f"{name}/{target}: {os.stat(restored).st_blocks} blocks, the disk is {DISK_SIZE // 512}"
             )
+
+
+def data_extents(layer: str) -> list[dict]:
+    """Where the image holds data, from qemu-img map of the layer through its chain."""
+    run = subprocess.run(["qemu-img", "map", "--output=json", layer], capture_output=True, text=True, check=True)
+    found: list[dict] = []
+    for e in json.loads(run.stdout):
+        if e["data"] and not e["zero"]:
+            if found and found[-1]["start"] + found[-1]["length"] == e["start"]:
+                found[-1]["length"] += e["length"]
+            else:
+                found.append({"start": e["start"], "length": e["length"]})
+    return found
+
+
+@pytest.fixture
+def holey(fs):
+    """vm1's vda with data in three places over two layers, snapshot s2 on s1; vdb untouched."""
+    write_pattern(fs.live("vda"), 0x11, 0, 2 * CLUSTER)
+    os.mkdir(fs.snap("s1"))
+    write_pattern(fs.live("vda"), 0x22, 8 * CLUSTER, CLUSTER)
+    write_pattern(fs.live("vda"), 0x33, 30 * CLUSTER, 3 * CLUSTER)
+    os.mkdir(fs.snap("s2"))
+    domain = snapfs.Store(snapfs.api.open_store_core(fs.store)).lookup_domain("vm1")
+    return fs, {t: domain.snapshot_lookup_by_name("s2").layer_paths()[t] for t in ("vda", "vdb")}
+
+
+def test_a_raw_shows_its_data_as_blocks_and_a_map_lists_it(holey):
+    fs, layers = holey
+    disks = fs.snap("s2", "disks")
+    assert sorted(os.listdir(disks)) == [f"{t}{s}" for t in ("vda", "vdb") for s in (".changes", ".map", ".raw")]
+    for target, layer in layers.items():
+        with open(os.path.join(disks, f"{target}.map")) as f:
+            listed = [json.loads(line) for line in f]
+        assert listed == data_extents(layer)
+        data = sum(e["length"] for e in listed)
+        raw = os.path.join(disks, f"{target}.raw")
+        assert os.stat(raw).st_size == DISK_SIZE
+        assert os.stat(raw).st_blocks * 512 == data
+        du = subprocess.run(["du", "-B1", raw], capture_output=True, text=True, check=True).stdout.split()[0]
+        assert int(du) == data, f"du of {target}.raw"
+    assert sum(e["length"] for e in data_extents(layers["vda"])) == 6 * CLUSTER
+
+
+COUNTING = """
+import atexit, os, runpy, sys
+real, read = os.preadv, [0]
+def preadv(fd, buffers, offset):
+    count = real(fd, buffers, offset)
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".raw") and "/snapshots/" in os.readlink(f"/proc/self/fd/{fd}"):
+        read[0] += count
+    return count
+os.preadv = preadv
+atexit.register(lambda: print(read[0]))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_backup_reads_only_the_data_and_restores_a_sparse_file(holey, tmp_path):
+    fs, layers = holey
+    dest = str(tmp_path / "backups")
+    run = subprocess.run([PYTHON, "-c", COUNTING, BACKUP, "full", fs.mnt, "vm1", "s2", dest], capture_output=True)
+    assert run.returncode == 0, run.stderr
+    data = sum(e["length"] for layer in layers.values() for e in data_extents(layer))
+    assert int(run.stdout.split()[-1]) == data, "bytes read from the .raw files through the mount"
+    out = str(tmp_path / "out")
+    assert backup("restore", dest, "s2", out).returncode == 0
+    for target, layer in layers.items():
+        restored = os.path.join(out, f"{target}.raw")
+        with open(restored, "rb") as f, open(fs.snap("s2", f"disks/{target}.raw"), "rb") as want:
+            assert f.read() == want.read()
+        assert os.path.getsize(restored) == DISK_SIZE
+        assert os.stat(restored).st_blocks * 512 <= sum(e["length"] for e in data_extents(layer)) + 64 * 512

@@ -214,7 +214,13 @@ CASES = [
         {"recompress", "overlay"},
         compressed=("newz", "zstd"),
     ),
-    Case("revert", "revert", ["create-with-snapshot", DOM, "q"], lambda m: m.revert("q"), {"overlay", "link", "state", "delete"}),
+    Case(
+        "revert",
+        "revert",
+        ["create-with-snapshot", DOM, "q"],
+        lambda m: m.revert("q"),
+        {"overlay", "link", "state", "delete"},
+    ),
     Case(
         "merge-0-dependents",
         "merge",

@@ -80,10 +80,27 @@ def assert_refused(fs: FsEnv, code: int, expected: int | tuple[int, ...], before
 # ---- the tree -------------------------------------------------------------------------
 def test_tree_layout(fs: FsEnv, drive) -> None:
     assert sorted(os.listdir(fs.mnt)) == ["vm1", "vm2"]
-    assert sorted(os.listdir(fs.p("vm1"))) == ["disks", "job", "last-error", "snapshots", "xml"]  # no current yet
+    assert sorted(os.listdir(fs.p("vm1"))) == [
+        "control",
+        "disks",
+        "job",
+        "last-error",
+        "snapshots",
+        "state",
+        "xml",
+    ]  # no current yet
     assert "live.qcow2" in fs.read("vm1/xml")
     make_chain(fs, drive, ["one", "two"])
-    assert sorted(os.listdir(fs.p("vm1"))) == ["current", "disks", "job", "last-error", "snapshots", "xml"]
+    assert sorted(os.listdir(fs.p("vm1"))) == [
+        "control",
+        "current",
+        "disks",
+        "job",
+        "last-error",
+        "snapshots",
+        "state",
+        "xml",
+    ]
     assert drive.readlink(fs.p("vm1/current")) == "snapshots/two"
     assert drive.readlink(fs.snap("two", "parent")) == "../one"
     assert not os.path.lexists(fs.snap("one", "parent"))
@@ -533,7 +550,7 @@ def test_ls_of_another_domain_during_a_long_merge(slow_fs: FsEnv, tmp_path) -> N
     time.sleep(0.5)
     try:
         start = time.monotonic()
-        assert sorted(os.listdir(fs.p("vm2"))) == ["disks", "job", "last-error", "snapshots", "xml"]
+        assert sorted(os.listdir(fs.p("vm2"))) == ["control", "disks", "job", "last-error", "snapshots", "state", "xml"]
         assert "<domain" in open(fs.p("vm2/xml")).read()
         assert os.listdir(fs.p("big/snapshots")) == ["s"]  # the merging domain is readable too
         assert "<name>s</name>" in open(fs.snap("s", "xml", dom="big")).read()

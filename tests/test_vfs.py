@@ -66,8 +66,16 @@ def test_listings(tree: Tree) -> None:
     assert sorted(names(tree, "vm1", "snapshots")) == ["a", "b", "c"]
     assert names(tree, "vm1", "snapshots", "a") == ["xml", "description", "state", "compression", "control", "disks"]
     assert "parent" in names(tree, "vm1", "snapshots", "b")
-    assert names(tree, "vm1", "snapshots", "b", "disks") == ["vda.raw", "vda.changes", "vdb.raw", "vdb.changes"]
-    assert names(tree, "vm1", "disks") == ["vda", "vdb"]
+    assert names(tree, "vm1", "snapshots", "b", "disks") == [
+        "vda.raw",
+        "vda.changes",
+        "vda.map",
+        "vdb.raw",
+        "vdb.changes",
+        "vdb.map",
+    ]
+    disks = names(tree, "vm1", "disks")  # the stable names, then every real layer file (3 snapshots + live, 2 disks)
+    assert disks[:2] == ["vda", "vdb"] and len(disks) == 2 + 8 and all(n.endswith(".qcow2") for n in disks[2:])
     assert tree.find(at(tree, "vm1", "snapshots"), "nope", tree.reading()) is None
     assert tree.find(at(tree, "vm1", "snapshots", "a"), "parent", tree.reading()) is None  # a root
     assert tree.find(at(tree, "vm1", "snapshots", "a", "disks"), "vdz.raw", tree.reading()) is None

@@ -30,7 +30,7 @@ import trio
 from .. import qmp, runtime
 from ..durable import fsync_dir, fsync_file, read_json, unlink_if_present
 from ..errors import SnapfsError, io_error
-from ..records import SnapshotRecord
+from ..records import SnapshotRecord, has_memory
 from ..store import DomainFiles
 
 if TYPE_CHECKING:
@@ -39,12 +39,7 @@ if TYPE_CHECKING:
 PART = ".part"
 MIGRATION_TIMEOUT = float(os.environ.get("SNAPFS_MIGRATION_TIMEOUT", "600"))
 POLL_SECONDS = 0.02
-MEMORY_STATES = ("running", "paused")  # a snapshot's state when it has memory
 RUNNING_MIGRATION = ("setup", "active", "device", "pre-switchover", "postcopy-active", "wait-unplug")
-
-
-def has_memory(record: SnapshotRecord) -> bool:
-    return record.state in MEMORY_STATES
 
 
 def memory_rel(files: DomainFiles, snap_id: str) -> str:
@@ -209,7 +204,7 @@ async def quit_qemu(files: DomainFiles) -> None:
     """End the domain's QEMU (snapfs started it: a revert of an attached one is refused)."""
     run = runtime.RunFiles.of(files)
     if os.path.exists(run.qmp) and await runtime._probe(run.qmp) is not None:
-        await runtime._quit(_Domain(files), run, run.qmp)  # type: ignore[arg-type]
+        await runtime._quit(_Domain(files), run.qmp, await runtime._peer_pid(run.qmp))  # type: ignore[arg-type]
     runtime._forget(run, "snapshot")
 
 

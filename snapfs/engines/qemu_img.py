@@ -141,6 +141,8 @@ class QemuImgEngine:
         path = files.file
         do = step["do"]
         if do == "overlay":
+            if "freeze" in step:  # the live file becomes L(S) without a rename: its mode follows the store's
+                await _in_thread(_give_layer_mode, path(step["freeze"]), path(step["freeze"]))
             await self.overlay(path(step["dst"]), step["backing"], step["fmt"], step["size"], syncs)
         elif do == "rename":
             await _in_thread(_move, path(step["src"]), path(step["dst"]), syncs)

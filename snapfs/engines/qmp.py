@@ -32,7 +32,7 @@ import trio
 from .. import layerlock, qemu, qmp, rules
 from ..durable import DirSyncs, unlink_if_present
 from ..errors import SnapfsError, io_error
-from ..records import LIVE, DiskRecord, MetadataView
+from ..records import LIVE, DiskRecord, MetadataView, layer_name
 from ..store import DomainFiles
 from . import Progress, memory
 from .qemu_img import METADATA_STEPS, QemuImgEngine
@@ -154,14 +154,36 @@ class QmpEngine:
 
     name = "qmp"
 
-    def __init__(self, socket: str | None, offline: QemuImgEngine, domain: str = "") -> None:
+    def __init__(self, socket: str | None, offline: QemuImgEngine, domain: str = "", linked: str | None = None) -> None:
         self.socket = socket
         self.offline = offline
         self.domain = domain
+        self.linked = linked  # why the layers cannot change (QEMU runs a disk through a symlink)
         self.temporary_suffixes = offline.temporary_suffixes
 
     def snapshot_state(self) -> str:
         return "disk-snapshot"
+
+    @classmethod
+    async def if_running(cls, socket: str, offline: QemuImgEngine, domain: str) -> QmpEngine | None:
+        """The engine for a QEMU that answers on `socket` (None: none does, the domain is shut
+        off). A QEMU that opened a disk through a symlink (the live layer's stable name) would
+        reopen it by that name after a switch: then every change to a layer is refused before
+        anything is written (renames and descriptions still work)."""
+        try:
+            async with qmp.connect(socket, timeout=2.0) as q:
+                nodes, active = await block_nodes(q), await active_nodes(q)
+        except SnapfsError:
+            return None
+        links = [n.path for n in nodes if n.name in active and n.through_link]
+        linked = (
+            f"Domain {domain!r} runs on {links[0]}, a symbolic link: QEMU reopens a file by the name it was "
+            "given, so snapfs changes its disks only when it was started on the real files (snapfs start does; "
+            "Domain.live_layer_paths() names them)."
+            if links
+            else None
+        )
+        return cls(socket, offline, domain, linked)
 
     # ---- intents -> steps -------------------------------------------------------------------
     def steps(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
@@ -170,6 +192,8 @@ class QmpEngine:
             return [intent]
         if intent.get("revert"):
             return self._revert(intent, files, disks)
+        if self.linked:
+            raise SnapfsError(errno.EOPNOTSUPP, self.linked)
         view = files.view()
         chain = running_chain(view)
         name = files.name
@@ -177,7 +201,11 @@ class QmpEngine:
             return []  # the switch freezes the live layer: its real file keeps its name
         if do == "new_live":
             if not intent.get("frozen"):
-                raise refused(name, f"shut {name} down first to reset its live disk (revert comes with memory).")
+                raise refused(
+                    name,
+                    "shut it down first: this replaces the disk its guest uses (a revert of a running domain comes "
+                    "with memory snapshots).",
+                )
             return self._create(intent, files, disks)
         if do == "fold":
             if intent["snap"] not in chain:
@@ -186,14 +214,15 @@ class QmpEngine:
         if do == "drop" and intent["snap"] not in chain:
             return self.offline.steps(intent, files, disks)
         if do == "recompress":
-            if intent["snap"] not in chain:
+            # A snapshot this plan creates is not in the view yet: its layer is the live one.
+            if intent["snap"] in view.snapshots and intent["snap"] not in chain:
                 return self.offline.steps(intent, files, disks)
             raise refused(
-                name, f"QEMU holds the layers it would recompress; shut {name} down first, or create it uncompressed."
+                name, "QEMU holds the layers this would recompress; shut it down first (or leave it uncompressed)."
             )
         if do == "rebase_live":
-            raise refused(name, f"shut {name} down first to deactivate a snapshot its live disk stands on.")
-        raise refused(name, f"shut {name} down first (the live disk depends on what this would delete).")
+            return self._deactivate(intent, files, disks, view)
+        raise refused(name, "shut it down first: its running disk depends on what this would delete.")
 
     def _create(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
         """Per disk a new overlay on the live layer's real file; all added to QEMU, all
@@ -249,6 +278,29 @@ class QmpEngine:
                     }
                 )
         return steps + [{"do": "release", "path": layouts.own(d)} for d in disks]
+
+    def _deactivate(self, intent: dict, files: DomainFiles, disks: list[DiskRecord], view: MetadataView) -> list[dict]:
+        """The live layer pulls everything above P (the stream of a merge, with no layer
+        deleted): it then sits on P, S and the layers between stay as they are."""
+        below = view.snapshots[view.current]  # the live layer's backing now (QEMU gone: re-pointed there)
+        steps = []
+        for d in disks:
+            own = {d.target: layer_name(below, d.target)}
+            onto = intent["onto"]
+            base = d.base if onto is None else _rel(files, d, onto)
+            backing = (
+                {"backing": d.base, "fmt": d.format} if onto is None else {"backing": onto[d.target], "fmt": "qcow2"}
+            )
+            steps.append(
+                {
+                    "do": "stream",
+                    "layer": _rel(files, d, intent["layers"]),
+                    "base": base,
+                    "from": _rel(files, d, own),
+                    **backing,
+                }
+            )
+        return steps
 
     # ---- the precondition --------------------------------------------------------------------
     def hold_layers(self, files: DomainFiles, steps: list[dict]) -> contextlib.AbstractContextManager:

@@ -79,8 +79,11 @@ def qemu_command(sock: Path, disks: Mapping[str, Path], memory_mib: int = 256, a
         f"console=ttyS0 quiet panic=-1 {append}".strip(),
     ]
     cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
+    used: set[str] = set()
     for disk, image in disks.items():
         node = node_of(disk, image)
+        node = f"{disk}-boot" if node in used else node  # two disks' live.qcow2 symlinks
+        used.add(node)
         cmd += ["-blockdev", f"driver=file,node-name={node}-file,filename={image}"]
         cmd += ["-blockdev", f"driver=qcow2,node-name={node},file={node}-file"]
         cmd += ["-device", f"virtio-blk-pci,drive={node},id={disk}"]

@@ -1,0 +1,134 @@
+"""The command line starts fast: a verb that changes nothing imports neither trio nor the
+engine nor pyfuse3, and lxml only when it prints XML (issue 16). Each verb runs in its own
+Python under `-X importtime`, whose report names every module the run imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_MAIN = "import sys; from snapfs.cli import main; sys.exit(main())"
+NEVER_FOR_READING = ("trio", "pyfuse3", "snapfs.engines.qemu_img", "snapfs.qemu", "snapfs.journal", "snapfs.mount")
+
+# (argv after --store STORE, prints XML, exit status)
+READING = [
+    (["list"], False, 0),
+    (["list", "--name"], False, 0),
+    (["snapshot-list", "vm1"], False, 0),
+    (["snapshot-list", "vm1", "--tree"], False, 0),
+    (["snapshot-list", "vm1", "--parent", "--topological"], False, 0),
+    (["snapshot-list", "vm1", "--roots", "--name"], False, 0),
+    (["snapshot-list", "vm1", "--leaves"], False, 0),
+    (["snapshot-list", "vm1", "--no-leaves", "--metadata", "--inactive", "--external"], False, 0),
+    (["snapshot-list", "vm1", "--from", "s1", "--descendants"], False, 0),
+    (["snapshot-list", "vm1", "--current", "--name"], False, 0),
+    (["snapshot-list", "vm1", "--tree", "--name"], False, 1),
+    (["snapshot-list", "nosuch"], False, 1),
+    (["snapshot-info", "vm1", "s1"], False, 0),
+    (["snapshot-info", "vm1", "--current"], False, 0),
+    (["snapshot-current", "vm1", "--name"], False, 0),
+    (["snapshot-current", "vm1"], True, 0),
+    (["snapshot-parent", "vm1", "s2"], False, 0),
+    (["snapshot-parent", "vm1", "--snapshotname", "s1"], False, 1),
+    (["snapshot-dumpxml", "vm1", "s1"], True, 0),
+    (["dumpxml", "vm1"], True, 0),
+    (["--help"], False, 0),
+    (["--version"], False, 0),
+    (["snapshot-list", "--help"], False, 0),
+    (["bogus-verb"], False, 2),
+    (["snapshot-info"], False, 2),
+    (["snapshot-list", "vm1", "--no-such-flag"], False, 2),
+]
+
+
+def imported(store: str, *argv: str, env: dict[str, str] | None = None) -> tuple[set[str], subprocess.CompletedProcess]:
+    """Run `snapfs --store STORE ARGV` in a fresh Python; the modules it imported, and the run."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", RUN_MAIN, "--store", store, *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "self [us]" not in line
+    }
+    assert "snapfs.cli" in modules, done.stderr  # the report was read
+    return modules, done
+
+
+@pytest.fixture
+def two_snapshots(domain, store_path) -> str:
+    """vm1 with s1 and its child s2 (current)."""
+    for name in ("s1", "s2"):
+        domain.snapshot_create_xml(f"<domainsnapshot><name>{name}</name></domainsnapshot>")
+    return store_path
+
+
+def test_reading_verbs_import_no_trio(two_snapshots):
+    failures = []
+    for argv, prints_xml, status in READING:
+        modules, done = imported(two_snapshots, *argv)
+        if done.returncode != status:
+            failures.append(f"{argv}: exit status {done.returncode}, not {status}: {done.stderr[-300:]}")
+        unwanted = [m for m in NEVER_FOR_READING if m in modules]
+        if not prints_xml:
+            unwanted += [m for m in ("lxml", "lxml.etree") if m in modules]
+        if unwanted:
+            failures.append(f"{argv} imported {unwanted}")
+        if prints_xml and "lxml.etree" not in modules:
+            failures.append(f"{argv} printed XML without lxml?")
+    assert not failures, "\n".join(failures)
+
+
+def test_reading_verbs_print_what_the_full_path_prints(two_snapshots):
+    """The loop-free path prints the bytes the trio path (recovery first) prints."""
+    full = (
+        "import sys, trio; from snapfs import cli, cliargs; words = sys.argv[1:]; "
+        "sys.stdout.write(trio.run(cli._main, cliargs.parser(words).parse_args(words)))"
+    )
+    for argv in (["list"], ["snapshot-list", "vm1", "--tree"], ["snapshot-info", "vm1", "s1"], ["dumpxml", "vm1"]):
+        fast = subprocess.run(
+            [sys.executable, "-c", RUN_MAIN, "--store", two_snapshots, *argv], capture_output=True, cwd=ROOT
+        )
+        slow = subprocess.run(
+            [sys.executable, "-c", full, "--store", two_snapshots, *argv], capture_output=True, cwd=ROOT
+        )
+        assert fast.returncode == 0 and slow.returncode == 0, (fast.stderr, slow.stderr)
+        assert fast.stdout == slow.stdout and fast.stdout, argv
+
+
+def test_changing_verbs_import_no_pyfuse3(two_snapshots):
+    for argv in (["snapshot-create-as", "vm1", "s3"], ["snapshot-rename", "vm1", "s3", "s4"]):
+        modules, done = imported(two_snapshots, *argv)
+        assert done.returncode == 0, done.stderr
+        assert "trio" in modules
+        assert "pyfuse3" not in modules and "snapfs.mount" not in modules, argv
+
+
+def test_a_reading_verb_recovers_first(two_snapshots, tmp_path):
+    """A crashed operation is finished before a reading verb answers (the full path, with
+    trio), as before: the listing shows the snapshot whose create was cut short."""
+    trace = str(tmp_path / "steps")
+    _, done = imported(
+        two_snapshots, "snapshot-create-as", "vm1", "probe", env={**os.environ, "SNAPFS_TRACE_STEPS": trace}
+    )
+    assert done.returncode == 0, done.stderr
+    with open(trace) as f:
+        last = f.read().split()[-1]
+    crash = {**os.environ, "SNAPFS_CRASH_AT": f"{last}:before"}
+    _, crashed = imported(two_snapshots, "snapshot-create-as", "vm1", "cut-short", env=crash)
+    assert crashed.returncode == 86, crashed.stderr
+    journal = os.path.join(two_snapshots, "domains", "vm1", "journal.json")
+    assert os.path.exists(journal)
+    modules, listed = imported(two_snapshots, "snapshot-list", "vm1", "--name")
+    assert listed.returncode == 0, listed.stderr
+    assert "cut-short" in listed.stdout.split()
+    assert "trio" in modules and not os.path.exists(journal)
