@@ -26,6 +26,7 @@ from livehelpers import CLUSTER, COUNTER_AREA, DOM, PATTERN_AT, TARGETS, MiB, cl
 
 import snapfs
 import snapfs.api
+from snapfs import qmp
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -220,6 +221,29 @@ def test_revert_paused_override(vm: Vm) -> None:
     time.sleep(1)
     assert vm.counters(since) == []
     cli(vm.root, "snapshot-revert", DOM, "m2", "--running")
+    assert vm.state() == "running"
+    vm.wait_printing(since, old_printing=False)
+
+
+async def _qmp(sock: Path, command: str) -> None:
+    async with qmp.connect(sock) as q:
+        await q.execute(command)
+
+
+def test_memory_snapshot_of_paused_domain(vm: Vm) -> None:
+    """A paused guest's snapshot says `paused`, the guest stays paused, and a revert to it
+    leaves it paused (QEMU's background snapshot resumes a guest: snapfs pauses it again)."""
+    trio.run(_qmp, vm.sock(), "stop")
+    assert vm.state() == "paused"
+    vm.domain.snapshot_create_xml("<domainsnapshot><name>p1</name></domainsnapshot>")
+    assert "<state>paused</state>" in vm.domain.snapshot_lookup_by_name("p1").get_xml_desc()
+    assert vm.state() == "paused"
+    trio.run(_qmp, vm.sock(), "cont")
+    vm.wait_counter(vm.counters()[-1] + 3)
+    vm.domain.create_with_snapshot("p1")
+    assert vm.state() == "paused"
+    since = vm.mark()
+    cli(vm.root, "snapshot-revert", DOM, "p1", "--running")
     assert vm.state() == "running"
     vm.wait_printing(since, old_printing=False)
 
