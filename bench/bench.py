@@ -3,9 +3,10 @@
     .venv/bin/python bench/bench.py                 # everything (~10 minutes)
     .venv/bin/python bench/bench.py create merge    # some sections
 
-Sections: create, scale, ls, merge, reads, concurrency, backup, cli, sparse. Every figure is a median of
-several runs; ratios are taken against bare qemu-img run by this same process, in the
-same run, on the same disk. Nothing here asserts: the goals are printed beside the figures.
+Sections: create, scale, ls, merge, reads, concurrency, backup, cli, sparse, memory
+(bench_memory.py: issue 14's `live` figures). Every figure is a median of several runs;
+ratios are taken against bare qemu-img run by this same process, in the same run, on the
+same disk. Nothing here asserts: the goals are printed beside the figures.
 """
 
 from __future__ import annotations
@@ -616,6 +617,7 @@ SECTIONS = {
     "backup": section_backup,
     "cli": section_cli,
     "sparse": section_sparse,
+    "memory": lambda root: __import__("bench_memory").section_live(root, report=report),
 }
 
 

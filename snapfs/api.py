@@ -22,6 +22,8 @@ from .store import default_store_path
 T = TypeVar("T")
 
 SNAPSHOT_CREATE_DISK_ONLY = 16  # libvirt's VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+SNAPSHOT_REVERT_RUNNING = 1  # libvirt's VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
+SNAPSHOT_REVERT_PAUSED = 2  # libvirt's VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
 # libvirt-python's names for Domain.state()'s first item, and the reasons snapfs gives: taken
 # from runtime.py on first use (runtime brings trio and QMP, which reading the store needs not).
 _RUNTIME_NAMES = {
@@ -145,8 +147,8 @@ class Domain:
         return f"<Domain {self.name}>"
 
     def snapshot_create_xml(self, xml_desc: str | bytes, flags: int = 0) -> Snapshot:
-        """flags: SNAPSHOT_CREATE_DISK_ONLY (libvirt's 16), or <memory snapshot='no'/> in the XML,
-        for a disk-only snapshot of a running domain."""
+        """Of a running domain, its memory is saved too unless flags has SNAPSHOT_CREATE_DISK_ONLY
+        (libvirt's 16) or the XML says <memory snapshot='no'/>."""
         flags = _check_flags(flags, SNAPSHOT_CREATE_DISK_ONLY)
         record = _run(self.core.create_from_xml, xml_desc, None, bool(flags & SNAPSHOT_CREATE_DISK_ONLY))
         return Snapshot(self, record.id)
@@ -165,15 +167,20 @@ class Domain:
         return Snapshot(self, self.core.lookup(name).id)
 
     def create_with_snapshot(self, snapshot: Snapshot | str, flags: int = 0) -> None:
-        """Revert to `snapshot`: a Snapshot of this domain, or (a convenience) its name."""
-        _check_flags(flags)
+        """Revert to `snapshot`: a Snapshot of this domain, or (a convenience) its name. A
+        snapshot with memory leaves the domain running (or paused) as it was then; flags
+        SNAPSHOT_REVERT_RUNNING / SNAPSHOT_REVERT_PAUSED start it running or paused anyway."""
+        flags = _check_flags(flags, SNAPSHOT_REVERT_RUNNING | SNAPSHOT_REVERT_PAUSED)
+        if flags == SNAPSHOT_REVERT_RUNNING | SNAPSHOT_REVERT_PAUSED:
+            raise invalid("SNAPSHOT_REVERT_RUNNING and SNAPSHOT_REVERT_PAUSED exclude each other.")
+        start = True if flags & SNAPSHOT_REVERT_RUNNING else False if flags & SNAPSHOT_REVERT_PAUSED else None
         if isinstance(snapshot, str):
             snapshot = self.snapshot_lookup_by_name(snapshot)
         if not isinstance(snapshot, Snapshot):
             raise invalid(f"create_with_snapshot takes a Snapshot or a snapshot name, not {type(snapshot).__name__}.")
         if snapshot.domain.name != self.name:
             raise invalid(f"Snapshot {snapshot.name!r} belongs to domain {snapshot.domain.name!r}, not {self.name!r}.")
-        _run(self.core.revert, snapshot.id)
+        _run(self.core.revert, snapshot.id, start)
 
     def current_snapshot(self, flags: int = 0) -> Snapshot | None:
         _check_flags(flags)

@@ -117,7 +117,7 @@ async def _create_as(dom: DomainCore, args: argparse.Namespace) -> str:
     if args.memspec is not None and not no_memory:
         raise SnapfsError(
             errno.EOPNOTSUPP,
-            "snapfs does not save a guest's memory yet: --memspec has no use but 'no' (use --disk-only).",
+            "snapfs keeps a snapshot's memory in its store: --memspec has no use but 'no' (or use --disk-only).",
         )
     if args.print_xml:
         return _request_xml(name, description)
@@ -125,13 +125,10 @@ async def _create_as(dom: DomainCore, args: argparse.Namespace) -> str:
 
 
 async def _revert(dom: DomainCore, args: argparse.Namespace) -> str:
-    if args.running or args.paused:
-        raise SnapfsError(
-            errno.EOPNOTSUPP,
-            "snapfs cannot start the domain yet: revert without --running/--paused, then start it yourself.",
-        )
+    if args.running and args.paused:
+        raise invalid("--running and --paused exclude each other.")
     snap = _chosen(dom, args)
-    await dom.revert(snap.id)
+    await dom.revert(snap.id, True if args.running else False if args.paused else None)
     return f"Domain snapshot {snap.name} reverted\n\n"
 
 

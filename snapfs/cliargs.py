@@ -208,7 +208,7 @@ def _create_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--compress-kind", dest="compress", choices=["gzip", "zstd"], help=argparse.SUPPRESS)
     p.add_argument(
-        "--disk-only", action="store_true", help="the disks only (required while the domain runs: no memory yet)"
+        "--disk-only", action="store_true", help="the disks only (without it, a running domain's memory is saved too)"
     )
     p = verb("snapshot-create-as", "Create a snapshot from a name and a description.")
     p.add_argument("domain")
@@ -218,9 +218,11 @@ def _create_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--description", dest="description_option", metavar="TEXT", help="its description (as virsh)")
     p.add_argument("--print-xml", action="store_true", help="print the snapshot XML instead of creating it")
     p.add_argument(
-        "--disk-only", action="store_true", help="the disks only (required while the domain runs: no memory yet)"
+        "--disk-only", action="store_true", help="the disks only (without it, a running domain's memory is saved too)"
     )
-    p.add_argument("--memspec", metavar="SPEC", help="only 'no' (snapshot=no) has a meaning: snapfs keeps no memory")
+    p.add_argument(
+        "--memspec", metavar="SPEC", help="only 'no' (snapshot=no): leave the memory out (snapfs keeps it in its store)"
+    )
 
 
 def _list_verb(verb: Callable[..., argparse.ArgumentParser]) -> None:
@@ -271,8 +273,8 @@ def _changing_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument("domain")
     _snapshot_arg(p)
-    p.add_argument("--running", action="store_true", help="refused: snapfs cannot start the domain yet")
-    p.add_argument("--paused", action="store_true", help="refused: snapfs cannot start the domain yet")
+    p.add_argument("--running", action="store_true", help="the domain runs after the revert")
+    p.add_argument("--paused", action="store_true", help="the domain is started paused after the revert")
     p = verb(
         "snapshot-deactivate",
         "Deactivate a snapshot: with no flag the live disk stops depending on it; "

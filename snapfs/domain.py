@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from . import rules
 from .engines import Engine
 from .errors import SnapfsError, invalid, io_error, not_found, single
-from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord
+from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord, has_memory
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
 from .store import DomainFiles
 
@@ -100,6 +100,7 @@ class DomainCore:
             domain=xml.domain_xml_on_layers(self.files.original_xml(), layers),
             compression=snap.compression,
             disks=list(layers.items()),
+            memory=self.files.memory(snap.id) if has_memory(snap) else None,
         )
 
     def last_error(self) -> str:
@@ -140,19 +141,22 @@ class DomainCore:
         compression: str | None = None,
         disk_only: bool = False,
     ) -> SnapshotRecord:
-        """A snapshot of every disk; of a running domain only with `disk_only` (memory
-        snapshots come later), as virsh takes memory by default."""
+        """A snapshot of every disk; of a running domain with its memory too unless
+        `disk_only`, as virsh does (engines/memory.py)."""
+        from . import runtime
+        from .engines import memory
+        from .engines.qmp import QmpEngine
+
+        paused = not disk_only and (await runtime.state(self.files))[0] is runtime.State.PAUSED
 
         def plan(view: MetadataView, engine: Engine) -> Plan:
-            if engine.name == "qmp" and not disk_only:
-                raise SnapfsError(
-                    errno.EOPNOTSUPP,
-                    f"Domain {self.name!r} is running, and snapfs does not save a guest's memory yet: ask for a "
-                    "disk-only snapshot (--disk-only, <memory snapshot='no'/>, or a mkdir in the mount).",
-                )
             now = int(time.time())
-            state = engine.snapshot_state()
-            return rules.plan_create(view, self.name, name, description, compression, state=state, now=now)
+            with_memory = engine.name == QmpEngine.name and not disk_only
+            state = ("paused" if paused else "running") if with_memory else engine.snapshot_state()
+            made = rules.plan_create(view, self.name, name, description, compression, state=state, now=now)
+            if with_memory:
+                memory.mark_memory_create(made, self.files, paused)
+            return made
 
         return await self._operate("create", plan)
 
@@ -169,8 +173,26 @@ class DomainCore:
         disk_only = disk_only or request.disk_only
         return await self.create(request.name, request.description, request.compression or compress, disk_only)
 
-    async def revert(self, snap_id: str) -> None:
-        await self._operate("revert", lambda view, _: rules.plan_revert(view, self.name, snap_id))
+    async def revert(self, snap_id: str, start: bool | None = None) -> None:
+        """Revert to a snapshot; a running domain's QEMU is restarted on it (engines/memory.py).
+        `start`: True (--running), False (--paused), None (as the snapshot was)."""
+        from . import runtime
+        from .engines import memory
+        from .engines.qmp import QmpEngine
+
+        attached = os.path.islink(runtime.RunFiles.of(self.files).attached)
+
+        def plan(view: MetadataView, engine: Engine) -> Plan:
+            made = rules.plan_revert(view, self.name, snap_id)
+            return memory.plan_revert_running(
+                made, view, self.files, snap_id, engine.name == QmpEngine.name, attached, start
+            )
+
+        def engine_for(engine: Engine, view: MetadataView) -> Engine:
+            wanted = memory.needs_qemu(view, self.files, snap_id, start)
+            return QmpEngine(None, self.engine, self.name) if engine is self.engine and wanted else engine
+
+        await self._operate("revert", plan, engine_for)
 
     async def merge(self, snap_id: str) -> None:
         await self._operate("merge", lambda view, _: rules.plan_merge(view, self.name, snap_id))
@@ -273,12 +295,19 @@ class DomainCore:
         next change on the domain."""
         await self.journal().finish(self._engine_named, crashed_only)
 
-    async def _operate(self, operation: str, planner: Callable[[MetadataView, Engine], Plan]):
+    async def _operate(
+        self,
+        operation: str,
+        planner: Callable[[MetadataView, Engine], Plan],
+        engine_for: Callable[[Engine, MetadataView], Engine] | None = None,
+    ):
         """Every change: lock, tidy and finish what an earlier operation left, plan, run.
         Every failure leaves one SnapfsError (or the interruption itself), last-error
         written and the job line cleared: the core's edge, where trio's exception groups
         end."""
         import trio
+
+        from .engines import memory
 
         changed = False  # set before anything is written: a failure part-way is news too
         try:
@@ -290,8 +319,11 @@ class DomainCore:
                     await journal.finish(self._engine_named)
                     await self._carry_over()
                     engine = await self._engine()
+                    if engine_for is not None:
+                        engine = engine_for(engine, self.view())
                     plan = planner(self.view(), engine)
                     steps = [step for intent in plan.intents for step in engine.steps(intent, self.files, self.disks)]
+                    steps = memory.with_memory_deletes(self.view(), self.files, steps)
                     if steps:
                         with await self._refuse_unless_ready(journal, engine, steps):  # the layers stay held
                             changed = True

@@ -28,7 +28,7 @@ import trio
 
 from .errors import DependentsError, SnapfsError
 from .kcache import KernelCache, notify_without_waiting
-from .vfs import DIRECTORIES, SYMLINKS, WRITABLE, Kind, Node, Reading, Tree
+from .vfs import DIRECTORIES, SYMLINKS, WRITABLE, Kind, Node, Reading, Tree, memory_file
 from .writes import Writes, Written, record_refusal, refusal
 
 if TYPE_CHECKING:
@@ -80,6 +80,27 @@ class OpenDisk(Protocol):
 
 # Opens snapshot `snap_id`'s disk `target` of a domain: disk.open_disk.
 DiskOpener = Callable[["DomainCore", str, str], Awaitable[OpenDisk]]
+
+
+class MemoryFile:
+    """A snapshot's saved memory, read from its file in the store (opened once: a merge
+    that deletes it meanwhile leaves this handle reading what it opened)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    async def open(cls, tree: Tree, node: Node) -> MemoryFile:
+        path = memory_file(node, tree.reading())
+        if path is None:
+            raise SnapfsError(errno.ENOENT, f"{tree.path(node)} is gone.")
+        return cls(await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await trio.to_thread.run_sync(os.pread, self.fd, length, offset)
+
+    async def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass
@@ -326,6 +347,9 @@ class SnapFS(pyfuse3.Operations):
             raise self.refused(node, errno.EACCES, "open", f"{self.tree.path(node, now)} is read-only.")
         await self.pending.settled(node)
         handle = FileHandle(node, self.writes.opened(node, bool(flags & os.O_TRUNC)) if writable else None)
+        if node.kind is Kind.MEMORY:
+            handle.disk = await MemoryFile.open(self.tree, node)
+            return pyfuse3.FileInfo(fh=self.new_handle(handle), direct_io=True, keep_cache=False)
         if node.kind is Kind.RAW:
             handle.disk = await self.open_disk(self.tree.reading().domain(node.dom), node.snap, node.disk)
             return pyfuse3.FileInfo(fh=self.new_handle(handle), direct_io=RAW_DIRECT_IO, keep_cache=True)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import trio
 
 from .durable import DirSyncs
-from .engines import Engine, Progress
+from .engines import Engine, Progress, memory
 from .errors import SnapfsError, single
 from .records import DiskRecord, SnapshotRecord
 from .store import DomainFiles
@@ -38,6 +38,7 @@ _LIGHT_STEPS = {
     "link": ("path",),
     "meta_write": (),
     "meta_delete": (),
+    "memory_delete": ("path",),
 }
 
 
@@ -202,6 +203,8 @@ class Journal:
             await trio.to_thread.run_sync(self.files.write_snapshot, SnapshotRecord.from_json(step["record"]), syncs)
         elif do == "meta_delete":
             await trio.to_thread.run_sync(self.files.delete_snapshot, step["id"], syncs)
+        elif do == "memory_delete":
+            await memory.delete_memory(self.files, step["path"])
         elif do == "state":
             live = step.get("live")
             await trio.to_thread.run_sync(self.files.write_state, step["current"], step.get("changed"), syncs, live)

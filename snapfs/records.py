@@ -55,6 +55,13 @@ class SnapshotRecord:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+MEMORY_STATES = ("running", "paused")  # a snapshot's state when its memory was saved (engines/memory.py)
+
+
+def has_memory(record: SnapshotRecord) -> bool:
+    return record.state in MEMORY_STATES
+
+
 def layer_name(record: SnapshotRecord, target: str) -> str:
     """The basename of L(S)'s real file on disk `target` (beside the disk's other layers):
     the one answer to that question (store.py joins it to the directory)."""

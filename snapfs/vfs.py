@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from . import runtime
 from .errors import SnapfsError, io_error, not_found
-from .records import DiskRecord, MetadataView, SnapshotRecord
+from .records import DiskRecord, MetadataView, SnapshotRecord, has_memory
 from .rules import CONTROL_WORDS
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ class Kind(enum.Enum):
     LIVE_DISK = "live disk"  # /<dom>/disks/<target> -> the live layer
     DOMAIN_STATE = "domain state"  # /<dom>/state: running, paused, shut off
     DOMAIN_CONTROL = "domain control"  # /<dom>/control: start, shutdown, destroy
+    MEMORY = "saved memory"  # /<dom>/snapshots/<name>/memory (a snapshot with memory only)
     LAYER = "layer file"  # /<dom>/disks/<basename> -> a real layer file (node.disk: its basename)
 
 
@@ -81,6 +82,7 @@ SNAPSHOT_ENTRIES = {
     "compression": Kind.COMPRESSION,
     "control": Kind.CONTROL,
     "disks": Kind.DISKS,
+    "memory": Kind.MEMORY,
 }
 DISK_SUFFIXES = {".raw": Kind.RAW, ".changes": Kind.CHANGES, ".map": Kind.MAP}
 EXTENTS = {Kind.CHANGES, Kind.MAP}  # JSON lines computed by a qemu-img run (load)
@@ -268,6 +270,8 @@ class Tree:
         elif node.kind is Kind.SNAPSHOT:
             has_parent = self.snapshot(node, now).parent is not None
             for name, kind in SNAPSHOT_ENTRIES.items():
+                if kind is Kind.MEMORY and memory_file(node, now) is None:
+                    continue
                 if kind is not Kind.PARENT or has_parent:
                     yield name, node.child(kind)
         elif node.kind is Kind.DISKS:
@@ -304,7 +308,7 @@ class Tree:
             return self._find_disk_file(parent, name, now)
         else:
             raise SnapfsError(errno.ENOTDIR, f"{self.path(parent, now)} is not a directory.")
-        if kind is None:
+        if kind is None or (kind is Kind.MEMORY and memory_file(parent, now) is None):
             return None
         child = parent.child(kind)
         if kind in SYMLINKS and self.readlink(child, now) is None:
@@ -373,6 +377,12 @@ class Tree:
             mode, owner = self._layer_access(node, now)
             size, allocated = self.disk(node, now).size, now.allocated.get(node)  # the virtual size
             return Attributes(mode, size, 1, stamp, owner, allocated)
+        if node.kind is Kind.MEMORY:
+            path = memory_file(node, now)
+            if path is None:
+                raise gone()
+            st = os.stat(path)
+            return Attributes(stat.S_IFREG | (st.st_mode & 0o444), st.st_size, 1, stamp, (st.st_uid, st.st_gid))
         if node.kind in EXTENTS:
             mode, owner = self._layer_access(node, now)
             return Attributes(mode, len(self.content(node, now)), 1, stamp, owner)
@@ -517,6 +527,15 @@ class Tree:
             if len(self._changes) > CHANGES_CACHE_SIZE:
                 self._changes.popitem(last=False)
         return data
+
+
+def memory_file(node: Node, now: Reading) -> str | None:
+    """The saved memory of the node's snapshot (its file in the store), or None."""
+    record = now.view(node.dom).snapshots.get(node.snap)
+    if record is None or not has_memory(record):
+        return None
+    path = now.domain(node.dom).files.memory(record.id)
+    return path if os.path.exists(path) else None
 
 
 def _entry_name(table: dict[str, Kind], kind: Kind) -> str:

@@ -90,7 +90,10 @@ def snapshot_xml(
     domain: str,
     compression: str,
     disks: list[tuple[str, str]],
+    memory: str | None = None,
 ) -> str:
+    """`memory`: the saved memory's file (a snapshot with memory); a running domain's
+    disk-only snapshot says <memory snapshot='no'/>."""
     root = etree.Element("domainsnapshot")
     _sub(root, "name", name)
     if description:
@@ -104,6 +107,10 @@ def snapshot_xml(
     # snapshot-create --redefine refuses a <domain> that is not a full definition.
     root.append(parse(domain, "stored domain XML"))
     _sub(root, "compression", compression)
+    if memory is not None:
+        _sub(root, "memory", snapshot="external", file=memory)
+    elif state == "disk-snapshot":
+        _sub(root, "memory", snapshot="no")
     disks_node = _sub(root, "disks")
     for target, layer in disks:
         disk = _sub(disks_node, "disk", name=target, snapshot="external", type="file")

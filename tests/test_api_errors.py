@@ -415,7 +415,7 @@ def test_create_with_snapshot_takes_a_name(store_path, tree, domain):
         lambda d, s: d.snapshot_num(1 << 30),
         lambda d, s: d.list_snapshot_names(2),
         lambda d, s: d.snapshot_lookup_by_name("s1", 4),
-        lambda d, s: d.create_with_snapshot(s, 1),
+        lambda d, s: d.create_with_snapshot(s, 4),
         lambda d, s: d.current_snapshot(8),
         lambda d, s: s.get_xml_desc(1),
         lambda d, s: s.get_parent(1),

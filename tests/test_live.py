@@ -179,13 +179,17 @@ def test_ten_in_a_row_through_api_and_cli(live: Live, tmp_path: Path) -> None:
     assert_healthy(live)
 
 
-def test_memory_snapshot_refused_while_running(live: Live) -> None:
+def test_memory_snapshot_of_attached_domain(live: Live) -> None:
+    """Without --disk-only a running domain's memory is saved too (tests/test_memory.py has
+    the reverts); merging the snapshot removes its memory file."""
     names = live.domain.list_snapshot_names()
-    run = cli(live.root, "snapshot-create-as", DOM, "withmem", check=False)
-    assert run.returncode != 0 and "--disk-only" in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    with pytest.raises(SnapfsError, match="disk-only|memory snapshot='no'"):
-        live.domain.snapshot_create_xml("<domainsnapshot><name>withmem</name></domainsnapshot>")
-    assert live.domain.list_snapshot_names() == names
+    cli(live.root, "snapshot-create-as", DOM, "withmem")
+    snap = live.snap("withmem")
+    assert "<state>running</state>" in snap.get_xml_desc()
+    memory = Path(live.root) / "domains" / DOM / "memory" / snap.id
+    assert memory.stat().st_size > MiB
+    cli(live.root, "snapshot-delete", DOM, "withmem")
+    assert not memory.exists() and live.domain.list_snapshot_names() == names
     compressed = "<domainsnapshot><name>z</name><compression>gzip</compression><memory snapshot='no'/></domainsnapshot>"
     with pytest.raises(SnapfsError, match="is running: QEMU holds the layers"):
         live.domain.snapshot_create_xml(compressed)

@@ -34,11 +34,12 @@ from ..durable import DirSyncs, unlink_if_present
 from ..errors import SnapfsError, io_error
 from ..records import LIVE, DiskRecord, MetadataView, layer_name
 from ..store import DomainFiles
-from . import Progress
+from . import Progress, memory
 from .qemu_img import METADATA_STEPS, QemuImgEngine
 from .qemu_img import _install as install
 
-QMP_STEPS = ("qmp_add", "switch", "stream", "release")
+QMP_STEPS = ("qmp_add", "switch", "stream", "release", "switch_memory", "qmp_quit", "qmp_resume")
+RESTART_STEPS = ("qmp_quit", "qmp_resume")
 # Offline steps a live plan may hold too: on files off the running chain, held as offline.
 OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress")
 JOB_POLL_SECONDS = 0.25
@@ -187,8 +188,10 @@ class QmpEngine:
     # ---- intents -> steps -------------------------------------------------------------------
     def steps(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
         do = intent["do"]
-        if do in METADATA_STEPS:
+        if do in METADATA_STEPS or do in RESTART_STEPS:
             return [intent]
+        if intent.get("revert"):
+            return self._revert(intent, files, disks)
         if self.linked:
             raise SnapfsError(errno.EOPNOTSUPP, self.linked)
         view = files.view()
@@ -239,7 +242,19 @@ class QmpEngine:
         steps.append({"do": "qmp_add", "layers": [news[d.target] for d in disks]})
         steps.append({"do": "switch", "disks": [{"target": t, "active": olds[t], "overlay": news[t]} for t in news]})
         links = [s for s in self.offline.steps(intent, files, disks) if s["do"] == "link"]
+        if intent.get("memory"):
+            switch = steps.pop()
+            resume = intent.get("resume", True)
+            steps.append(
+                {**switch, "do": "switch_memory", "memory": intent["memory"], "snap": intent["on"]} | {"resume": resume}
+            )
         return steps + links
+
+    def _revert(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
+        """A revert's file steps are the offline ones: they run after qmp_quit ended QEMU
+        (so they are not held beforehand: QEMU holds the old live layer until then)."""
+        steps = self.offline.steps(intent, files, disks)
+        return [{**s, "quit": True} for s in steps] if intent["revert"] == "running" else steps
 
     def _fold(self, intent: dict, files: DomainFiles, disks: list[DiskRecord], chain: set[str]) -> list[dict]:
         """S is on the running chain: its one dependent there pulls S's data (stream); the
@@ -296,7 +311,7 @@ class QmpEngine:
             for key in ("dst", "layer", "path"):
                 if step["do"] in ("overlay", "stream", "release") and key in step:
                     layerlock.check_file(files.file(step[key]))
-        return self.offline.hold_layers(files, [s for s in steps if s["do"] in OFFLINE_STEPS])
+        return self.offline.hold_layers(files, [s for s in steps if s["do"] in OFFLINE_STEPS and not s.get("quit")])
 
     # ---- running a step --------------------------------------------------------------------------
     async def run(
@@ -313,6 +328,12 @@ class QmpEngine:
             await self._stream(step, files, progress, recovering)
         elif do == "release":
             await self._release(step, files, syncs)
+        elif do == "switch_memory":
+            await memory.switch_memory(self, step, files)
+        elif do == "qmp_quit":
+            await memory.quit_qemu(files)
+        elif do == "qmp_resume":
+            await memory.resume(files, step)
         else:
             await self.offline.run(step, files, recovering=recovering, syncs=syncs, progress=progress)
 
