@@ -302,22 +302,13 @@ _CMD_DISC = 2
 _MAX_REQUEST = 32 << 20
 
 
-def _gone(pid: int) -> bool:
-    """Exited (a zombie has closed its files and released its locks too)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 async def _end_process(pid: int, wait: float = 5.0) -> None:
     """SIGTERM qemu-nbd (not our child: it forked) and wait until it is gone, so its
     image locks are released when stop() returns."""
     try:
         os.kill(pid, signal.SIGTERM)
         with trio.move_on_after(wait):
-            while not _gone(pid):
+            while not qemu.process_ended(pid):
                 await trio.sleep(0.01)
             return
         os.kill(pid, signal.SIGKILL)

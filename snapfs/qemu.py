@@ -352,3 +352,14 @@ async def start_nbd_server(image: str, socket_path: str, pid_file: str) -> int:
         )
     with open(pid_file) as f:
         return int(f.read().strip())
+
+
+def process_ended(pid: int) -> bool:
+    """Whether process `pid` has ended: gone, or a zombie (which has closed its files and
+    released its locks; the sandbox's init may reap late)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return not fields or fields[0] == "Z"

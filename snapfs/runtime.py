@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import qmp, xml
+from . import qemu, qmp, xml
 from .durable import fsync_dir, read_json, write_json
 from .errors import SnapfsError, busy, invalid, single
 
@@ -473,21 +473,11 @@ async def _peer_pid(sock: str) -> int | None:
     return struct.unpack("3i", creds)[0] or None
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs (a zombie has released its files and locks)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return bool(fields) and fields[0] != "Z"
-
-
 async def _ended_within(sock: str, pid: int | None, timeout: float) -> bool:
     """Wait until the QEMU has ended: its process when known (so that its image locks are
     gone), else its socket; False after `timeout`."""
     with trio.move_on_after(timeout):
-        while _alive(pid) if pid else await _probe(sock) is not None:
+        while not qemu.process_ended(pid) if pid else await _probe(sock) is not None:
             await trio.sleep(0.1)
         return True
     return False

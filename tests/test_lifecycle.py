@@ -29,6 +29,7 @@ from refusal import api_refused, cli_refused
 
 import snapfs
 from snapfs import api
+from snapfs.qemu import process_ended
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -116,15 +117,6 @@ def _define(store: str, images: Path, name: str, memory: bool) -> None:
         "<target dev='vda' bus='virtio'/></disk></devices></domain>"
     )
     snapfs.open_store(store, create=True).define_xml(text)
-
-
-def _gone(pid: int) -> bool:
-    """Process `pid` has ended (a zombie counts: the sandbox's init may reap late)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def _our_qemus(store: str) -> list[int]:
@@ -311,7 +303,7 @@ def test_kill9_leaves_a_stale_pidfile_that_reads_shut_off(lab: Lab) -> None:
     pid = lab.pid()
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while not _gone(pid) and time.monotonic() < deadline:
+    while not process_ended(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert os.path.exists(lab.run_file(".pid")) and os.path.exists(lab.run_file(".qmp"))
     assert lab.ok("domstate", "vm1", "--reason") == "shut off (crashed)\n\n"
@@ -345,7 +337,7 @@ def test_shutdown_falls_back_to_quit_after_the_timeout(lab: Lab) -> None:
     assert lab.ok("shutdown", "vm1", "--timeout", "1.5") == "Domain 'vm1' is being shutdown\n\n"
     took = time.monotonic() - began
     assert 1.5 <= took < 20  # the guest has no ACPI handling: QEMU was told to quit
-    assert _gone(pid)
+    assert process_ended(pid)
     assert lab.ok("domstate", "vm1", "--reason") == "shut off (shutdown)\n\n"
     assert lab.read("vm1/state") == "shut off\n"
     assert sorted(os.listdir(os.path.dirname(lab.run_file(".pid")))) == ["vm1.stopped"]
@@ -362,14 +354,14 @@ def test_api_create_destroy_and_the_mount_control(clean: Lab) -> None:
     _wait_counter(lab, 2, after=before)
     pid = lab.pid()
     assert dom.destroy() == 0
-    assert _gone(pid)
+    assert process_ended(pid)
     assert dom.state() == [api.VIR_DOMAIN_SHUTOFF, api.VIR_DOMAIN_SHUTOFF_DESTROYED]
     assert lab.ok("domstate", "vm1", "--reason") == "shut off (destroyed)\n\n"
     # the mount's door: start, then destroy
     assert _control(lab, "start") == 0
     pid = lab.pid()
     assert _control(lab, "destroy") == 0
-    assert _gone(pid)
+    assert process_ended(pid)
     assert lab.read("vm1/state") == "shut off\n"
     api_refused(None, dom.destroy, errno.ESRCH, "not running")
     api_refused(None, dom.shutdown, errno.ESRCH, "not running")

@@ -13,6 +13,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +98,11 @@ def qemu_args(console: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
-    directory = tmp_path_factory.mktemp("mem")
-    bases = make_bases(str(directory / "images"), {}, sizes={t: DISK_SIZE for t in TARGETS})
+@contextmanager
+def started_vm(directory: Path, disk_size: int) -> Iterator[Vm]:
+    """A two-disk domain in a store under `directory`, started by snapfs (the API) and
+    writing its counter; its QEMU is killed when the block ends."""
+    bases = make_bases(str(directory / "images"), {}, sizes={t: disk_size for t in TARGETS})
     root = str(directory / "store")
     domain = define_domain(root, DOM, bases)
     console = directory / "console.log"
@@ -111,6 +113,12 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
         yield machine
     finally:
         kill_qemu(root)
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
+    with started_vm(tmp_path_factory.mktemp("mem"), DISK_SIZE) as machine:
+        yield machine
 
 
 def kill_qemu(root: str) -> None:

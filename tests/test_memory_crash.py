@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from factory import define_domain, make_bases
-from livehelpers import DOM, TARGETS, MiB, cli, layout_problems
-from test_memory import Vm, frozen_counters, kill_qemu, memory_files, qemu_args
+from livehelpers import DOM, MiB, cli, layout_problems
+from test_memory import Vm, frozen_counters, kill_qemu, memory_files, started_vm
 
 import snapfs
 
@@ -32,18 +31,8 @@ CRASH_STATUS = 86
 
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
-    directory = tmp_path_factory.mktemp("memcrash")
-    bases = make_bases(str(directory / "images"), {}, sizes={t: 40 * MiB for t in TARGETS})
-    root = str(directory / "store")
-    domain = define_domain(root, DOM, bases)
-    console = directory / "console.log"
-    domain.create(qemu_args=qemu_args(console))
-    machine = Vm(root, domain, console)
-    try:
-        machine.wait_counter(3)
+    with started_vm(tmp_path_factory.mktemp("memcrash"), 40 * MiB) as machine:
         yield machine
-    finally:
-        kill_qemu(root)
 
 
 def points(vm: Vm, args: list[str], trace_dir: Path) -> list[str]:
