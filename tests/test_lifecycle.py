@@ -259,14 +259,15 @@ def test_start_via_cli_runs_the_guest_on_the_live_layer(lab: Lab) -> None:
 
 
 def test_changes_to_a_running_domain_are_refused_metadata_works(lab: Lab) -> None:
-    """What needs the disks free is refused while it runs; a snapshot with memory is refused
-    (not yet); disk-only snapshots and merges work (tests/test_live.py proves them)."""
+    """What needs the disks free is refused while it runs (a discard-force under the live
+    disk, undefine); snapshots and merges work (tests/test_live.py and tests/test_memory.py
+    prove them)."""
     _ensure_running(lab)
     words = ("running", "shut it down")
-    cli_refused(lab.cli("snapshot-create-as", "vm1", "s1"), "running", "--disk-only")
-    cli_refused(lab.cli("create-with-snapshot", "vm1", "s0"), *words)
+    cli_refused(lab.cli("snapshot-deactivate", "vm1", "s0", "--deleteforce"), *words)
     dom = lab.domain()
-    api_refused(None, lambda: dom.snapshot_create_xml("<domainsnapshot/>"), errno.EOPNOTSUPP, "running", "disk-only")
+    discard_force = snapfs.DeactivateFlags.DISCARD_FORCE
+    api_refused(None, lambda: dom.snapshot_lookup_by_name("s0").deactivate(discard_force), errno.EBUSY, *words)
     os.mkdir(lab.mnt("vm1/snapshots/s1"))  # disk-only, while the guest writes
     Path(lab.mnt("vm1/snapshots/s1/control")).write_text("merge\n")
     cli_refused(lab.cli("undefine", "vm1", "--remove-snapshots"), *words)

@@ -203,8 +203,7 @@ class QmpEngine:
             if not intent.get("frozen"):
                 raise refused(
                     name,
-                    "shut it down first: this replaces the disk its guest uses (a revert of a running domain comes "
-                    "with memory snapshots).",
+                    "shut it down first: this replaces the disk its guest uses.",
                 )
             return self._create(intent, files, disks)
         if do == "fold":
