@@ -24,6 +24,7 @@ import pytest
 from fsfixtures import Mount, errno_of
 from guest.build import guest_files
 from guest.counter import Record, check_consistent, read_counter
+from guest.vm import boot_args
 from helpers import SNAPFS
 from refusal import api_refused, cli_refused
 
@@ -87,23 +88,7 @@ class Lab:
 
 
 def guest_args(console: Path) -> list[str]:
-    kernel, initrd = guest_files()
-    return [
-        "-accel",
-        "tcg",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        str(kernel),
-        "-initrd",
-        str(initrd),
-        "-append",
-        "console=ttyS0 quiet panic=-1",
-        "-serial",
-        f"file:{console}",
-    ]
+    return [*boot_args(), "-serial", f"file:{console}"]
 
 
 def _define(store: str, images: Path, name: str, memory: bool) -> None:

@@ -21,8 +21,8 @@ import pytest
 import trio
 from factory import define_domain, make_bases
 from fsfixtures import Mount
-from guest.build import guest_files
 from guest.counter import Counter, Record, read_counter
+from guest.vm import boot_args
 from livehelpers import CLUSTER, COUNTER_AREA, DOM, PATTERN_AT, TARGETS, MiB, cli, has_pattern, hmp
 
 import snapfs
@@ -90,12 +90,8 @@ class Vm:
 
 
 def qemu_args(console: Path) -> list[str]:
-    kernel, initrd = guest_files()
-    return [
-        "-accel", "tcg", "-m", str(GUEST_MIB), "-nodefaults", "-display", "none", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1",
-        "-chardev", f"file,id=con,path={console},append=on", "-serial", "chardev:con",
-    ]  # fmt: skip
+    console_args = ["-chardev", f"file,id=con,path={console},append=on", "-serial", "chardev:con"]
+    return ["-m", str(GUEST_MIB), *boot_args(), *console_args]
 
 
 @contextmanager

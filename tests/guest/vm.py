@@ -65,19 +65,17 @@ class Guest:
         return self.layers[disk][index].stem
 
 
-def qemu_command(sock: Path, disks: Mapping[str, Path], memory_mib: int = 256, append: str = "") -> list[str]:
-    """The QEMU command line of the guest (TCG: DESIGN says this kernel hangs under nested KVM)."""
+def boot_args(append: str = "") -> list[str]:
+    """The arguments that boot the guest (TCG: DESIGN says this kernel hangs under nested KVM);
+    the caller adds memory, disks, QMP and where the serial console goes."""
     kernel, initrd = guest_files()
-    cmd = [QEMU, "-accel", "tcg", "-m", str(memory_mib), "-nodefaults", "-display", "none", "-serial", "stdio"]
-    cmd += [
-        "-no-reboot",
-        "-kernel",
-        str(kernel),
-        "-initrd",
-        str(initrd),
-        "-append",
-        f"console=ttyS0 quiet panic=-1 {append}".strip(),
-    ]
+    cmd = ["-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot", "-kernel", str(kernel)]
+    return cmd + ["-initrd", str(initrd), "-append", f"console=ttyS0 quiet panic=-1 {append}".strip()]
+
+
+def qemu_command(sock: Path, disks: Mapping[str, Path], memory_mib: int = 256, append: str = "") -> list[str]:
+    """The QEMU command line of the guest, its console on stdout."""
+    cmd = [QEMU, "-m", str(memory_mib), *boot_args(append), "-serial", "stdio"]
     cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
     used: set[str] = set()
     for disk, image in disks.items():
