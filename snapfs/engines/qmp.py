@@ -38,7 +38,7 @@ from . import Progress, memory
 from .qemu_img import METADATA_STEPS, QemuImgEngine
 from .qemu_img import _install as install
 
-QMP_STEPS = ("qmp_add", "switch", "stream", "release", "switch_memory", "qmp_quit", "qmp_resume")
+QMP_STEPS = ("qmp_add", "switch", "repoint", "stream", "release", "switch_memory", "qmp_quit", "qmp_resume")
 RESTART_STEPS = ("qmp_quit", "qmp_resume")
 # Offline steps a live plan may hold too: on files off the running chain, held as offline.
 OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress")
@@ -111,13 +111,20 @@ async def block_nodes(q: qmp.QMP) -> list[Node]:
 
 
 def nodes_on(nodes: list[Node], path: str, formats_only: bool = True) -> list[Node]:
-    """The nodes on the real file `path` (format nodes only, unless told)."""
+    """The nodes on the real file `path` (format nodes only, unless told); a format node QEMU
+    opened through the live layer's symlink counts while the symlink leads to `path` (a
+    create re-points it at its real file before the symlink moves: the `repoint` step)."""
     mine = node_name(path)
     return [
         n
         for n in nodes
-        if (n.path == path or n.name == mine) and (not formats_only or n.drv in FORMAT_DRIVERS or n.name == mine)
+        if (n.path == path or n.name == mine or _linked_to(n, path))
+        and (not formats_only or n.drv in FORMAT_DRIVERS or n.name == mine)
     ]
+
+
+def _linked_to(node: Node, path: str) -> bool:
+    return node.drv in FORMAT_DRIVERS and node.through_link and os.path.realpath(node.path or "") == path
 
 
 async def active_nodes(q: qmp.QMP) -> set[str]:
@@ -158,7 +165,8 @@ class QmpEngine:
         self.socket = socket
         self.offline = offline
         self.domain = domain
-        self.linked = linked  # why the layers cannot change (QEMU runs a disk through a symlink)
+        self.linked = linked  # why the layers cannot change (QEMU runs a disk through a symlink it cannot re-point)
+        self.repoint = False  # QEMU runs a disk through its symlink: a create re-points it before the link moves
         self.temporary_suffixes = offline.temporary_suffixes
 
     def snapshot_state(self) -> str:
@@ -168,22 +176,27 @@ class QmpEngine:
     async def if_running(cls, socket: str, offline: QemuImgEngine, domain: str) -> QmpEngine | None:
         """The engine for a QEMU that answers on `socket` (None: none does, the domain is shut
         off). A QEMU that opened a disk through a symlink (the live layer's stable name) would
-        reopen it by that name after a switch: then every change to a layer is refused before
-        anything is written (renames and descriptions still work)."""
+        reopen it by that name after a switch: a create then re-points it at its real file
+        (`repoint`) before the symlink moves; where it cannot (a node without a name, from
+        -drive), every change to a layer is refused before anything is written (renames and
+        descriptions still work)."""
         try:
             async with qmp.connect(socket, timeout=2.0) as q:
                 nodes, active = await block_nodes(q), await active_nodes(q)
         except SnapfsError:
             return None
-        links = [n.path for n in nodes if n.name in active and n.through_link]
+        links = [n for n in nodes if n.name in active and n.through_link]
+        unnamed = [n.path for n in links if n.automatic]
         linked = (
-            f"Domain {domain!r} runs on {links[0]}, a symbolic link: QEMU reopens a file by the name it was "
-            "given, so snapfs changes its disks only when it was started on the real files (snapfs start does; "
-            "Domain.live_layer_paths() names them)."
-            if links
+            f"Domain {domain!r} runs on {unnamed[0]}, a symbolic link QEMU opened without a node name (-drive): "
+            "snapfs changes its disks only when QEMU was given the real file, or the symlink with a -blockdev "
+            "node-name (Domain.live_layer_paths() names the real files)."
+            if unnamed
             else None
         )
-        return cls(socket, offline, domain, linked)
+        engine = cls(socket, offline, domain, linked)
+        engine.repoint = bool(links)
+        return engine
 
     # ---- intents -> steps -------------------------------------------------------------------
     def steps(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
@@ -247,6 +260,9 @@ class QmpEngine:
             steps.append(
                 {**switch, "do": "switch_memory", "memory": intent["memory"], "snap": intent["on"]} | {"resume": resume}
             )
+        if self.repoint:
+            links_of = {d.target: os.path.relpath(files.live_link(d.target), files.path) for d in disks}
+            steps.append({"do": "repoint", "disks": [{"path": olds[t], "link": links_of[t]} for t in olds]})
         return steps + links
 
     def _revert(self, intent: dict, files: DomainFiles, disks: list[DiskRecord]) -> list[dict]:
@@ -323,6 +339,8 @@ class QmpEngine:
             await self._add(step, files)
         elif do == "switch":
             await self._switch(step, files)
+        elif do == "repoint":
+            await self._repoint(step, files)
         elif do == "stream":
             await self._stream(step, files, progress, recovering)
         elif do == "release":
@@ -402,6 +420,21 @@ class QmpEngine:
                 raise io_error(f"QEMU runs only some disks of {files.name!r} on their new overlays; stop it and retry.")
             if actions:
                 await q.execute("transaction", actions=actions)
+
+    async def _repoint(self, step: dict, files: DomainFiles) -> None:
+        """Each node QEMU opened through a disk's symlink, now read-only under the new overlay,
+        onto a file node on its real file (DESIGN section 8): QEMU reopens a node by the name
+        it recorded, which must not be the symlink once it moves. Done when no format node is
+        on the symlink any more; QEMU gone: nothing holds the symlink."""
+        async with self._session() as q:
+            if q is None:
+                return
+            for disk in step["disks"]:
+                real, link = _abs(files, disk["path"]), _abs(files, disk["link"])
+                for node in [n for n in await block_nodes(q) if n.drv in FORMAT_DRIVERS and n.path == link]:
+                    if os.path.realpath(link) != real:
+                        raise io_error(f"QEMU runs {node.name} on {link}, which no longer leads to {real}; stop it.")
+                    await _repoint_node(q, node, real)
 
     def _not_on(self, target: str, old: str, nodes: list[Node], active: set[str]) -> SnapfsError:
         linked = [n for n in nodes if n.name in active and n.through_link and os.path.realpath(n.path or "") == old]
@@ -543,6 +576,32 @@ class QmpEngine:
 
     async def has_own_data(self, path: str) -> bool:
         return await self.offline.has_own_data(path)
+
+
+async def _repoint_node(q: qmp.QMP, node: Node, real: str) -> None:
+    """`node` onto a new file node on `real`, its backing named as it is (blockdev-reopen
+    resets every option not given). The file node may become writable (auto-read-only): a
+    later stream into this layer reopens it read-write. The old file node goes (QEMU drops
+    an automatic one itself)."""
+    children = await _children(q, node.name)
+    file = f"{node_name(real)}-file"
+    if file not in {n.name for n in await block_nodes(q)}:
+        await q.execute("blockdev-add", {"driver": "file", "node-name": file, "filename": real, "auto-read-only": True})
+    options: dict[str, Any] = {"driver": node.drv, "node-name": node.name, "file": file, "read-only": True}
+    if node.drv == "qcow2":
+        options["backing"] = children.get("backing")
+    await q.execute("blockdev-reopen", options=[options])
+    old = children.get("file")
+    if old and old != file and not old.startswith("#"):
+        with contextlib.suppress(qmp.QMPCommandError):  # still used by something else: it stays
+            await q.execute("blockdev-del", node_name=old)
+
+
+async def _children(q: qmp.QMP, name: str) -> dict[str, str]:
+    """{edge name ("file", "backing"): child node name} of node `name` in QEMU's block graph."""
+    graph = await q.execute("x-debug-query-block-graph")
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    return {e["name"]: names[e["child"]] for e in graph["edges"] if names.get(e["parent"]) == name}
 
 
 class _Names:
