@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 from factory import define_domain, make_bases
 from guest.vm import Guest, running_guest
 from helpers import qemu_check_problems, write_pattern
@@ -51,6 +52,8 @@ from livehelpers import (
 )
 
 import snapfs
+from snapfs import qmp
+from snapfs.engines.qmp import block_nodes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -260,6 +263,7 @@ class CopyCase:
     op: Op
     after: Callable[[dict], dict]  # contents before -> contents after
     alive_too: bool = False  # QEMU left running too (the guest matrix covers the other cases)
+    through_links: bool = False  # QEMU given the live.qcow2 symlinks (the create re-points them)
 
 
 def _created(before: dict) -> dict:
@@ -275,7 +279,19 @@ COPY_CASES = [
     CopyCase("merge-current", ("merge", "c"), _merged("c")),
     CopyCase("merge-two-dependents-one-off-chain", ("merge", "r"), _merged("r"), alive_too=True),
     CopyCase("deactivate", ("deactivate", "c"), lambda before: before, alive_too=True),
+    CopyCase("create-on-symlinks", ("create", "new"), _created, alive_too=True, through_links=True),
+    CopyCase("merge-current-on-symlinks", ("merge", "c"), _merged("c"), alive_too=True, through_links=True),
 ]
+
+
+async def _nodes_on_links(sock: Path, links: set[str]) -> list[str]:
+    async with qmp.connect(sock) as q:
+        return [n.name for n in await block_nodes(q) if n.path in links and n.drv != "file"]
+
+
+def nodes_on_links(sock: Path, links: set[str]) -> list[str]:
+    """QEMU's format nodes on a live.qcow2 symlink (after a create, none: re-pointed)."""
+    return trio.run(_nodes_on_links, sock, links)
 
 
 def copy_point(case: CopyCase, template: Template, point: str, directory: Path, qemu_alive: bool) -> list[str]:
@@ -283,7 +299,7 @@ def copy_point(case: CopyCase, template: Template, point: str, directory: Path, 
     root = str(directory / "store")
     shutil.copytree(template.root, root, symlinks=True)
     shutil.rmtree(os.path.join(root, "run"), ignore_errors=True)
-    qemu = PausedQemu(root, directory)
+    qemu = PausedQemu(root, directory, through_links=case.through_links)
     try:
         crash(root, case.op, point)
         if not qemu_alive:
@@ -295,8 +311,11 @@ def copy_point(case: CopyCase, template: Template, point: str, directory: Path, 
         if got != want:
             wrong = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))
             problems.append(f"the content of {wrong} ('': the live disk) is not what the operation makes")
-        if qemu_alive and active_files(qemu.sock) != set(domain.live_layer_paths().values()):
+        active = {os.path.realpath(f) for f in active_files(qemu.sock)} if qemu_alive else set()
+        if qemu_alive and active != set(domain.live_layer_paths().values()):
             problems.append("QEMU does not write the live layers the metadata names")
+        if qemu_alive and case.op[0] == "create" and nodes_on_links(qemu.sock, set(domain.live_paths().values())):
+            problems.append("QEMU still runs a frozen layer through a live.qcow2 symlink")
     except AssertionError as exc:
         problems = [str(exc)]
     finally:
@@ -312,7 +331,7 @@ def test_crash_with_a_paused_qemu_alive_or_killed(case: CopyCase, template: Temp
     clean.mkdir()
     root = str(clean / "store")
     shutil.copytree(template.root, root, symlinks=True)
-    qemu = PausedQemu(root, clean)
+    qemu = PausedQemu(root, clean, through_links=case.through_links)
     try:
         points = crash_points(root, case.op, tmp_path)
     finally:
