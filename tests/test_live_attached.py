@@ -259,3 +259,32 @@ def test_drive_on_the_symlink_is_refused(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+async def _run_then_pause(sock: Path) -> None:
+    async with qmp.connect(sock) as q:
+        await q.execute("cont")
+        await q.execute("stop")
+
+
+def test_memory_snapshot_on_the_symlinks(tmp_path: Path) -> None:
+    """A create with memory switches the disks as a disk-only one (switch_memory), then
+    re-points the frozen nodes the same way; a paused QEMU stays paused."""
+    root = str(tmp_path / "store")
+    domain = define_domain(root, DOM, make_bases(str(tmp_path / "images")))
+    old_live = domain.live_layer_paths()
+    qemu = PausedQemu(root, tmp_path, through_links=True)
+    try:
+        trio.run(_run_then_pause, qemu.sock)  # out of prelaunch: QEMU 7.2 aborts a migration from there
+        cli(root, "snapshot-create-as", DOM, "m1")
+        snap = domain.snapshot_lookup_by_name("m1")
+        assert "<state>paused</state>" in snap.get_xml_desc()
+        assert (Path(root) / "domains" / DOM / "memory" / snap.id).stat().st_size > 0
+        assert snap.layer_paths() == old_live
+        links = set(domain.live_paths().values())
+        assert trio.run(_nodes_on_links, qemu.sock, links) == []
+        assert active_files(qemu.sock) == set(domain.live_layer_paths().values())
+        assert layout_problems(domain) == []
+        assert all(qemu_check_problems(p) == [] for p in old_live.values())
+    finally:
+        qemu.kill()
