@@ -43,6 +43,8 @@ RESTART_STEPS = ("qmp_quit", "qmp_resume")
 # Offline steps a live plan may hold too: on files off the running chain, held as offline.
 OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress")
 JOB_POLL_SECONDS = 0.25
+JOB_POLL_GAP_SECONDS = 0.01
+JOB_ENDS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
 # Bytes a second a stream job may copy (0: as fast as it can). Tests slow a stream down so
 # that snapfs can be killed while it runs; recovery always hurries it (speed 0).
 STREAM_SPEED = int(os.environ.get("SNAPFS_QMP_STREAM_SPEED", "0"))
@@ -63,6 +65,15 @@ def job_id(path: str) -> str:
 def running_chain(view: MetadataView) -> set[str]:
     """The snapshots whose layers a running QEMU holds (the live layer's ancestors) and LIVE."""
     return {LIVE, *rules.ancestors(view, view.current)}
+
+
+def side_by_side(streams: list[dict]) -> list[dict]:
+    """Consecutive stream steps (one per disk) whose jobs the first step starts all at once
+    (`siblings`): QEMU runs them side by side, and each step then waits for its own. Each
+    later step finds its job running or done, as after a crash."""
+    if len(streams) < 2:
+        return streams
+    return [{**streams[0], "siblings": streams[1:]}, *streams[1:]]
 
 
 def refused(domain: str, what: str) -> SnapfsError:
@@ -281,9 +292,10 @@ class QmpEngine:
         for dep in others:
             for d in disks:
                 steps.append({"do": "rebase", "layer": layouts.dep(d, dep), **layouts.parent_backing(d)})
+        streams = []
         for dep in on_chain:
             for d in disks:
-                steps.append(
+                streams.append(
                     {
                         "do": "stream",
                         "layer": layouts.dep(d, dep),
@@ -292,7 +304,7 @@ class QmpEngine:
                         **layouts.parent_backing(d),
                     }
                 )
-        return steps + [{"do": "release", "path": layouts.own(d)} for d in disks]
+        return steps + side_by_side(streams) + [{"do": "release", "path": layouts.own(d)} for d in disks]
 
     def _deactivate(self, intent: dict, files: DomainFiles, disks: list[DiskRecord], view: MetadataView) -> list[dict]:
         """The live layer pulls everything above P (the stream of a merge, with no layer
@@ -315,7 +327,7 @@ class QmpEngine:
                     **backing,
                 }
             )
-        return steps
+        return side_by_side(steps)
 
     # ---- the precondition --------------------------------------------------------------------
     def hold_layers(self, files: DomainFiles, steps: list[dict]) -> contextlib.AbstractContextManager:
@@ -456,6 +468,9 @@ class QmpEngine:
         layer = _abs(files, step["layer"])
         job = job_id(layer)
         state = await self._start_stream(job, layer, step, files, recovering)
+        for sibling in step.get("siblings", ()):
+            other = _abs(files, sibling["layer"])
+            await self._start_stream(job_id(other), other, sibling, files, recovering)
         if state == "running":
             await self._wait_job(job, progress)
             async with self._session() as q:
@@ -496,20 +511,27 @@ class QmpEngine:
             return "running"
 
     async def _wait_job(self, job: str, progress: Progress | None) -> None:
-        """Until block job `job` is gone from QEMU's list (or QEMU is), reporting progress."""
+        """Until block job `job` is gone from QEMU's list (or QEMU is), reporting progress.
+        Between two looks snapfs listens for the job's end for up to JOB_POLL_SECONDS (a
+        plain sleep left QEMU's finished job waiting half of it on average), then lets go
+        of the socket for a moment, so that another client (a `domstate`) gets in."""
         while True:
             try:
                 async with self._session() as q:
                     if q is None:
                         return
+                    since = q.mark()
                     mine = [j for j in await q.execute("query-block-jobs") if j.get("device") == job]
+                    if mine:
+                        if progress is not None and mine[0].get("len"):
+                            progress(100.0 * mine[0].get("offset", 0) / mine[0]["len"])
+                        with trio.move_on_after(JOB_POLL_SECONDS):
+                            await q.wait_event(JOB_ENDS, lambda d: job in (d.get("device"), d.get("id")), since=since)
             except qmp.QEMUGone:
                 return
             if not mine:
                 return
-            if progress is not None and mine[0].get("len"):
-                progress(100.0 * mine[0].get("offset", 0) / mine[0]["len"])
-            await trio.sleep(JOB_POLL_SECONDS)
+            await trio.sleep(JOB_POLL_GAP_SECONDS)
 
     async def _rebase_offline(self, layer: str, own: str, step: dict, progress: Progress | None) -> None:
         """Nothing holds the layer now (held meanwhile, so a QEMU starting cannot open it). Its
