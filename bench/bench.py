@@ -74,14 +74,14 @@ def qemu_io_write(path: str, pattern: int, offset: int, length: int) -> None:
     )
 
 
-def new_domain(root: str, disks: int = 2, size: int = GiB) -> snapfs.Domain:
+def new_domain(root: str, disks: int = 2, size: int = GiB, name: str = "vm1") -> snapfs.Domain:
     store = snapfs.open_store(os.path.join(root, "store"), create=True)
     specs = []
     for i in range(disks):
-        base = os.path.join(root, f"base{i}.qcow2")
+        base = os.path.join(root, f"{name}-base{i}.qcow2" if name != "vm1" else f"base{i}.qcow2")
         qemu_img("create", "-q", "-f", "qcow2", base, str(size))
         specs.append((f"vd{chr(ord('a') + i)}", base, "qcow2"))
-    return store.define("vm1", specs)
+    return store.define(name, specs)
 
 
 @contextlib.contextmanager
@@ -137,23 +137,30 @@ def paired(
 
 # ---- 1. create ------------------------------------------------------------------------
 def section_create(root: str, runs: int = 15) -> None:
-    dom = new_domain(root)
-    counter = iter(range(10**6))
-    mnt = os.path.join(root, "mnt")
-    with mounted(os.path.join(root, "store"), mnt):
-        snaps = os.path.join(mnt, "vm1", "snapshots")
-        bare, ((api, api_ratio), (fs, fs_ratio)) = paired(
-            runs,
-            bare_creator(root, 2),
-            lambda: dom.snapshot_create_xml(f"<domainsnapshot><name>api{next(counter)}</name></domainsnapshot>"),
-            lambda: os.mkdir(os.path.join(snaps, f"fs{next(counter)}")),
-        )
-    report("bare qemu-img create x2 disks (ms)", f"{bare:.1f}")
-    report("create through the API (ms)", f"{api:.1f}", f"{api_ratio:.2f}x", "goal <= 1.5x")
-    report("mkdir of a snapshot through the mount (ms)", f"{fs:.1f}", f"{fs_ratio:.2f}x", "goal <= 1.5x")
+    """Create through the API and through mkdir against bare qemu-img creates of the same
+    overlays, for one disk and for two (issue 16: <= 0.5x with pre-staged overlays)."""
+    for disks in (1, 2):
+        sub = os.path.join(root, f"{disks}disk")
+        os.makedirs(sub)
+        dom = new_domain(sub, disks)
+        new_domain(sub, disks, name="vm2")  # mkdir's own: the two ways never wait for each other's lock
+        counter = iter(range(10**6))
+        with mounted(os.path.join(sub, "store"), os.path.join(sub, "mnt")):
+            snaps = os.path.join(sub, "mnt", "vm2", "snapshots")
+            bare, ((api, api_ratio), (fs, fs_ratio)) = paired(
+                runs,
+                bare_creator(sub, disks),
+                lambda dom=dom, n=counter: dom.snapshot_create_xml(
+                    f"<domainsnapshot><name>api{next(n)}</name></domainsnapshot>"
+                ),
+                lambda snaps=snaps, n=counter: os.mkdir(os.path.join(snaps, f"fs{next(n)}")),
+            )
+        report(f"bare qemu-img create x{disks} disks (ms)", f"{bare:.1f}")
+        report(f"create through the API, {disks} disks (ms)", f"{api:.1f}", f"{api_ratio:.2f}x", "goal <= 0.5x")
+        report(f"mkdir of a snapshot, {disks} disks (ms)", f"{fs:.1f}", f"{fs_ratio:.2f}x", "goal <= 0.5x")
     cli = median_ms(
         lambda: subprocess.run(
-            [SNAPFS, "--store", os.path.join(root, "store"), "snapshot-create-as", "vm1", f"cli{next(counter)}"],
+            [SNAPFS, "--store", os.path.join(sub, "store"), "snapshot-create-as", "vm1", f"cli{next(counter)}"],
             check=True,
             capture_output=True,
         ),

@@ -159,7 +159,7 @@ def layout_problems(domain) -> list[str]:
 
 # ---- added for the proof matrix (tests/test_crash.py, test_concurrency.py, test_fuzz.py) ----
 
-DOMAIN_DIR_ENTRIES = {"domain.json", "domain.xml", "state.json", "snapshots", "layers", "lock", "last-error"}
+DOMAIN_DIR_ENTRIES = {"domain.json", "domain.xml", "state.json", "snapshots", "layers", "lock", "last-error", "staged"}
 
 
 def qemu_check_problems(path: str) -> list[str]:
