@@ -381,8 +381,11 @@ def adopt_staged(dst: str, backing: str, backing_fmt: str, size: int, syncs: Dir
     staged = staged_beside(dst)
     if backing_fmt != "qcow2" or not staged_fits(staged, backing, size):
         return False
-    _give_layer_mode(staged, dst)  # the store's sharing may have changed since it was made
-    os.rename(staged, dst)
+    try:
+        _give_layer_mode(staged, dst)  # the store's sharing may have changed since it was made
+        os.rename(staged, dst)
+    except OSError:
+        return False  # e.g. staged/ moved to another filesystem: a new overlay is made instead
     sync_dir_of(dst, syncs)
     sync_dir_of(staged, syncs)
     return True
@@ -393,6 +396,8 @@ def staged_fits(path: str, backing: str, size: int) -> bool:
     format qcow2) of `size` bytes, a regular file with one name: read from its header and
     L1 table, no process run. Anything else (missing, stale, torn, written to) is False."""
     try:
+        if os.path.islink(os.path.dirname(path)):
+            return False  # staged/ is snapfs's own directory, never a way out of the store
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
