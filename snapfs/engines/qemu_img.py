@@ -386,8 +386,9 @@ def adopt_staged(dst: str, backing: str, backing_fmt: str, size: int, syncs: Dir
         os.rename(staged, dst)
     except OSError:
         return False  # e.g. staged/ moved to another filesystem: a new overlay is made instead
+    # staged/ is not fsynced: an old name that a power cut brings back is a second name of
+    # the layer, which staged_fits refuses (st_nlink) and the next pre-staging replaces.
     sync_dir_of(dst, syncs)
-    sync_dir_of(staged, syncs)
     return True
 
 
