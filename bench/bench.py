@@ -199,8 +199,10 @@ def synthesize(root: str, count: int, shape: str) -> tuple[str, str]:
             if shape == "wide" and i == 1:
                 shutil.copyfile(layer, template)
     last = ids[-1]
-    qemu_img_overlay(os.path.join(layers, "live.qcow2"), f"{last}.qcow2")
-    write_json(files.file("state.json"), {"current": last, "generation": 1})
+    # The live layer define made (live.qcow2 -> its real file) now sits on the last snapshot.
+    live = json.load(open(files.file("state.json")))["live"]
+    qemu_img_overlay(os.path.join(layers, live["vda"]), f"{last}.qcow2")
+    write_json(files.file("state.json"), {"current": last, "generation": 1, "live": live})
     return store_root, os.path.join(root, f"mnt-{shape}-{count}")
 
 
