@@ -187,6 +187,9 @@ class StoreCore:
         await trio.to_thread.run_sync(atomic_write, files.file("domain.xml"), text.encode("utf-8"))
         await trio.to_thread.run_sync(functools.partial(files.write_state, None, live=live))
         await trio.to_thread.run_sync(write_json, files.file("domain.json"), asdict(record))
+        from . import prestage
+
+        prestage.start(files.path)  # the first create's overlays, made ahead
 
     async def undefine(self, name: str, remove_snapshots: bool = False) -> None:
         import trio

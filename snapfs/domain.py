@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from . import rules
+from . import prestage, rules
 from .engines import Engine
 from .errors import SnapfsError, invalid, io_error, not_found, single
 from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord, has_memory
@@ -310,6 +310,7 @@ class DomainCore:
         from .engines import memory
 
         changed = False  # set before anything is written: a failure part-way is news too
+        done = False
         try:
             async with self.files.locked():
                 try:
@@ -328,6 +329,7 @@ class DomainCore:
                         with await self._refuse_unless_ready(journal, engine, steps):  # the layers stay held
                             changed = True
                             await journal.run(operation, plan.subject, engine, steps)
+                    done = bool(steps)
                     return plan.result
                 finally:
                     self.files.clear_job()  # the job line is the lock holder's
@@ -335,6 +337,8 @@ class DomainCore:
             failure = self._failed(operation, caught)
             raise failure  # noqa: B904  (the failure keeps its own cause)
         finally:
+            if done:  # durable and unlocked: the next live layers are made ahead, off this call's path
+                prestage.start(self.files.path)
             if changed:
                 await self.tell_changed()
 

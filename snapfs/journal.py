@@ -113,6 +113,8 @@ class Journal:
         SNAPFS_SPACE_CHECK=0 (tests) skips it before an operation, not in recovery."""
         if not recovering and os.environ.get("SNAPFS_SPACE_CHECK", "1") == "0":
             return
+        if not any(step["do"] in _SPACE_TAKING_STEPS for step in steps):
+            return  # light plans (a create, a revert) need no estimate, nor a thread to make it
         needed = await trio.to_thread.run_sync(space_needed, self.files, steps)
         if not needed:
             return
@@ -166,6 +168,8 @@ class Journal:
                 await trio.to_thread.run_sync(syncs.flush)
                 journal["done"] = index
                 await trio.to_thread.run_sync(self.files.write_journal, journal)
+            elif steps[index]["do"] == "state" and syncs.dirs:
+                await trio.to_thread.run_sync(syncs.flush)  # what state.json names is durable first
             if reached is not None:
                 reached[0] = index
             group = _side_by_side(steps, journal["done"], index)
@@ -177,7 +181,10 @@ class Journal:
                         nursery.start_soon(self._run_recorded_step, engine, journal, member, recovering, syncs)
             index = group[-1] + 1
         await trio.to_thread.run_sync(syncs.flush)
-        await trio.to_thread.run_sync(self.files.clear_journal)
+        # The removal is not fsynced: lost to a power cut, it is a crash after the last step
+        # (recovery re-runs the steps since the last record, each finding its work done), and
+        # the next change's journal write fsyncs this directory before anything else.
+        await trio.to_thread.run_sync(self.files.clear_journal, False)
         self.files.clear_job()
 
     async def _run_recorded_step(
@@ -331,6 +338,9 @@ def _skipped(layer: str, onto: str) -> int:
     return total
 
 
+_SPACE_TAKING_STEPS = ("commit", "stream", "rebase", "recompress")  # what space_needed counts
+
+
 def space_needed(files: DomainFiles, steps: list[dict]) -> int:
     """Bytes the heavy steps may need at most: what they add to layers, plus the largest
     temporary copy one of them builds (they run one after another), plus 1% and 4 MiB
@@ -433,9 +443,10 @@ def _must_record(steps: list[dict], done: int, index: int) -> bool:
       step after one: they read and write layer data along backing chains;
     - a step using a name an unrecorded step used: e.g. create's new overlay at live after
       the rename of live to the snapshot's layer (re-running that rename would move the
-      new, empty live over the snapshot's layer);
-    - the state step, when an overlay is unrecorded: once state.json shows the result the
-      live disk may be used, and a re-run overlay would drop what was written to it.
+      new, empty live over the snapshot's layer).
+    The state step needs no record after an overlay: once state.json shows the result the
+    live disk may be used, and a re-run overlay keeps the overlay it finds (qemu_img.py),
+    so nothing written to it is dropped; the directories are fsynced before it (_carry_out).
     """
     if index == done:
         return False
@@ -443,7 +454,7 @@ def _must_record(steps: list[dict], done: int, index: int) -> bool:
     if any(step["do"] not in _LIGHT_STEPS for step in window[:-1]):
         return True
     if steps[index]["do"] == "state":
-        return any(step["do"] == "overlay" for step in window[:-1])
+        return False
     if steps[index]["do"] not in _LIGHT_STEPS:
         return True
     seen: set[str] = set()

@@ -12,6 +12,8 @@
     STORE/domains/<dom>/layers/<target>/live.qcow2    -> <uuid>.qcow2: the live layer's stable
                                           name, a relative symlink retargeted atomically
     STORE/domains/<dom>/memory/<id>       a snapshot's saved guest memory (made when first needed)
+    STORE/domains/<dom>/staged/<target>.qcow2  the next live layer, made ahead (engines/qemu_img.py
+                                          prestage): never a layer until a create renames it into layers/
     STORE/domains/<dom>/journal.json      the intent of an unfinished operation
     STORE/domains/<dom>/job               what a long operation is doing now
     STORE/domains/<dom>/last-error        the latest refusal, one line
@@ -104,6 +106,10 @@ class DomainFiles:
         """The real path of the live layer of disk `target` (what QEMU and qemu-img are given)."""
         return self.layer_path(target, live_name(view, target))
 
+    def staged_path(self, target: str) -> str:
+        """Disk `target`'s pre-staged next live layer (outside layers/: never taken for one)."""
+        return os.path.join(self.path, STAGED_DIR, f"{target}.qcow2")
+
     def live_link(self, target: str) -> str:
         """The live layer's stable path: a symlink to its real file (DESIGN section 8)."""
         return self.layer_path(target, LIVE_LINK)
@@ -172,6 +178,11 @@ class DomainFiles:
             if must_exist and not self.exists():
                 raise not_found(f"There is no domain named {self.name!r}.") from None
             return {"current": None, "generation": 0}
+
+    def live_names(self) -> dict[str, str]:
+        """state.json's `live` ({target: basename of the live layer's real file}), read now."""
+        live = self._state().get("live")
+        return dict(live) if _is_live_names(live) else {}
 
     def _state_bytes(self) -> bytes | None:
         """state.json as bytes (None when absent): a few syscalls, no parsing."""
@@ -351,9 +362,10 @@ class DomainFiles:
     def write_journal(self, journal: dict) -> None:
         write_json(self.journal_path, journal)
 
-    def clear_journal(self) -> None:
+    def clear_journal(self, durable: bool = True) -> None:
         unlink_if_present(self.journal_path)
-        fsync_dir(self.path)
+        if durable:
+            fsync_dir(self.path)
 
     # job: what a long operation is doing now, for any front end to show
     def write_job(self, line: str) -> None:
@@ -389,10 +401,10 @@ class DomainFiles:
             for name in _names(directory):
                 if _is_atomic_temporary(name) and not (name.startswith("last-error.") and _pid_alive(name)):
                     unlink_if_present(os.path.join(directory, name))
-        for target in _names(os.path.join(self.path, "layers")):
-            directory = self.layers_dir(target)
+        directories = [self.layers_dir(target) for target in _names(os.path.join(self.path, "layers"))]
+        for directory in [*directories, self.file(STAGED_DIR)]:
             for name in _names(directory):
-                if name.endswith(layer_suffixes) or _is_atomic_temporary(name):
+                if name.endswith((*layer_suffixes, STAGING_SUFFIX)) or _is_atomic_temporary(name):
                     unlink_if_present(os.path.join(directory, name))
 
     # last-error
@@ -412,7 +424,11 @@ class DomainFiles:
     # lock
     @contextlib.asynccontextmanager
     async def locked(self, wait: float = LOCK_WAIT_SECONDS) -> AsyncIterator[None]:
-        """The domain's exclusive lock (flock), polled without blocking the event loop."""
+        """The domain's exclusive lock (flock), polled without blocking the event loop;
+        taken once this process's pre-staging on the domain (prestage.py) is done."""
+        from . import prestage
+
+        await prestage.wait_for(self.path)
         async with flocked(self.file("lock"), f"Another operation holds domain {self.name!r}.", wait):
             yield
 
@@ -431,6 +447,13 @@ def replace_with_symlink(
     sync_dir_of(path, syncs)
 
 
+def staged_beside(layer: str) -> str:
+    """The pre-staged next live layer of the disk whose layer file `layer` is
+    (<dom>/layers/<target>/<name> -> <dom>/staged/<target>.qcow2)."""
+    disk_dir = os.path.dirname(layer)
+    return os.path.join(os.path.dirname(os.path.dirname(disk_dir)), STAGED_DIR, os.path.basename(disk_dir) + ".qcow2")
+
+
 def _carry_over_point(point: str) -> None:
     """Fault injection for the tests (as journal.fault_point): SNAPFS_CRASH_AT=carry-over:<point>
     kills the process there, as a power cut would."""
@@ -439,6 +462,8 @@ def _carry_over_point(point: str) -> None:
 
 
 LINK_SUFFIX = ".link"  # a symlink being made beside live.qcow2; recovery removes one left over
+STAGED_DIR = "staged"  # the pre-staged next live layers, one per disk (<target>.qcow2)
+STAGING_SUFFIX = ".part"  # a pre-staged layer being made; removed with the other temporaries
 _TEMPORARY = re.compile(r"(^job\.tmp\d+$)|(\.tmp\d+\.\d+$)")
 
 

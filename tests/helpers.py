@@ -73,10 +73,11 @@ def file_digest(path: str) -> str:
 
 def tree_fingerprint(root: str) -> dict[str, str]:
     """Every file under root with its checksum: compare before and after a refusal.
-    Locks, last-error and run/ (the registrations of running mounts) are not data."""
+    Locks, last-error, run/ (the registrations of running mounts) and staged/ (the next live
+    layers made ahead, by a thread after the last change: snapfs/prestage.py) are not data."""
     found = {}
     for dirpath, _, names in os.walk(root):
-        if os.path.relpath(dirpath, root).split(os.sep)[0] == "run":
+        if os.path.relpath(dirpath, root).split(os.sep)[0] == "run" or os.path.basename(dirpath) == "staged":
             continue
         for name in names:
             path = os.path.join(dirpath, name)
@@ -159,7 +160,7 @@ def layout_problems(domain) -> list[str]:
 
 # ---- added for the proof matrix (tests/test_crash.py, test_concurrency.py, test_fuzz.py) ----
 
-DOMAIN_DIR_ENTRIES = {"domain.json", "domain.xml", "state.json", "snapshots", "layers", "lock", "last-error"}
+DOMAIN_DIR_ENTRIES = {"domain.json", "domain.xml", "state.json", "snapshots", "layers", "lock", "last-error", "staged"}
 
 
 def qemu_check_problems(path: str) -> list[str]:

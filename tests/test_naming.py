@@ -279,7 +279,7 @@ def test_an_old_store_is_carried_over_on_open(tmp_path, old_store, crash):
         assert sorted(json.load(f)["live"]) == sorted(TARGETS)
     assert sorted(os.listdir(os.path.join(root, "domains", "vm1"))) == sorted(
         {"domain.json", "domain.xml", "state.json", "snapshots", "layers", "lock"}
-        | ({"last-error"} & set(os.listdir(os.path.join(root, "domains", "vm1"))))
+        | ({"last-error", "staged"} & set(os.listdir(os.path.join(root, "domains", "vm1"))))
     )
     domain.snapshot_create_xml("<domainsnapshot><name>c</name></domainsnapshot>")  # and it works on
     domain.snapshot_lookup_by_name("a").deactivate(snapfs.DeactivateFlags.MERGE)

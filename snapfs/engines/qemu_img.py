@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -21,7 +22,7 @@ from .. import layerlock, qemu
 from ..durable import DirSyncs, fsync_file, sync_dir_of, unlink_if_present
 from ..errors import io_error
 from ..records import LIVE_LINK, DiskRecord, layer_name
-from ..store import LINK_SUFFIX, DomainFiles, replace_with_symlink
+from ..store import LINK_SUFFIX, STAGING_SUFFIX, DomainFiles, replace_with_symlink, staged_beside
 from . import Progress
 
 # The keys of each step that name a file (relative to the domain directory) the step
@@ -141,9 +142,9 @@ class QemuImgEngine:
         path = files.file
         do = step["do"]
         if do == "overlay":
-            if "freeze" in step:  # the live file becomes L(S) without a rename: its mode follows the store's
-                await _in_thread(_give_layer_mode, path(step["freeze"]), path(step["freeze"]))
-            await self.overlay(path(step["dst"]), step["backing"], step["fmt"], step["size"], syncs)
+            # In a create the live file becomes L(S) without a rename: its mode follows the store's.
+            freeze = path(step["freeze"]) if "freeze" in step else None
+            await self.overlay(path(step["dst"]), step["backing"], step["fmt"], step["size"], syncs, freeze)
         elif do == "rename":
             await _in_thread(_move, path(step["src"]), path(step["dst"]), syncs)
         elif do == "link":
@@ -159,8 +160,20 @@ class QemuImgEngine:
         else:
             raise io_error(f"The journal of domain {files.name!r} has an unknown step {do!r}.")
 
-    async def overlay(self, dst: str, backing: str, backing_fmt: str, size: int, syncs: DirSyncs | None = None) -> None:
-        """An empty overlay at dst on `backing`, replacing whatever dst was."""
+    async def overlay(
+        self,
+        dst: str,
+        backing: str,
+        backing_fmt: str,
+        size: int,
+        syncs: DirSyncs | None = None,
+        freeze: str | None = None,
+    ) -> None:
+        """An overlay at dst on `backing`: the disk's pre-staged one renamed into place when
+        it fits, else a new one. A complete overlay already at dst on that backing is kept
+        (a step re-run after a crash: the live disk may have been handed out and written)."""
+        if await trio.to_thread.run_sync(_made_or_adopted, dst, backing, backing_fmt, size, syncs, freeze):
+            return
         tmp = dst + ".new"
         await _in_thread(unlink_if_present, tmp)
         await qemu.create_overlay(tmp, backing, backing_fmt, size)
@@ -204,6 +217,26 @@ class QemuImgEngine:
             await qemu.convert_layer(layer, tmp, backing, backing_fmt, compression, progress)
 
         await _replace_checked(layer, ".compress", build, "Recompressing")
+
+    # ---- pre-staging (prestage.py) -----------------------------------------------------------------
+    async def prestage(self, files: DomainFiles, disks: list[DiskRecord], live: dict[str, str]) -> None:
+        """Each disk's next live layer made ahead: an empty overlay on its live file's name,
+        at files.staged_path (outside layers/), unless the one there already fits. Built
+        under a temporary name, fsynced, renamed into place (the caller holds the lock)."""
+        async with trio.open_nursery() as nursery:
+            for disk in disks:
+                nursery.start_soon(self._prestage_disk, files, disk, live[disk.target])
+
+    async def _prestage_disk(self, files: DomainFiles, disk: DiskRecord, backing: str) -> None:
+        path = files.staged_path(disk.target)
+        if await trio.to_thread.run_sync(staged_fits, path, backing, disk.size):
+            return
+        tmp = path + STAGING_SUFFIX
+        await _in_thread(_fresh_directory_entry, tmp)
+        await qemu.create_overlay(tmp, backing, "qcow2", disk.size)
+        _crash_point(f"prestage:{disk.target}:built")
+        await _in_thread(_install_now, tmp, path, None, files.layer_path(disk.target, "next"))
+        _crash_point(f"prestage:{disk.target}:staged")
 
     # ---- images outside a plan -----------------------------------------------------------------------
     async def new_live_layer(self, path: str, disk: DiskRecord) -> None:
@@ -257,8 +290,8 @@ async def _in_thread(fn, *args) -> None:
     await trio.to_thread.run_sync(fn, *args)
 
 
-def _install_now(tmp: str, dst: str, syncs: DirSyncs | None) -> None:
-    _give_layer_mode(tmp, dst)
+def _install_now(tmp: str, dst: str, syncs: DirSyncs | None, mode_of: str | None = None) -> None:
+    _give_layer_mode(tmp, mode_of or dst)
     fsync_file(tmp)
     os.rename(tmp, dst)
     sync_dir_of(dst, syncs)
@@ -311,6 +344,111 @@ async def _replace_checked(layer: str, suffix: str, build: Callable[[str], Await
             await _in_thread(unlink_if_present, tmp)
         raise
     await _install(tmp, layer)
+
+
+# ---- pre-staged overlays (prestage.py) -------------------------------------------------------------
+_QCOW2_MAGIC = b"QFI\xfb"
+_BACKING_FORMAT_EXTENSION = 0xE2792ACA
+_STAGED_MAX_BYTES = 4 * 1024 * 1024  # a fresh overlay is a few clusters (256 KiB at 64 KiB clusters)
+
+
+def _made_or_adopted(
+    dst: str, backing: str, backing_fmt: str, size: int, syncs: DirSyncs | None, freeze: str | None = None
+) -> bool:
+    """Whether dst is an overlay on `backing` now (kept, or the pre-staged one moved
+    there); first the layer a create freezes gets the store's mode (one thread hop for both)."""
+    if freeze is not None:
+        _give_layer_mode(freeze, freeze)
+    if backing_fmt == "qcow2" and _is_overlay_on(dst, backing, size):
+        return True
+    return adopt_staged(dst, backing, backing_fmt, size, syncs)
+
+
+def _is_overlay_on(path: str, backing: str, size: int) -> bool:
+    """Whether path is a whole qcow2 (it only ever appears by a rename after an fsync) on
+    `backing` of `size` bytes; its data is not looked at."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return _header_fits(head, backing, size, empty=False)
+
+
+def adopt_staged(dst: str, backing: str, backing_fmt: str, size: int, syncs: DirSyncs | None) -> bool:
+    """Rename the pre-staged overlay of dst's disk to dst if it fits (staged_fits); False
+    (nothing done) otherwise. The caller holds the domain's lock, so nothing else moves it."""
+    staged = staged_beside(dst)
+    if backing_fmt != "qcow2" or not staged_fits(staged, backing, size):
+        return False
+    try:
+        _give_layer_mode(staged, dst)  # the store's sharing may have changed since it was made
+        os.rename(staged, dst)
+    except OSError:
+        return False  # e.g. staged/ moved to another filesystem: a new overlay is made instead
+    # staged/ is not fsynced: an old name that a power cut brings back is a second name of
+    # the layer, which staged_fits refuses (st_nlink) and the next pre-staging replaces.
+    sync_dir_of(dst, syncs)
+    return True
+
+
+def staged_fits(path: str, backing: str, size: int) -> bool:
+    """Whether `path` is an intact, empty qcow2 overlay on `backing` (a basename beside it,
+    format qcow2) of `size` bytes, a regular file with one name: read from its header and
+    L1 table, no process run. Anything else (missing, stale, torn, written to) is False."""
+    try:
+        if os.path.islink(os.path.dirname(path)):
+            return False  # staged/ is snapfs's own directory, never a way out of the store
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > _STAGED_MAX_BYTES:
+            return False
+        return _header_fits(os.pread(fd, st.st_size, 0), backing, size)
+    finally:
+        os.close(fd)
+
+
+def _header_fits(image: bytes, backing: str, size: int, empty: bool = True) -> bool:
+    if len(image) < 104 or image[:4] != _QCOW2_MAGIC:
+        return False
+    version, backing_offset, backing_length = struct.unpack_from(">IQI", image, 4)
+    virtual_size, _, l1_size, l1_offset = struct.unpack_from(">QIIQ", image, 24)
+    incompatible = struct.unpack_from(">Q", image, 72)[0]
+    header_length = struct.unpack_from(">I", image, 100)[0]
+    if version != 3 or virtual_size != size or incompatible != 0 or header_length > 4096:
+        return False  # incompatible: the dirty or corrupt bit, an external data file
+    if image[backing_offset : backing_offset + backing_length] != backing.encode():
+        return False
+    l1 = image[l1_offset : l1_offset + 8 * l1_size]
+    if empty and (len(l1) != 8 * l1_size or l1.count(0) != len(l1)):
+        return False  # torn, or data was written into it
+    return _backing_format(image, header_length) == b"qcow2"
+
+
+def _backing_format(image: bytes, offset: int) -> bytes | None:
+    """The backing format header extension's value (None without one)."""
+    while offset + 8 <= len(image):
+        kind, length = struct.unpack_from(">II", image, offset)
+        if kind == 0:
+            return None
+        if kind == _BACKING_FORMAT_EXTENSION:
+            return image[offset + 8 : offset + 8 + length]
+        offset += 8 + (length + 7) // 8 * 8
+    return None
+
+
+def _fresh_directory_entry(path: str) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    unlink_if_present(path)
+
+
+def _crash_point(point: str) -> None:
+    """Fault injection for the crash tests, as journal.fault_point: SNAPFS_CRASH_AT=<point>."""
+    if os.environ.get("SNAPFS_CRASH_AT") == point:
+        os._exit(86)
 
 
 def _layer_name(files: DomainFiles, path: str) -> str:

@@ -1,8 +1,9 @@
 """The QMP engine: the rules' intents as steps on a running QEMU (DESIGN section 8).
 
-A disk-only snapshot makes a new overlay per disk with qemu-img (as offline), adds it to
-QEMU (`blockdev-add`, `qmp_add`) and switches every disk to it in one `transaction`
-(`switch`); a merge of a snapshot on the running chain pulls its data into the dependent
+A disk-only snapshot takes a new overlay per disk (the pre-staged one, else made with
+qemu-img, as offline), adds it to QEMU (`blockdev-add`) and switches every disk to it in one
+`transaction`, both in the `switch` step (a memory snapshot adds them in `qmp_add` first); a
+merge of a snapshot on the running chain pulls its data into the dependent
 on that chain with `block-stream` (`stream`), handles the other dependents as offline,
 then lets QEMU close L(S) and deletes it (`release`). No file QEMU holds is ever renamed
 or replaced, and QEMU is only ever handed real files.
@@ -262,7 +263,9 @@ class QmpEngine:
             }
             for d in disks
         ]
-        steps.append({"do": "qmp_add", "layers": [news[d.target] for d in disks]})
+        if intent.get("memory"):
+            steps.append({"do": "qmp_add", "layers": [news[d.target] for d in disks]})
+        # A disk-only switch adds the overlays to QEMU itself (one journal record fewer).
         steps.append({"do": "switch", "disks": [{"target": t, "active": olds[t], "overlay": news[t]} for t in news]})
         links = [s for s in self.offline.steps(intent, files, disks) if s["do"] == "link"]
         if intent.get("memory"):
@@ -397,15 +400,7 @@ class QmpEngine:
         async with self._session() as q:
             if q is None:
                 return  # QEMU is gone: the new overlays simply wait for the next start
-            nodes = await block_nodes(q)
-            for rel in step["layers"]:
-                path = _abs(files, rel)
-                if nodes_on(nodes, path, formats_only=False):
-                    continue  # added before a crash (a second add fails on QEMU's own lock)
-                file = {"driver": "file", "filename": path}
-                await q.execute(
-                    "blockdev-add", {"driver": "qcow2", "node-name": node_name(path), "file": file}, backing=None
-                )
+            await _add_nodes(q, [_abs(files, rel) for rel in step["layers"]], await block_nodes(q))
 
     async def _switch(self, step: dict, files: DomainFiles) -> None:
         """Every disk onto its new overlay at one instant (one transaction); nothing to do
@@ -416,12 +411,13 @@ class QmpEngine:
                 await self._refuse_if_held([_abs(files, d["active"]) for d in step["disks"]])
                 return
             nodes, active = await block_nodes(q), await active_nodes(q)
-            actions, switched = [], 0
+            actions, switched, adding = [], 0, []
             for disk in step["disks"]:
                 old, new = _abs(files, disk["active"]), _abs(files, disk["overlay"])
                 if any(n.name in active for n in nodes_on(nodes, new)):
                     switched += 1
                     continue
+                adding.append(new)
                 current = [n for n in nodes_on(nodes, old) if n.name in active]
                 if not current:
                     raise self._not_on(disk["target"], old, nodes, active)
@@ -431,6 +427,7 @@ class QmpEngine:
             if actions and switched:
                 raise io_error(f"QEMU runs only some disks of {files.name!r} on their new overlays; stop it and retry.")
             if actions:
+                await _add_nodes(q, adding, nodes)  # a qmp_add step before (a memory create) added them
                 await q.execute("transaction", actions=actions)
 
     async def _repoint(self, step: dict, files: DomainFiles) -> None:
@@ -647,6 +644,15 @@ class _Names:
         """The backing link and format a layer on P gets (as offline: basename or the base's path)."""
         names = self.intent["parent_layers"]
         return {"backing": d.base, "fmt": d.format} if names is None else {"backing": names[d.target], "fmt": "qcow2"}
+
+
+async def _add_nodes(q: qmp.QMP, paths: list[str], nodes: list[Node]) -> None:
+    """blockdev-add each overlay (backing: null: the transaction links it) not added yet."""
+    for path in paths:
+        if nodes_on(nodes, path, formats_only=False):
+            continue  # added before a crash (a second add fails on QEMU's own lock)
+        file = {"driver": "file", "filename": path}
+        await q.execute("blockdev-add", {"driver": "qcow2", "node-name": node_name(path), "file": file}, backing=None)
 
 
 def _rel(files: DomainFiles, d: DiskRecord, names: dict[str, str]) -> str:
