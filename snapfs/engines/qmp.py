@@ -41,7 +41,7 @@ from .qemu_img import _install as install
 QMP_STEPS = ("qmp_add", "switch", "stream", "release", "switch_memory", "qmp_quit", "qmp_resume")
 RESTART_STEPS = ("qmp_quit", "qmp_resume")
 # Offline steps a live plan may hold too: on files off the running chain, held as offline.
-OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress")
+OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress", "pull")
 JOB_POLL_SECONDS = 0.25
 # Bytes a second a stream job may copy (0: as fast as it can). Tests slow a stream down so
 # that snapfs can be killed while it runs; recovery always hurries it (speed 0).
