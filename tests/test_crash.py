@@ -165,6 +165,19 @@ def make_template(directory: str, prepare=None) -> Template:
     return template
 
 
+def grow_dependents(b: Builder) -> None:
+    """q gets a child over four times its size (qbig: 30 clusters, one of them zeros over
+    q's data) and the live disk, back on c2, the same over c2: a merge of q or c2 then
+    has its one dependent pull S's data (pull steps) instead of the commit."""
+    b.revert("q")
+    b.write(*(i * CLUSTER for i in range(12, 41)))
+    b.write(5 * CLUSTER, zeros=True)
+    b.create("qbig")
+    b.revert("c2")
+    b.write(*(i * CLUSTER for i in range(20, 49)))
+    b.write(9 * CLUSTER, zeros=True)
+
+
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
     """Two templates: the tree above, and the same with the live disk moved onto k."""
@@ -179,6 +192,9 @@ def templates(tmp_path_factory):
                 def prepare(b: Builder) -> None:
                     b.revert("k")
                     b.write(CLUSTER, 12 * CLUSTER)
+
+            elif kind == "big-dependents":
+                prepare = grow_dependents
 
             made[kind] = make_template(directory, prepare)
         return made[kind]
@@ -196,6 +212,7 @@ class Case:
     kinds: set  # step kinds the plan must contain (proves the intended branch was taken)
     template: str = "tree"
     compressed: tuple | None = None  # (snapshot, kind) whose layers must now be compressed
+    absent: frozenset = frozenset()  # step kinds the plan must not contain (the other branch)
 
 
 CASES = [
@@ -234,8 +251,34 @@ CASES = [
         ["snapshot-deactivate", DOM, "p", "--merge"],
         lambda m: m.merge("p"),
         {"commit", "rename", "meta_write", "meta_delete"},
+        absent=frozenset({"pull"}),
     ),
-    Case("merge-1-live", "merge", ["snapshot-delete", DOM, "c2"], lambda m: m.merge("c2"), {"commit", "rename"}),
+    Case(
+        "merge-1-live",
+        "merge",
+        ["snapshot-delete", DOM, "c2"],
+        lambda m: m.merge("c2"),
+        {"commit", "rename"},
+        absent=frozenset({"pull"}),
+    ),
+    Case(
+        "merge-1-child-pulls",
+        "merge",
+        ["snapshot-deactivate", DOM, "q", "--merge"],
+        lambda m: m.merge("q"),
+        {"pull", "delete", "meta_write", "meta_delete"},
+        template="big-dependents",
+        absent=frozenset({"commit", "rename"}),
+    ),
+    Case(
+        "merge-1-live-pulls",
+        "merge",
+        ["snapshot-delete", DOM, "c2"],
+        lambda m: m.merge("c2"),
+        {"pull", "delete", "meta_delete"},
+        template="big-dependents",
+        absent=frozenset({"commit", "rename"}),
+    ),
     Case(
         "merge-2-children",
         "merge",
@@ -395,6 +438,7 @@ def discover(case: Case, template: Template, directory: str) -> list[str]:
     assert sorted(int(p.split(":")[1]) for p in points) == list(range(len(points))), points
     kinds = {p.split(":")[2] for p in points}
     assert case.kinds <= kinds, f"the plan has steps {kinds}, not the expected {case.kinds}"
+    assert not case.absent & kinds, f"the plan has steps {kinds}, none of {case.absent} expected"
     want = case.after(template.model)
     problems = user_view_problems(root, want) + check_store(root, want, template, case.compressed)
     assert problems == [], problems
