@@ -551,6 +551,19 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def _wait_for_written(pid: int, size: int, deadline: float) -> None:
+    """Until process `pid` has written `size` bytes (/proc/PID/io wchar), ends, or the deadline."""
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                wchar = int(next(line for line in f if line.startswith("wchar:")).split()[1])
+        except (OSError, StopIteration):
+            return
+        if wchar >= size:
+            return
+        time.sleep(0.001)
+
+
 def daemon(root: str, mnt: str) -> Mount:
     """The mount daemon in its own session, so that kill_all() takes it and its qemu-img
     children at once."""
@@ -567,11 +580,21 @@ def _lazy_unmount(mnt: str) -> None:
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
 
 
+# What L(s1) holds on vda beyond the live disk's 192 MiB, by the way the merge moves data
+# there: a commit of the live disk into it (over a quarter of the live disk's size), or the
+# live disk pulling it in place (well under), killed at a few moments of the pull.
+S1_DATA = {"commit": 56 * MiB, "pull-early": 40 * MiB, "pull-mid": 40 * MiB, "pull-late": 40 * MiB}
+KILL_AT_PERCENT = {"pull-early": 0, "pull-mid": 40, "pull-late": 80}  # of the bytes the pull writes
+S1_AT = 200 * MiB
+
+
 @pytest.mark.timeout(240)
-def test_daemon_killed_mid_merge_then_remount(tmp_path):
+@pytest.mark.parametrize("how", list(S1_DATA))
+def test_daemon_killed_mid_merge_then_remount(tmp_path, how):
     """kill -9 of the mount daemon (and its qemu-img) while `echo merge > control` commits
-    192 MiB, fusermount3 -u, remount: the merge is finished by the new mount's recovery
-    and every snapshot and the live disk hold exactly what they held."""
+    192 MiB into L(s1), or has the live disk pull L(s1)'s 24 MiB in place, fusermount3 -u,
+    remount: the merge is finished by the new mount's recovery and every snapshot and the
+    live disk hold exactly what they held."""
     bases = make_bases(str(tmp_path / "images"), sizes={"vda": BIG_SIZE})
     digests = {p: file_digest(p) for p, _ in bases.values()}
     root = str(tmp_path / "store")
@@ -581,6 +604,7 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
     write_pattern(live["vdb"], 0x12, CLUSTER, fmt="qcow2")
     domain.snapshot_create_xml("<domainsnapshot><name>s0</name></domainsnapshot>")
     write_pattern(live["vda"], 0x21, 2 * CLUSTER)
+    write_pattern(live["vda"], 0x4C, S1_AT, S1_DATA[how])
     write_pattern(live["vdb"], 0x22, 2 * CLUSTER)
     domain.snapshot_create_xml("<domainsnapshot><name>s1</name></domainsnapshot>")
     write_pattern(live["vda"], 0x5A, 0, BIG_DATA)  # the live disk: 192 MiB to commit into L(s1)
@@ -593,11 +617,15 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
         control = os.path.join(mnt, DOM, "snapshots", "s1", "control")
         echo = subprocess.Popen(["bash", "-c", f"echo merge > {control}"], stderr=subprocess.PIPE)
         committing = None
+        verb = " commit " if how == "commit" else " rebase "  # the pull: in place, -t writethrough
         deadline = time.monotonic() + 30
         while committing is None and time.monotonic() < deadline and echo.poll() is None:
-            committing = next((c for c in _children(mount.proc.pid) if " commit " in c[1]), None)
-        assert committing is not None, f"no qemu-img commit was seen; echo: {echo.poll()} {mount.log()[-3000:]}"
-        time.sleep(0.05)
+            committing = next((c for c in _children(mount.proc.pid) if verb in c[1] and "/vda/" in c[1]), None)
+        assert committing is not None, f"no qemu-img{verb}was seen; echo: {echo.poll()} {mount.log()[-3000:]}"
+        if how == "commit":
+            time.sleep(0.05)
+        else:
+            _wait_for_written(committing[0], S1_DATA[how] * KILL_AT_PERCENT[how] // 100, deadline)
         alive = os.path.exists(f"/proc/{committing[0]}")
         mount.kill_all()
         echo.wait(timeout=20)
@@ -623,7 +651,15 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
     want = {  # (image, {offset: (pattern, length)})
         "s0 vda": (s0_layers["vda"], {0: (0xA1, CLUSTER), CLUSTER: (0x11, CLUSTER), 2 * CLUSTER: (0, CLUSTER)}),
         "s0 vdb": (s0_layers["vdb"], {0: (0xB1, CLUSTER), CLUSTER: (0x12, CLUSTER), 2 * CLUSTER: (0, CLUSTER)}),
-        "live vda": (live["vda"], {0: (0x5A, BIG_DATA), BIG_DATA: (0, BIG_SIZE - BIG_DATA)}),
+        "live vda": (
+            live["vda"],
+            {
+                0: (0x5A, BIG_DATA),
+                BIG_DATA: (0, S1_AT - BIG_DATA),
+                S1_AT: (0x4C, S1_DATA[how]),
+                S1_AT + S1_DATA[how]: (0, BIG_SIZE - S1_AT - S1_DATA[how]),
+            },
+        ),
         "live vdb": (
             live["vdb"],
             {
