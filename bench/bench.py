@@ -378,6 +378,44 @@ def section_merge(root: str, size: int = 256 * MiB, runs: int = 5) -> None:
         f"{pair_ratio(discard_times, rm_times):.2f}x",
         "goal <= 1.2x",
     )
+    merge_small_snapshot(root, size, runs)
+
+
+def merge_small_snapshot(root: str, size: int, runs: int, small: int = MiB) -> None:
+    """Merge of S holding `small` bytes whose one dependent (the live disk) holds `size`
+    bytes elsewhere on the disk: the live disk pulls S's data in place (the cheaper way);
+    bare: `qemu-img commit -d` of copies of the same two files, which moves the dependent's
+    `size` bytes. Each timed call starts after a sync."""
+    merge_times, bare_times = [], []
+    for run in range(runs):
+        sub = os.path.join(root, f"small{run}")
+        os.makedirs(sub)
+        dom = new_domain(sub, disks=1)
+        live = dom.core.live_path("vda")
+        qemu_io_write(live, 0x11, 512 * MiB, small)
+        snap = dom.snapshot_create_xml("<domainsnapshot><name>s</name></domainsnapshot>")
+        qemu_io_write(live, 0x22, 0, size)
+        layer = snap.layer_paths()["vda"]
+        bare_dir = os.path.join(sub, "bare")
+        os.makedirs(bare_dir)
+        shutil.copy(layer, os.path.join(bare_dir, os.path.basename(layer)))
+        bare_top = os.path.join(bare_dir, "live.qcow2")
+        shutil.copy(os.path.realpath(live), bare_top)
+        os.sync()
+        t = time.perf_counter()
+        qemu_img("commit", "-q", "-f", "qcow2", "-d", bare_top)
+        bare_times.append(time.perf_counter() - t)
+        os.sync()
+        t = time.perf_counter()
+        snap.deactivate(snapfs.DeactivateFlags.MERGE)
+        merge_times.append(time.perf_counter() - t)
+        shutil.rmtree(sub)
+    report(
+        f"merge of a {small // MiB} MiB snapshot, {size // MiB} MiB dependent (s) / commit -d",
+        f"{statistics.median(merge_times):.3f}",
+        f"{pair_ratio(merge_times, bare_times):.2f}x",
+        f"goal <= 0.2x (bare {statistics.median(bare_times):.2f} s)",
+    )
 
 
 # ---- 5. 1,000 x cat xml and stat through the mount -----------------------------------------------

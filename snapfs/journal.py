@@ -352,6 +352,8 @@ def space_needed(files: DomainFiles, steps: list[dict]) -> int:
             growth += _allocated(files.file(step["top"]))
         elif do == "stream":  # a live merge: S's data goes into the dependent QEMU runs on
             growth += _allocated(files.file(step["from"]))
+        elif do == "pull":  # in place: S's data goes into the dependent, no copy of it
+            growth += _skipped(files.file(step["layer"]), step["backing"])
         elif do == "rebase":
             layer = files.file(step["layer"])
             growth += _skipped(layer, step["backing"])

@@ -229,6 +229,28 @@ async def rebase_safe(path: str, backing: str, backing_fmt: str, progress: Progr
     )
 
 
+async def pull_into(path: str, backing: str, backing_fmt: str, progress: Progress | None = None) -> None:
+    """Safe-mode rebase *in place* of a layer snapfs holds, onto `backing` (a layer further
+    down its own chain, or the base): its backing file's data that `backing` lacks is copied
+    into it, then the header names `backing`. -t writethrough: each copied write is flushed
+    with the qcow2 metadata that links it before the next, so the header, written after the
+    last, never names `backing` before every copy is linked (with the default write-back
+    cache the links wait for the close, after the header: a kill there loses the copies).
+    The layer is held by snapfs (layerlock.hold); its backing file, only read, is opened
+    with QEMU's shared locks (an option on it would turn the image's name into a json:
+    one, against which qemu-img cannot resolve the new backing's relative name)."""
+    await qemu_img(
+        ["rebase", "-q", "-t", "writethrough", "-b", backing, "-F", backing_fmt, *_unlocked(path)],
+        f"rebasing {path}",
+        progress=progress,
+    )
+
+
+async def repoint_held(path: str, backing: str, backing_fmt: str) -> None:
+    """rebase -u of a layer snapfs holds: only the header's backing link changes."""
+    await qemu_img(["rebase", "-q", "-u", "-b", backing, "-F", backing_fmt, *_unlocked(path)], f"re-pointing {path}")
+
+
 async def rebase_unsafe(path: str, backing: str, backing_fmt: str) -> None:
     """Only the header's backing link changes (-u): the caller knows the content stays right."""
     await qemu_img(["rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path], f"re-pointing {path}")

@@ -273,6 +273,29 @@ def test_frozen_layer_in_use_as_a_backing(store_path, tree, domain, nbd, tmp_pat
     assert domain.snapshot_lookup_by_name("on-s1").get_parent() == s1
 
 
+def test_merge_that_pulls_refused_while_its_layers_are_in_use(store_path, domain, nbd):
+    """A merge whose one dependent pulls S's data in place (the live disk, far larger than
+    S) is refused with EBUSY and changes nothing while the live layer is exported, or while
+    L(S), which it reads and then deletes, is exported read-only; it runs once they are free."""
+    live = domain.live_paths()
+    write_pattern(live["vda"], 0x31, 0)
+    s = domain.snapshot_create_xml(snap_xml("s"))
+    for target in ("vda", "vdb"):
+        write_pattern(live[target], 0x32, CLUSTER, 40 * CLUSTER)
+    live_file = domain.core.live_file("vda")
+    nbd.hold(live_file)
+    api_refused(store_path, lambda: s.deactivate(DeactivateFlags.MERGE), errno.EBUSY, "in use", "live disk vda")
+    nbd.release()
+    nbd.hold(s.layer_paths()["vdb"], read_only=True)
+    api_refused(store_path, lambda: s.deactivate(DeactivateFlags.MERGE), errno.EBUSY, "in use", "snapshot 's'")
+    nbd.release()
+    inode = os.stat(live_file).st_ino
+    s.deactivate(DeactivateFlags.MERGE)
+    assert domain.core.live_file("vda") == live_file and os.stat(live_file).st_ino == inode  # pulled in place
+    assert read_raw(live["vda"])[:CLUSTER] == bytes([0x31]) * CLUSTER
+    assert read_raw(live["vdb"])[CLUSTER : 41 * CLUSTER] == bytes([0x32]) * 40 * CLUSTER
+
+
 def test_domain_held_by_another_operation(store_path, tree, domain):
     """While another process holds the domain's lock, an operation gives up with EBUSY
     (SNAPFS_LOCK_WAIT shortens the wait) and changes nothing."""

@@ -361,6 +361,91 @@ def test_merge_keeps_the_surviving_childs_compression(world, siblings):
         assert extents and all("offset" not in e for e in extents), extents
 
 
+# ---- merge: the cheaper direction (D pulls S's data when S is much smaller) ----------------
+
+
+def _stage_many(world: World, target: str, first: int, count: int) -> None:
+    """`count` clusters of fresh patterns from `first` on: enough to make a layer the larger side."""
+    for i in range(count):
+        world.write(target, first + i * CLUSTER)
+
+
+def _inodes(paths: dict[str, str]) -> dict[str, int]:
+    return {target: os.stat(path).st_ino for target, path in paths.items()}
+
+
+def test_merge_into_a_much_larger_child_pulls_in_place(world):
+    """S (two clusters and a zero cluster over base data) under a child D that holds 40
+    clusters (one over S's data, zeros over another): D pulls S's data in place, so its
+    file (inode and path) stays, L(S) goes, and every snapshot, the grandchild, another
+    branch on S's parent and the live disk read as before."""
+    world.stage(0, 3 * MiB)
+    world.create("p")
+    world.stage(CLUSTER, 2 * MiB)
+    world.write("vda", 1 * MiB, 0)  # zeros over the base's data
+    world.write("vdb", 0, 0)  # zeros over p's data
+    s = world.create("s")
+    for target in TARGETS:
+        _stage_many(world, target, 2 * MiB + 2 * CLUSTER, 24)
+    world.write("vda", CLUSTER)  # over s's data
+    world.write("vdb", 2 * MiB, 0)  # zeros over s's data
+    d = world.create("d")
+    world.stage(3 * MiB + CLUSTER)
+    world.create("grandchild")
+    world.revert("p")
+    world.stage(CLUSTER, 1 * MiB)  # another branch on p, not merged
+    world.create("other")
+    world.revert("grandchild")
+    world.stage(0)
+    d_layers, s_layers = d.layer_paths(), s.layer_paths()
+    inodes = _inodes(d_layers)
+    s.deactivate(DeactivateFlags.MERGE)
+    del world.snaps["s"]
+    world.check()
+    assert d.layer_paths() == d_layers and _inodes(d_layers) == inodes  # D was rebased, not replaced
+    assert not any(os.path.exists(p) for p in s_layers.values())
+    p_layers = world.snap("p").layer_paths()
+    for target in TARGETS:
+        assert backing_filename(d_layers[target]) == os.path.basename(p_layers[target])
+    assert world.parent_name("d") == "p" and world.parent_name("grandchild") == "d"
+    assert world.current_name() == "grandchild"
+    assert "s" not in world.snap("d").get_xml_desc().split("<parent>")[1].split("</parent>")[0]
+
+
+def test_merge_into_a_much_larger_live_disk_pulls_per_disk(world):
+    """The live disk is S's only dependent; on vda it holds far more than S (it pulls, its
+    real file stays), on vdb far less (the commit, as before: L(S)'s file takes its name).
+    Then the root snapshot the same way, onto the base images (vda's raw and qcow2 bases)."""
+    world.stage(0)
+    world.create("root")
+    world.stage(CLUSTER, 2 * MiB)
+    world.write("vda", 0, 0)
+    for i in range(30):
+        world.write("vdb", 1 * MiB + i * CLUSTER)  # vdb's S is the large side
+    s = world.create("s")
+    _stage_many(world, "vda", 1 * MiB, 30)
+    world.write("vda", 2 * MiB, 0)
+    world.write("vdb", CLUSTER)
+    live_files = {t: world.domain.core.live_file(t) for t in TARGETS}
+    inodes = _inodes(live_files)
+    s_inode_vdb = os.stat(s.layer_paths()["vdb"]).st_ino
+    s.deactivate(DeactivateFlags.MERGE)
+    del world.snaps["s"]
+    world.check()
+    assert {t: world.domain.core.live_file(t) for t in TARGETS} == live_files
+    after = _inodes(live_files)
+    assert after["vda"] == inodes["vda"]  # pulled in place
+    assert after["vdb"] == s_inode_vdb  # committed: L(S)'s file took the live file's name
+    assert world.current_name() == "root"
+    world.snap("root").deactivate(DeactivateFlags.MERGE)
+    del world.snaps["root"]
+    world.check()
+    for target in TARGETS:
+        assert backing_filename(world.live_path(target)) == world.bases[target].path
+    world.stage(3 * MiB)
+    world.create("again")
+
+
 # ---- discard ----------------------------------------------------------------------------
 
 

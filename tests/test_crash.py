@@ -165,6 +165,19 @@ def make_template(directory: str, prepare=None) -> Template:
     return template
 
 
+def grow_dependents(b: Builder) -> None:
+    """q gets a child over four times its size (qbig: 30 clusters, one of them zeros over
+    q's data) and the live disk, back on c2, the same over c2: a merge of q or c2 then
+    has its one dependent pull S's data (pull steps) instead of the commit."""
+    b.revert("q")
+    b.write(*(i * CLUSTER for i in range(12, 41)))
+    b.write(5 * CLUSTER, zeros=True)
+    b.create("qbig")
+    b.revert("c2")
+    b.write(*(i * CLUSTER for i in range(20, 49)))
+    b.write(9 * CLUSTER, zeros=True)
+
+
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
     """Two templates: the tree above, and the same with the live disk moved onto k."""
@@ -179,6 +192,9 @@ def templates(tmp_path_factory):
                 def prepare(b: Builder) -> None:
                     b.revert("k")
                     b.write(CLUSTER, 12 * CLUSTER)
+
+            elif kind == "big-dependents":
+                prepare = grow_dependents
 
             made[kind] = make_template(directory, prepare)
         return made[kind]
@@ -196,6 +212,7 @@ class Case:
     kinds: set  # step kinds the plan must contain (proves the intended branch was taken)
     template: str = "tree"
     compressed: tuple | None = None  # (snapshot, kind) whose layers must now be compressed
+    absent: frozenset = frozenset()  # step kinds the plan must not contain (the other branch)
 
 
 CASES = [
@@ -234,8 +251,34 @@ CASES = [
         ["snapshot-deactivate", DOM, "p", "--merge"],
         lambda m: m.merge("p"),
         {"commit", "rename", "meta_write", "meta_delete"},
+        absent=frozenset({"pull"}),
     ),
-    Case("merge-1-live", "merge", ["snapshot-delete", DOM, "c2"], lambda m: m.merge("c2"), {"commit", "rename"}),
+    Case(
+        "merge-1-live",
+        "merge",
+        ["snapshot-delete", DOM, "c2"],
+        lambda m: m.merge("c2"),
+        {"commit", "rename"},
+        absent=frozenset({"pull"}),
+    ),
+    Case(
+        "merge-1-child-pulls",
+        "merge",
+        ["snapshot-deactivate", DOM, "q", "--merge"],
+        lambda m: m.merge("q"),
+        {"pull", "delete", "meta_write", "meta_delete"},
+        template="big-dependents",
+        absent=frozenset({"commit", "rename"}),
+    ),
+    Case(
+        "merge-1-live-pulls",
+        "merge",
+        ["snapshot-delete", DOM, "c2"],
+        lambda m: m.merge("c2"),
+        {"pull", "delete", "meta_delete"},
+        template="big-dependents",
+        absent=frozenset({"commit", "rename"}),
+    ),
     Case(
         "merge-2-children",
         "merge",
@@ -395,6 +438,7 @@ def discover(case: Case, template: Template, directory: str) -> list[str]:
     assert sorted(int(p.split(":")[1]) for p in points) == list(range(len(points))), points
     kinds = {p.split(":")[2] for p in points}
     assert case.kinds <= kinds, f"the plan has steps {kinds}, not the expected {case.kinds}"
+    assert not case.absent & kinds, f"the plan has steps {kinds}, none of {case.absent} expected"
     want = case.after(template.model)
     problems = user_view_problems(root, want) + check_store(root, want, template, case.compressed)
     assert problems == [], problems
@@ -485,6 +529,33 @@ def test_crash_at_every_step(case: Case, templates, tmp_path):
     assert problems == [], "\n".join(problems)
 
 
+@pytest.mark.parametrize("case_id", ["merge-1-child-pulls", "merge-1-live-pulls"])
+def test_pull_recovers_a_header_written_before_its_copies(case_id, templates, tmp_path):
+    """The worst a kill of an in-place rebase can leave (seen with qemu-img's default
+    write-back cache: the header is written before the links of the copied clusters, which
+    wait for the close): the dependent already on S's parent, none of S's data in it, S
+    still there. Made by hand after a crash before the pull, with `rebase -u` on both
+    disks; the reopen must put it back on S and pull again, so that every snapshot and the
+    live disk read as the model says."""
+    case = next(c for c in CASES if c.id == case_id)
+    template = templates(case.template)
+    root = fresh_copy(template, str(tmp_path))
+    run = cli(root, case_args(case, template), {"SNAPFS_CRASH_AT": f"{case.operation}:0:pull:before"})
+    assert run.returncode == CRASH_STATUS, run.stderr
+    with open(os.path.join(root, "domains", DOM, "journal.json")) as f:
+        pulls = [s for s in json.load(f)["steps"] if s["do"] == "pull"]
+    assert {os.path.basename(os.path.dirname(s["layer"])) for s in pulls} == set(TARGETS)
+    for step in pulls:
+        layer = os.path.join(root, "domains", DOM, step["layer"])
+        subprocess.run(
+            ["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", step["backing"], "-F", step["fmt"], layer],
+            check=True,
+        )
+    want = case.after(template.model)
+    problems = user_view_problems(root, want) + check_store(root, want, template)
+    assert problems == [], problems
+
+
 # ---- a killed daemon ------------------------------------------------------------------------
 BIG_SIZE = 256 * MiB
 BIG_DATA = 192 * MiB
@@ -507,6 +578,19 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def _wait_for_written(pid: int, size: int, deadline: float) -> None:
+    """Until process `pid` has written `size` bytes (/proc/PID/io wchar), ends, or the deadline."""
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                wchar = int(next(line for line in f if line.startswith("wchar:")).split()[1])
+        except (OSError, StopIteration):
+            return
+        if wchar >= size:
+            return
+        time.sleep(0.001)
+
+
 def daemon(root: str, mnt: str) -> Mount:
     """The mount daemon in its own session, so that kill_all() takes it and its qemu-img
     children at once."""
@@ -523,11 +607,21 @@ def _lazy_unmount(mnt: str) -> None:
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
 
 
+# What L(s1) holds on vda beyond the live disk's 192 MiB, by the way the merge moves data
+# there: a commit of the live disk into it (over a quarter of the live disk's size), or the
+# live disk pulling it in place (well under), killed at a few moments of the pull.
+S1_DATA = {"commit": 56 * MiB, "pull-early": 40 * MiB, "pull-mid": 40 * MiB, "pull-late": 40 * MiB}
+KILL_AT_PERCENT = {"pull-early": 0, "pull-mid": 40, "pull-late": 80}  # of the bytes the pull writes
+S1_AT = 200 * MiB
+
+
 @pytest.mark.timeout(240)
-def test_daemon_killed_mid_merge_then_remount(tmp_path):
+@pytest.mark.parametrize("how", list(S1_DATA))
+def test_daemon_killed_mid_merge_then_remount(tmp_path, how):
     """kill -9 of the mount daemon (and its qemu-img) while `echo merge > control` commits
-    192 MiB, fusermount3 -u, remount: the merge is finished by the new mount's recovery
-    and every snapshot and the live disk hold exactly what they held."""
+    192 MiB into L(s1), or has the live disk pull L(s1)'s 24 MiB in place, fusermount3 -u,
+    remount: the merge is finished by the new mount's recovery and every snapshot and the
+    live disk hold exactly what they held."""
     bases = make_bases(str(tmp_path / "images"), sizes={"vda": BIG_SIZE})
     digests = {p: file_digest(p) for p, _ in bases.values()}
     root = str(tmp_path / "store")
@@ -537,6 +631,7 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
     write_pattern(live["vdb"], 0x12, CLUSTER, fmt="qcow2")
     domain.snapshot_create_xml("<domainsnapshot><name>s0</name></domainsnapshot>")
     write_pattern(live["vda"], 0x21, 2 * CLUSTER)
+    write_pattern(live["vda"], 0x4C, S1_AT, S1_DATA[how])
     write_pattern(live["vdb"], 0x22, 2 * CLUSTER)
     domain.snapshot_create_xml("<domainsnapshot><name>s1</name></domainsnapshot>")
     write_pattern(live["vda"], 0x5A, 0, BIG_DATA)  # the live disk: 192 MiB to commit into L(s1)
@@ -549,11 +644,15 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
         control = os.path.join(mnt, DOM, "snapshots", "s1", "control")
         echo = subprocess.Popen(["bash", "-c", f"echo merge > {control}"], stderr=subprocess.PIPE)
         committing = None
+        verb = " commit " if how == "commit" else " rebase "  # the pull: in place, -t writethrough
         deadline = time.monotonic() + 30
         while committing is None and time.monotonic() < deadline and echo.poll() is None:
-            committing = next((c for c in _children(mount.proc.pid) if " commit " in c[1]), None)
-        assert committing is not None, f"no qemu-img commit was seen; echo: {echo.poll()} {mount.log()[-3000:]}"
-        time.sleep(0.05)
+            committing = next((c for c in _children(mount.proc.pid) if verb in c[1] and "/vda/" in c[1]), None)
+        assert committing is not None, f"no qemu-img{verb}was seen; echo: {echo.poll()} {mount.log()[-3000:]}"
+        if how == "commit":
+            time.sleep(0.05)
+        else:
+            _wait_for_written(committing[0], S1_DATA[how] * KILL_AT_PERCENT[how] // 100, deadline)
         alive = os.path.exists(f"/proc/{committing[0]}")
         mount.kill_all()
         echo.wait(timeout=20)
@@ -579,7 +678,15 @@ def test_daemon_killed_mid_merge_then_remount(tmp_path):
     want = {  # (image, {offset: (pattern, length)})
         "s0 vda": (s0_layers["vda"], {0: (0xA1, CLUSTER), CLUSTER: (0x11, CLUSTER), 2 * CLUSTER: (0, CLUSTER)}),
         "s0 vdb": (s0_layers["vdb"], {0: (0xB1, CLUSTER), CLUSTER: (0x12, CLUSTER), 2 * CLUSTER: (0, CLUSTER)}),
-        "live vda": (live["vda"], {0: (0x5A, BIG_DATA), BIG_DATA: (0, BIG_SIZE - BIG_DATA)}),
+        "live vda": (
+            live["vda"],
+            {
+                0: (0x5A, BIG_DATA),
+                BIG_DATA: (0, S1_AT - BIG_DATA),
+                S1_AT: (0x4C, S1_DATA[how]),
+                S1_AT + S1_DATA[how]: (0, BIG_SIZE - S1_AT - S1_DATA[how]),
+            },
+        ),
         "live vdb": (
             live["vdb"],
             {

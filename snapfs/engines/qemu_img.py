@@ -33,6 +33,7 @@ WRITES = {
     "rename": ("src", "dst"),
     "commit": ("top", "into"),
     "rebase": ("layer",),
+    "pull": ("layer",),
     "recompress": ("layer",),
     "delete": ("path",),
 }
@@ -40,7 +41,12 @@ METADATA_STEPS = ("meta_write", "meta_delete", "state")
 ONLY_DELETED = ("delete",)
 # Steps whose qemu-img opens the whole backing chain (the others open no chain: an overlay
 # is made with -u, a rename or a delete opens nothing), so the whole chain is checked first.
-OPENS_CHAIN = ("commit", "rebase", "recompress")
+OPENS_CHAIN = ("commit", "rebase", "recompress", "pull")
+# A one-dependent merge moves the smaller side's data: committing D into L(S) copies D's
+# clusters; D pulling S's (an in-place safe rebase, each write flushed) reads S's and its
+# parent chain's data there and compares them, several times the cost per byte of a commit
+# (bench/bench.py merge). D pulls when its file's allocation is over this many times S's.
+PULL_FACTOR = 4
 
 
 class QemuImgEngine:
@@ -99,11 +105,17 @@ class QemuImgEngine:
         plan, deps, into = Layout(files), intent["into"], intent["into_layers"]
         own, parent = intent["layers"], intent["parent_layers"]
         if len(deps) == 1:
-            # Commit D into L(S), then L(S)'s file takes D's real name: D's children (or the
-            # live layer's stable name) keep their links.
+            # Per disk, the cheaper way: commit D into L(S), then L(S)'s file takes D's real
+            # name; or D pulls S's data and sits on S's parent, and L(S) goes. Either way D's
+            # children (or the live layer's stable name) keep their links.
             dep = into[deps[0]]
-            steps = [_step("commit", top=plan.layer(d, dep), into=plan.layer(d, own)) for d in disks]
-            return steps + [_step("rename", src=plan.layer(d, own), dst=plan.layer(d, dep)) for d in disks]
+            pulls = {d.target for d in disks if _cheaper_to_pull(files, plan.layer(d, own), plan.layer(d, dep))}
+            commits = [d for d in disks if d.target not in pulls]
+            pullers = [d for d in disks if d.target in pulls]
+            steps = [_step("commit", top=plan.layer(d, dep), into=plan.layer(d, own)) for d in commits]
+            steps += [_pull(plan, d, dep, own, parent) for d in pullers]
+            steps += [_step("rename", src=plan.layer(d, own), dst=plan.layer(d, dep)) for d in commits]
+            return steps + [_step("delete", path=plan.layer(d, own)) for d in pullers]
         # Two or more dependents: each is rebased (safe, on a copy) onto S's parent.
         steps = [
             _step("rebase", layer=plan.layer(d, into[dep]), **plan.backing(d, parent)) for dep in deps for d in disks
@@ -153,6 +165,8 @@ class QemuImgEngine:
             await self.commit(path(step["top"]), path(step["into"]), recovering, progress)
         elif do == "rebase":
             await self.rebase(path(step["layer"]), step["backing"], step["fmt"], progress)
+        elif do == "pull":
+            await self.pull(path(step["layer"]), path(step["from"]), step["backing"], step["fmt"], recovering, progress)
         elif do == "recompress":
             await self.recompress(path(step["layer"]), step["kind"], step["backing"], step["fmt"], progress)
         elif do == "delete":
@@ -207,6 +221,31 @@ class QemuImgEngine:
             await qemu.rebase_safe(tmp, backing, backing_fmt, progress)
 
         await _replace_checked(layer, ".rebase", build, "Rebasing")
+
+    async def pull(
+        self, layer: str, source: str, backing: str, backing_fmt: str, recovering: bool, progress: Progress | None
+    ) -> None:
+        """`layer`, which sits on `source`, takes in source's data and then sits on `backing`
+        (source's own backing), in place: qemu.pull_into. `source` is only read here (it is
+        deleted by a later step, once this one is recorded done), so a layer found on
+        `backing` already, by a re-run after a crash, is put back on `source` (-u) and
+        pulled again: whatever it had copied reads the same over either, and a copy whose
+        link never reached the file (a kill between the header and the close) is made anew.
+        A layer found on `backing` with `source` gone was done before."""
+        link = os.path.basename(source)
+        now = await _in_thread_value(_backing_link, layer)
+        if now == backing and not os.path.exists(source):
+            return
+        if now != link:
+            if now != backing:
+                raise io_error(f"Layer {layer} sits on {now!r}, not on {link!r} or {backing!r}; it was left as it is.")
+            await qemu.repoint_held(layer, link, "qcow2")
+        if recovering and await qemu.is_dirty(layer):
+            await qemu.check_and_repair(layer, backing_held=True)
+        await qemu.pull_into(layer, backing, backing_fmt, progress)
+        if recovering:  # clusters a kill left allocated but never linked
+            await qemu.repair_leaks(layer)
+        await _in_thread(fsync_file, layer)
 
     async def recompress(
         self, layer: str, compression: str, backing: str, backing_fmt: str, progress: Progress | None = None
@@ -284,6 +323,35 @@ class Layout:
 
 def _step(do: str, **args) -> dict:
     return {"do": do, **args}
+
+
+def _pull(plan: Layout, disk: DiskRecord, dep: dict[str, str], own: dict[str, str], parent: dict | None) -> dict:
+    """D (real files `dep`) pulls L(S)'s data (`own`) and then sits on S's parent."""
+    return _step("pull", layer=plan.layer(disk, dep), **{"from": plan.layer(disk, own)}, **plan.backing(disk, parent))
+
+
+def _cheaper_to_pull(files: DomainFiles, own: str, dep: str) -> bool:
+    """Whether D pulling L(S)'s data costs less than committing D into L(S): from the
+    files' allocated blocks (one stat each), PULL_FACTOR as above."""
+    try:
+        s_bytes, d_bytes = (os.stat(files.file(path)).st_blocks for path in (own, dep))
+    except OSError:
+        return False  # the commit's own checks say what is wrong
+    return s_bytes * PULL_FACTOR < d_bytes
+
+
+def _backing_link(path: str) -> str | None:
+    """The backing link in a layer's qcow2 header (no process: the header is read)."""
+    fd = layerlock.open_regular(path)
+    try:
+        header = layerlock.read_header(fd)
+    finally:
+        os.close(fd)
+    return header.backing if header else None
+
+
+async def _in_thread_value(fn, *args):
+    return await trio.to_thread.run_sync(fn, *args)
 
 
 async def _in_thread(fn, *args) -> None:

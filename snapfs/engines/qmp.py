@@ -42,7 +42,7 @@ from .qemu_img import _install as install
 QMP_STEPS = ("qmp_add", "switch", "repoint", "stream", "release", "switch_memory", "qmp_quit", "qmp_resume")
 RESTART_STEPS = ("qmp_quit", "qmp_resume")
 # Offline steps a live plan may hold too: on files off the running chain, held as offline.
-OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress")
+OFFLINE_STEPS = ("rebase", "commit", "rename", "delete", "recompress", "pull")
 JOB_POLL_SECONDS = 0.25
 JOB_POLL_GAP_SECONDS = 0.01
 JOB_ENDS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
