@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 from .catalog import StoreCore
 from .cliargs import version  # noqa: F401  (public here; defined beside --version, which reads it lazily)
@@ -19,7 +18,11 @@ from .records import SnapshotRecord
 from .rules import DeactivateFlags
 from .store import default_store_path
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 SNAPSHOT_CREATE_DISK_ONLY = 16  # libvirt's VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
 SNAPSHOT_REVERT_RUNNING = 1  # libvirt's VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING

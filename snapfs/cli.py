@@ -13,13 +13,13 @@ import errno
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING
 
 from . import cliargs, listing, rules
 from .errors import SnapfsError, invalid, single
 from .records import SnapshotRecord
 from .rules import DeactivateFlags
 
+TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
 if TYPE_CHECKING:
     from .catalog import StoreCore
     from .domain import DomainCore

@@ -130,12 +130,34 @@ def _gettext_once() -> Iterator[None]:
 
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The command line's parser; given the argv it will parse, only the verb found there
-    gets its arguments (the others are listed with their help only, as `--help` shows them)."""
+    gets its arguments (the others are listed with their help only, as `--help` shows them).
+    When nothing but --store comes before a known verb, the other verbs are left out
+    altogether: argparse then never looks at them (a verb's parser is all it runs)."""
+    chosen = _verb_in(argv) if argv is not None else None
     with _gettext_once():
-        return _build(_verb_in(argv) if argv is not None else None)
+        if argv is not None and chosen and _only_store_before(argv, chosen):
+            built, found = _build(chosen, alone=True)
+            if found:
+                return built
+        return _build(chosen)[0]
 
 
-def _build(chosen: str | None) -> argparse.ArgumentParser:
+def _only_store_before(argv: list[str], verb: str) -> bool:
+    """Whether the words before `verb` are only `--store DIR` or `--store=DIR`."""
+    words = argv[: argv.index(verb)]
+    while words:
+        if words[0].startswith("--store=") and len(words[0]) > len("--store="):
+            words = words[1:]
+        elif words[0] == "--store" and len(words) > 1 and not words[1].startswith("-"):
+            words = words[2:]
+        else:
+            return False
+    return True
+
+
+def _build(chosen: str | None, alone: bool = False) -> tuple[argparse.ArgumentParser, bool]:
+    """The parser, and whether `chosen` is one of its verbs; with `alone`, the only one."""
+    found = False
     parser = _Parser(
         prog="snapfs",
         description="Virtual-machine disk snapshots as files, commands and a Python API.",
@@ -146,6 +168,10 @@ def _build(chosen: str | None) -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help_text: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        nonlocal found
+        found = found or chosen == name or chosen in aliases
+        if alone and chosen != name and chosen not in aliases:
+            return _Unbuilt()  # type: ignore[return-value]
         p = verbs.add_parser(
             name,
             help=help_text,
@@ -188,7 +214,7 @@ def _build(chosen: str | None) -> argparse.ArgumentParser:
     _reading_verbs(verb)
     _changing_verbs(verb)
     _lifecycle_verbs(verb)
-    return parser
+    return parser, found
 
 
 def _create_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:

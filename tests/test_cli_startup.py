@@ -132,3 +132,57 @@ def test_a_reading_verb_recovers_first(two_snapshots, tmp_path):
     assert listed.returncode == 0, listed.stderr
     assert "cut-short" in listed.stdout.split()
     assert "trio" in modules and not os.path.exists(journal)
+
+
+# argv the parser is given, beside READING's: each must parse (or fail, or print help) the
+# same with the parser built for it as with every verb's arguments built.
+PARSED = [
+    ["--store", "S", "snapshot-create-as", "vm1", "n", "d", "--disk-only"],
+    ["--store=S", "snapshot-revert", "vm1", "s1", "--running"],
+    ["--store", "S", "create-with-snapshot", "vm1", "--current"],
+    ["--store", "S", "snapshot-deactivate", "vm1", "s1", "--merge", "--delete"],
+    ["--store", "S", "snapshot-create", "vm1", "--compress-kind=zstd"],
+    ["--store", "S", "start", "vm1", "--", "-accel", "kvm"],
+    ["--store", "S", "shutdown", "vm1", "--timeout", "x"],
+    ["--store", "S", "snapshot-list", "vm1", "--par", "--from", "s1"],
+    ["--store", "S", "snapshot-list", "vm1", "--from"],
+    ["--store", "S", "snapshot-info", "vm1", "--current", "s1"],
+    ["--store", "S", "list", "extra"],
+    ["--store", "S", "list", "--help"],
+    ["--store", "S", "dumpxml"],
+    ["--store", "S", "list", "--store", "T"],
+    ["--st", "S", "list"],
+    ["--store", "-x", "list"],
+    ["-h", "list"],
+    ["--version", "list"],
+    ["-", "list"],
+    ["--store", "list", "list"],
+    ["--store", "S", "lisst"],
+    ["--store", "S"],
+    [],
+    ["--", "list"],
+    ["list", "--", "x"],
+]
+
+
+def _parse(parser_for, argv: list[str]) -> tuple[object, ...]:
+    """What parsing argv gives: the namespace, or the exit status and what was printed."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            return ("parsed", vars(parser_for(argv).parse_args(argv)))
+        except SystemExit as exc:
+            return ("exit", exc.code, out.getvalue(), err.getvalue())
+
+
+@pytest.mark.parametrize("argv", [["--store", "S", *argv] for argv, _, _ in READING] + PARSED)
+def test_the_parser_built_for_an_argv_parses_it_as_the_whole_parser(argv):
+    from snapfs import cliargs
+
+    def whole(argv: list[str]):
+        return cliargs._build(None)[0]
+
+    assert _parse(cliargs.parser, argv) == _parse(whole, argv)
