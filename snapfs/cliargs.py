@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -70,9 +71,32 @@ class _Version(argparse.Action):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, columns: int, **kwargs: object) -> None:
+        self._columns = columns  # before argparse's __init__, which formats the -h option
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        """argparse's, with the terminal's width read once per command line: HelpFormatter
+        asks shutil for it each time, and importing shutil brings bz2, lzma and fnmatch."""
+        return self.formatter_class(prog=self.prog, width=self._columns - 2)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         """Usage errors too are one sentence on stderr (see `snapfs VERB --help`)."""
         self.exit(2, f"snapfs: error: {self.prog}: {message} (see --help).\n")
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns, its fallback of 80 included."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 def _store_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -158,7 +182,9 @@ def _only_store_before(argv: list[str], verb: str) -> bool:
 def _build(chosen: str | None, alone: bool = False) -> tuple[argparse.ArgumentParser, bool]:
     """The parser, and whether `chosen` is one of its verbs; with `alone`, the only one."""
     found = False
+    columns = _columns()
     parser = _Parser(
+        columns=columns,
         prog="snapfs",
         description="Virtual-machine disk snapshots as files, commands and a Python API.",
         epilog="Every verb has --help with an example. Errors are one sentence on stderr, exit status 1.",
@@ -179,6 +205,7 @@ def _build(chosen: str | None, alone: bool = False) -> tuple[argparse.ArgumentPa
             aliases=list(aliases),
             epilog=f"example:\n  {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            columns=columns,
         )
         if chosen is not None and chosen != name and chosen not in aliases:
             return _Unbuilt()  # type: ignore[return-value]

@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_MAIN = "import sys; from snapfs.cli import main; sys.exit(main())"
 NEVER_FOR_READING = ("trio", "pyfuse3", "snapfs.engines.qemu_img", "snapfs.qemu", "snapfs.journal", "snapfs.mount")
 # Nor, unless it prints XML (xml.py) or --version (importlib.metadata): the standard
-# library's heaviest (dataclasses brings inspect, ast and dis), nor the engines' package.
-NOR_FOR_TEXT = ("dataclasses", "inspect", "typing", "snapfs.engines")
+# library's heaviest (dataclasses brings inspect, ast and dis; shutil bz2 and lzma), nor the engines' package.
+NOR_FOR_TEXT = ("dataclasses", "inspect", "typing", "shutil", "snapfs.engines")
 
 # (argv after --store STORE, prints XML, exit status)
 READING = [
@@ -191,3 +191,29 @@ def test_the_parser_built_for_an_argv_parses_it_as_the_whole_parser(argv):
         return cliargs._build(None)[0]
 
     assert _parse(cliargs.parser, argv) == _parse(whole, argv)
+
+
+@pytest.mark.parametrize("columns", [None, "100", "33", "0", "-4", "wide"])
+def test_help_is_as_wide_as_argparse_makes_it(monkeypatch, columns):
+    """The parser reads the width once (cliargs._columns) as shutil reads it for argparse."""
+    import shutil
+
+    from snapfs import cliargs
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert cliargs._columns() == shutil.get_terminal_size().columns
+    for argv, verb in ((["--help"], None), (["snapshot-list", "vm1"], "snapshot-list")):
+        ours, theirs = (_verb_parser(cliargs.parser(argv), verb) for _ in range(2))
+        theirs._get_formatter = lambda p=theirs: p.formatter_class(prog=p.prog)  # argparse's own
+        assert ours.format_help() == theirs.format_help() and ours.format_usage() == theirs.format_usage()
+
+
+def _verb_parser(parser, verb: str | None):
+    import argparse
+
+    if verb is None:
+        return parser
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
