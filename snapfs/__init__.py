@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 
 from .errors import DependentsError, SnapfsError
-from .rules import CONTROL_WORDS, DeactivateFlags
 
 _API_NAMES = ("Domain", "Snapshot", "Store", "open_store")
+_RULES_NAMES = ("CONTROL_WORDS", "DeactivateFlags")  # rules.py is not needed by `snapfs --help`
 
 __all__ = [
-    "CONTROL_WORDS",
-    "DeactivateFlags",
+    "CONTROL_WORDS",  # noqa: F822 (loaded lazily by __getattr__)
+    "DeactivateFlags",  # noqa: F822
     "DependentsError",
     "Domain",  # noqa: F822 (loaded lazily by __getattr__)
     "SnapfsError",
@@ -28,6 +28,8 @@ __all__ = [
 def __getattr__(name: str) -> object:
     if name in _API_NAMES:
         return getattr(importlib.import_module(".api", __name__), name)
+    if name in _RULES_NAMES:
+        return getattr(importlib.import_module(".rules", __name__), name)
     try:
         return importlib.import_module(f".{name}", __name__)  # snapfs.api and the like
     except ModuleNotFoundError as exc:

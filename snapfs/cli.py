@@ -14,15 +14,14 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 
-from . import cliargs, listing, rules
+from . import cliargs
 from .errors import SnapfsError, invalid, single
-from .records import SnapshotRecord
-from .rules import DeactivateFlags
 
 TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # and listing, rules and records where they are used: --help needs none of them
     from .catalog import StoreCore
     from .domain import DomainCore
+    from .records import SnapshotRecord
 
 # Verbs that may create the store; every other verb needs an existing one.
 CREATES_STORE = ("define",)
@@ -67,6 +66,8 @@ def _parse_disk(text: str) -> tuple[str, str, str | None]:
 
 def _chosen(dom: DomainCore, args: argparse.Namespace) -> SnapshotRecord:
     """The snapshot a verb names: NAME, --snapshotname NAME or --current (one of them)."""
+    from . import listing
+
     names = [n for n in (args.snapshot, args.snapshotname) if n is not None]
     if len(names) + bool(args.current) > 1:
         raise invalid("Give one snapshot: a name, --snapshotname or --current.")
@@ -141,6 +142,8 @@ async def _delete(dom: DomainCore, args: argparse.Namespace) -> str:
             "snapfs keeps no snapshot apart from its data, so --metadata cannot delete metadata only; "
             "snapshot-delete without it merges the snapshot away and keeps every byte.",
         )
+    from . import rules
+
     snap = _chosen(dom, args)
     view = dom.view()
     doomed = rules.subtree(view, snap.id)[1:] if args.children or args.children_only else []
@@ -203,6 +206,8 @@ async def _edit_in_editor(text: str) -> str | None:
 
 
 async def _deactivate(dom: DomainCore, args: argparse.Namespace) -> str:
+    from .rules import DeactivateFlags
+
     snap = dom.lookup(args.snapshot)
     flags = args.flags or DeactivateFlags.NONE
     await dom.deactivate(snap.id, flags)
@@ -242,6 +247,8 @@ def _list_row(dom: DomainCore) -> list[str]:
 
 
 async def _store_verb(store: StoreCore, args: argparse.Namespace) -> str:
+    from . import listing
+
     if args.verb == "define":
         return await _define(store, args)
     if args.verb == "list" and args.name:
@@ -256,6 +263,8 @@ async def _store_verb(store: StoreCore, args: argparse.Namespace) -> str:
 
 
 async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
+    from . import listing
+
     verb = args.verb
     if verb in ("define", "list", "undefine"):
         return await _store_verb(store, args)
@@ -331,6 +340,8 @@ def _current_name(dom: DomainCore) -> str | None:
 
 
 async def _current(dom: DomainCore, name_only: bool) -> str:
+    from . import listing
+
     current = listing.current_record(dom)
     return f"{current.name}\n" if name_only else dom.snapshot_xml(current.id)
 

@@ -9,8 +9,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from .rules import DeactivateFlags
-
 EXAMPLES = {
     "define": "snapfs define vm1.xml\n"
     "  snapfs define --name vm1 --disk vda=/images/vm1.qcow2 --disk vdb=/images/data.img,format=raw",
@@ -335,15 +333,8 @@ def _changing_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument("domain")
     p.add_argument("snapshot")
-    mode = p.add_mutually_exclusive_group()
-    for flag, value in (
-        ("--merge", DeactivateFlags.MERGE),
-        ("--mergeforce", DeactivateFlags.MERGE_FORCE),
-        ("--delete", DeactivateFlags.DISCARD),
-        ("--deleteforce", DeactivateFlags.DISCARD_FORCE),
-        ("--mergedelete", DeactivateFlags.DISCARD_FORCE),
-    ):
-        mode.add_argument(flag, dest="flags", action="store_const", const=value)
+    if not isinstance(p, _Unbuilt):  # rules.py (DeactivateFlags) is imported only for this verb
+        _deactivate_modes(p.add_mutually_exclusive_group())
     p = verb(
         "snapshot-delete",
         "virsh's delete: the restore point goes away, its changes are kept (a merge); the current "
@@ -377,6 +368,19 @@ def _changing_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("domain")
     p.add_argument("snapshot")
     p.add_argument("description")
+
+
+def _deactivate_modes(mode: argparse._MutuallyExclusiveGroup) -> None:
+    from .rules import DeactivateFlags
+
+    for flag, value in (
+        ("--merge", DeactivateFlags.MERGE),
+        ("--mergeforce", DeactivateFlags.MERGE_FORCE),
+        ("--delete", DeactivateFlags.DISCARD),
+        ("--deleteforce", DeactivateFlags.DISCARD_FORCE),
+        ("--mergedelete", DeactivateFlags.DISCARD_FORCE),
+    ):
+        mode.add_argument(flag, dest="flags", action="store_const", const=value)
 
 
 def spell_out_compress(argv: list[str]) -> list[str]:
