@@ -68,9 +68,8 @@ def _process(cls: type, frozen: bool) -> type:
         delattr(cls, name)  # as dataclasses: a default stays a class attribute, a factory does not
         if not isinstance(defaults[name], _Factory):
             setattr(cls, name, defaults[name])
-    cls.__init__ = _init(cls, names, defaults, frozen)  # type: ignore[misc]
-    cls.__repr__ = _repr(cls, names)  # type: ignore[method-assign]
-    cls.__eq__ = _eq(cls, names)  # type: ignore[method-assign]
+    for name, method in _methods(cls, names, defaults, frozen).items():
+        setattr(cls, name, method)
     cls.__hash__ = _hash(names) if frozen else None  # type: ignore[assignment,method-assign]
     if frozen:
         cls.__setattr__ = _frozen("cannot assign to field")  # type: ignore[method-assign]
@@ -82,15 +81,21 @@ def _process(cls: type, frozen: bool) -> type:
     return cls
 
 
-def _compiled(cls: type, name: str, source: str, scope: dict[str, object]) -> Any:
-    exec(source, scope)  # noqa: S102  (how dataclasses makes its methods too)
-    function = scope[name]
-    function.__qualname__ = f"{cls.__qualname__}.{name}"  # type: ignore[attr-defined]
-    return function
-
-
-def _init(cls: type, names: tuple[str, ...], defaults: dict[str, object], frozen: bool) -> Any:
+def _methods(cls: type, names: tuple[str, ...], defaults: dict[str, object], frozen: bool) -> dict[str, Any]:
+    """__init__, __repr__ and __eq__, as dataclasses writes them, compiled in one go."""
     scope: dict[str, object] = {"_FACTORY": _FACTORY, "_set": object.__setattr__}
+    exec(_init(names, defaults, frozen, scope) + _repr(names) + _eq(names), scope)  # noqa: S102  (as dataclasses)
+    methods: dict[str, Any] = {}
+    for name in ("__init__", "__repr__", "__eq__"):
+        methods[name] = scope[name]
+        methods[name].__qualname__ = f"{cls.__qualname__}.{name}"
+    annotations = cls.__dict__.get("__annotations__", {})
+    methods["__init__"].__annotations__ = {**{n: annotations[n] for n in names}, "return": None}
+    methods["__repr__"] = reprlib.recursive_repr()(methods["__repr__"])
+    return methods
+
+
+def _init(names: tuple[str, ...], defaults: dict[str, object], frozen: bool, scope: dict[str, object]) -> str:
     params, body = [], []
     for n in names:
         default = defaults.get(n, _MISSING)
@@ -105,29 +110,23 @@ def _init(cls: type, names: tuple[str, ...], defaults: dict[str, object], frozen
         else:
             params.append(n)
         body.append(f"_set(self, {n!r}, {value})" if frozen else f"self.{n} = {value}")
-    source = f"def __init__(self, {', '.join(params)}):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
-    init = _compiled(cls, "__init__", source, scope)
-    annotations = cls.__dict__.get("__annotations__", {})
-    init.__annotations__ = {**{n: annotations[n] for n in names}, "return": None}
-    return init
+    return f"def __init__(self, {', '.join(params)}):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
 
 
-def _repr(cls: type, names: tuple[str, ...]) -> Any:
+def _repr(names: tuple[str, ...]) -> str:
     shown = ", ".join(f"{n}={{self.{n}!r}}" for n in names)
-    source = f"def __repr__(self):\n    return self.__class__.__qualname__ + f'({shown})'\n"
-    return reprlib.recursive_repr()(_compiled(cls, "__repr__", source, {}))
+    return f"def __repr__(self):\n    return self.__class__.__qualname__ + f'({shown})'\n"
 
 
-def _eq(cls: type, names: tuple[str, ...]) -> Any:
+def _eq(names: tuple[str, ...]) -> str:
     mine = "".join(f"self.{n}," for n in names)
     theirs = "".join(f"other.{n}," for n in names)
-    source = (
+    return (
         "def __eq__(self, other):\n"
         "    if other.__class__ is self.__class__:\n"
         f"        return ({mine}) == ({theirs})\n"
         "    return NotImplemented\n"
     )
-    return _compiled(cls, "__eq__", source, {})
 
 
 def _hash(names: tuple[str, ...]) -> Callable[[object], int]:
