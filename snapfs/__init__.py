@@ -6,7 +6,7 @@ pull in trio or qemu.
 
 from __future__ import annotations
 
-import importlib
+import sys
 
 from .errors import DependentsError, SnapfsError
 
@@ -27,12 +27,19 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name in _API_NAMES:
-        return getattr(importlib.import_module(".api", __name__), name)
+        return getattr(_submodule("api"), name)
     if name in _RULES_NAMES:
-        return getattr(importlib.import_module(".rules", __name__), name)
+        return getattr(_submodule("rules"), name)
     try:
-        return importlib.import_module(f".{name}", __name__)  # snapfs.api and the like
+        return _submodule(name)  # snapfs.api and the like
     except ModuleNotFoundError as exc:
         if exc.name != f"{__name__}.{name}":
             raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def _submodule(name: str) -> object:
+    """snapfs.NAME, imported by the import statement's own machinery (importlib, with
+    warnings, is not needed, and `python -X importtime` reports the import)."""
+    __import__(f"{__name__}.{name}")
+    return sys.modules[f"{__name__}.{name}"]
