@@ -11,7 +11,6 @@ import os
 from collections.abc import Awaitable, Callable
 
 from .catalog import StoreCore
-from .cliargs import version  # noqa: F401  (public here; defined beside --version, which reads it lazily)
 from .domain import DomainCore
 from .errors import SnapfsError, invalid, single
 from .records import SnapshotRecord
@@ -71,6 +70,14 @@ def _run(fn: Callable[..., Awaitable[T]], *args) -> T:
 def is_store(path: str) -> bool:
     """A store is a directory holding domains/ (made by the first define)."""
     return os.path.isdir(os.path.join(path, "domains"))
+
+
+def version() -> str:
+    """The installed snapfs's version (cliargs.version, beside --version; loaded when asked,
+    as a reading verb needs no argparse)."""
+    from .cliargs import version as installed
+
+    return installed()
 
 
 def open_store_core(path: str, create: bool = False) -> StoreCore:

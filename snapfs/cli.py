@@ -8,17 +8,18 @@ and a usage error never need) are imported where they are used.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 
-from . import cliargs
+from . import cliquick
 from .errors import SnapfsError, invalid, single
 
 TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
 if TYPE_CHECKING:  # and listing, rules and records where they are used: --help needs none of them
+    import argparse
+
     from .catalog import StoreCore
     from .domain import DomainCore
     from .records import SnapshotRecord
@@ -424,8 +425,8 @@ async def _show_progress(store: StoreCore, domain: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    words = cliargs.spell_out_compress(sys.argv[1:] if argv is None else argv)
-    args = cliargs.parser(words).parse_args(words)
+    words = sys.argv[1:] if argv is None else argv
+    args = cliquick.parse(words) or _parse(words)
     try:
         if args.verb == "mount":
             from .mount import run_mount
@@ -442,6 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as caught:  # noqa: BLE001  (the edge: every failure is one sentence)
         return _failed(single(caught))
     return 0
+
+
+def _parse(words: list[str]) -> argparse.Namespace:
+    """argparse's reading of the command line (help and usage errors end the process)."""
+    from . import cliargs
+
+    words = cliargs.spell_out_compress(words)
+    return cliargs.parser(words).parse_args(words)
 
 
 def _failed(exc: BaseException) -> int:

@@ -3,7 +3,6 @@ filters, orders and tree), snapshot-info, snapshot-parent, and virsh's tables.""
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Iterable
 
@@ -13,6 +12,8 @@ from .records import SnapshotRecord, snapshot_order
 
 TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
 if TYPE_CHECKING:
+    import argparse
+
     from .domain import DomainCore
 
 

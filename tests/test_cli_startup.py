@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 
+import hypothesis
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +97,8 @@ def test_reading_verbs_import_no_trio(two_snapshots):
             unwanted += [m for m in NOR_FOR_TEXT if m in modules]
         if "--help" in argv or status == 2:
             unwanted += [m for m in NOR_FOR_HELP if m in modules]
+        elif argv[0] in ("list", "snapshot-list"):  # read by cliquick
+            unwanted += [m for m in ("argparse", "gettext", "snapfs.cliargs") if m in modules]
         if unwanted:
             failures.append(f"{argv} imported {unwanted}")
         if prints_xml and "lxml.etree" not in modules:
@@ -227,3 +230,72 @@ def _verb_parser(parser, verb: str | None):
     if verb is None:
         return parser
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+
+
+QUICK_WORDS = [
+    "list",
+    "snapshot-list",
+    "vm1",
+    "s1",
+    "",
+    "-",
+    "--",
+    "-h",
+    "--help",
+    "--store",
+    "--store=T",
+    "--store=",
+    "--st",
+    "--from",
+    "--from=s1",
+    "--fro",
+    "--name",
+    "--name=x",
+    "--no-leaves",
+    "--no_leaves",
+    "--tree",
+    "--disk-only",
+    "--version",
+    "--compress=zstd",
+    "-x",
+    "a=b",
+    "--bogus",
+] + [f"--{flag.replace('_', '-')}" for flag in ("parent", "roots", "leaves", "topological", "current", "descendants")]
+
+
+def _quick_or_whole(argv: list[str]) -> None:
+    """cliquick reads argv as argparse does, or leaves it to argparse (None)."""
+    from snapfs import cliargs, cliquick
+
+    quick = cliquick.parse(argv)
+    if quick is not None:
+        words = cliargs.spell_out_compress(argv)
+        assert ("parsed", vars(quick)) == _parse(lambda _: cliargs._build(None)[0], words), argv
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--store", "S", *argv] for argv, _, _ in READING]
+    + PARSED
+    + [
+        ["list"],
+        ["--store=S", "list", "--name", "--name"],
+        ["snapshot-list", "--tree", "vm1", "--store", "T"],
+        ["snapshot-list", "vm1", "--from=a=b", "--from", ""],
+        ["snapshot-list", "", "--name"],
+        ["--store", "S", "snapshot-list", "vm1", *[f"--{f.replace('_', '-')}" for f in ("parent", "no_metadata")]],
+    ],
+)
+def test_the_quick_parser_reads_as_argparse(argv):
+    from snapfs import cliquick
+
+    _quick_or_whole(argv)
+    plain = argv[:3] in (["--store", "S", "list"], ["--store", "S", "snapshot-list"]) and argv[-1] != "--from"
+    if plain and all(word not in argv for word in ("extra", "--par", "--no-such-flag", "--help")):
+        assert cliquick.parse(argv) is not None, argv  # READING's list and snapshot-list take the quick path
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(hypothesis.strategies.lists(hypothesis.strategies.sampled_from(QUICK_WORDS), max_size=7))
+def test_any_words_the_quick_parser_takes_read_as_argparse(words):
+    _quick_or_whole(words)
