@@ -35,9 +35,11 @@ class _Factory:
         self.factory = factory
 
 
-def field(*, default_factory: Callable[[], object]) -> Any:
-    """dataclasses.field(default_factory=...): a fresh default for each instance."""
-    return _Factory(default_factory)
+def field(*, default: object = _MISSING, default_factory: Callable[[], object] | None = None) -> Any:
+    """dataclasses.field(default=...) or (default_factory=...): a fresh default for each instance."""
+    if (default is _MISSING) == (default_factory is None):
+        raise ValueError("give field() one of default and default_factory")
+    return default if default_factory is None else _Factory(default_factory)
 
 
 def asdict(obj: object) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-from snapfs import records, rules
+from snapfs import plaindata, records, rules
 
 TWIN_NAME = "snapfs._records_twin"
 
@@ -107,3 +107,16 @@ def test_plan_and_a_frozen_error(twin):
 def _plain(value: object) -> object:
     """asdict's output with the twin's classes out of the way (they hold the same data)."""
     return repr(value)
+
+
+def test_field_with_a_default_or_a_factory():
+    @plaindata.dataclass
+    class Probe:
+        a: int
+        b: int = plaindata.field(default=3)
+        c: list = plaindata.field(default_factory=list)
+
+    assert repr(Probe(1)).endswith(".<locals>.Probe(a=1, b=3, c=[])") and Probe.b == 3  # qualname, as dataclasses
+    assert dataclasses.replace(Probe(1, 2), c=[4]) == Probe(1, 2, [4])
+    with pytest.raises(ValueError):
+        plaindata.field()
