@@ -154,9 +154,12 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The command line's parser; given the argv it will parse, only the verb found there
     gets its arguments (the others are listed with their help only, as `--help` shows them).
     When nothing but --store comes before a known verb, the other verbs are left out
-    altogether: argparse then never looks at them (a verb's parser is all it runs)."""
+    altogether: argparse then never looks at them (a verb's parser is all it runs). When
+    argv has no verb (`snapfs --help`), the verbs are listed without a parser of their own."""
     chosen = _verb_in(argv) if argv is not None else None
     with _gettext_once():
+        if argv is not None and chosen == "" and _plain_options(argv, ("-h", "--help", "--version")):
+            return _build(chosen, listed_only=True)[0]
         if argv is not None and chosen and _only_store_before(argv, chosen):
             built, found = _build(chosen, alone=True)
             if found:
@@ -166,9 +169,14 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def _only_store_before(argv: list[str], verb: str) -> bool:
     """Whether the words before `verb` are only `--store DIR` or `--store=DIR`."""
-    words = argv[: argv.index(verb)]
+    return _plain_options(argv[: argv.index(verb)], ())
+
+
+def _plain_options(words: list[str], flags: tuple[str, ...]) -> bool:
+    """Whether `words` are only `flags`, `--store DIR` and `--store=DIR` (argparse takes no
+    positional word from them)."""
     while words:
-        if words[0].startswith("--store=") and len(words[0]) > len("--store="):
+        if words[0] in flags or (words[0].startswith("--store=") and len(words[0]) > len("--store=")):
             words = words[1:]
         elif words[0] == "--store" and len(words) > 1 and not words[1].startswith("-"):
             words = words[2:]
@@ -177,8 +185,10 @@ def _only_store_before(argv: list[str], verb: str) -> bool:
     return True
 
 
-def _build(chosen: str | None, alone: bool = False) -> tuple[argparse.ArgumentParser, bool]:
-    """The parser, and whether `chosen` is one of its verbs; with `alone`, the only one."""
+def _build(chosen: str | None, alone: bool = False, listed_only: bool = False) -> tuple[argparse.ArgumentParser, bool]:
+    """The parser, and whether `chosen` is one of its verbs; with `alone`, the only one; with
+    `listed_only`, the verbs are in its help and its choices but have no parser (argparse's
+    add_parser without the parser: for an argv from which argparse takes no verb)."""
     found = False
     columns = _columns()
     parser = _Parser(
@@ -195,6 +205,10 @@ def _build(chosen: str | None, alone: bool = False) -> tuple[argparse.ArgumentPa
         nonlocal found
         found = found or chosen == name or chosen in aliases
         if alone and chosen != name and chosen not in aliases:
+            return _Unbuilt()  # type: ignore[return-value]
+        if listed_only:
+            verbs._choices_actions.append(verbs._ChoicesPseudoAction(name, list(aliases), help_text))  # type: ignore[attr-defined]
+            verbs._name_parser_map.update(dict.fromkeys([name, *aliases]))  # type: ignore[attr-defined]
             return _Unbuilt()  # type: ignore[return-value]
         p = verbs.add_parser(
             name,

@@ -180,6 +180,10 @@ PARSED = [
     [],
     ["--", "list"],
     ["list", "--", "x"],
+    ["-h"],
+    ["--store", "S", "--help", "--version"],
+    ["--help", "--store=S"],
+    ["--sx", "list"],
 ]
 
 
