@@ -6,16 +6,16 @@ pull in trio or qemu.
 
 from __future__ import annotations
 
-import importlib
+import sys
 
 from .errors import DependentsError, SnapfsError
-from .rules import CONTROL_WORDS, DeactivateFlags
 
 _API_NAMES = ("Domain", "Snapshot", "Store", "open_store")
+_RULES_NAMES = ("CONTROL_WORDS", "DeactivateFlags")  # rules.py is not needed by `snapfs --help`
 
 __all__ = [
-    "CONTROL_WORDS",
-    "DeactivateFlags",
+    "CONTROL_WORDS",  # noqa: F822 (loaded lazily by __getattr__)
+    "DeactivateFlags",  # noqa: F822
     "DependentsError",
     "Domain",  # noqa: F822 (loaded lazily by __getattr__)
     "SnapfsError",
@@ -27,10 +27,19 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name in _API_NAMES:
-        return getattr(importlib.import_module(".api", __name__), name)
+        return getattr(_submodule("api"), name)
+    if name in _RULES_NAMES:
+        return getattr(_submodule("rules"), name)
     try:
-        return importlib.import_module(f".{name}", __name__)  # snapfs.api and the like
+        return _submodule(name)  # snapfs.api and the like
     except ModuleNotFoundError as exc:
         if exc.name != f"{__name__}.{name}":
             raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def _submodule(name: str) -> object:
+    """snapfs.NAME, imported by the import statement's own machinery (importlib, with
+    warnings, is not needed, and `python -X importtime` reports the import)."""
+    __import__(f"{__name__}.{name}")
+    return sys.modules[f"{__name__}.{name}"]

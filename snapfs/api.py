@@ -9,17 +9,19 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 from .catalog import StoreCore
-from .cliargs import version  # noqa: F401  (public here; defined beside --version, which reads it lazily)
 from .domain import DomainCore
 from .errors import SnapfsError, invalid, single
 from .records import SnapshotRecord
 from .rules import DeactivateFlags
 from .store import default_store_path
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 SNAPSHOT_CREATE_DISK_ONLY = 16  # libvirt's VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
 SNAPSHOT_REVERT_RUNNING = 1  # libvirt's VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
@@ -68,6 +70,14 @@ def _run(fn: Callable[..., Awaitable[T]], *args) -> T:
 def is_store(path: str) -> bool:
     """A store is a directory holding domains/ (made by the first define)."""
     return os.path.isdir(os.path.join(path, "domains"))
+
+
+def version() -> str:
+    """The installed snapfs's version (cliargs.version, beside --version; loaded when asked,
+    as a reading verb needs no argparse)."""
+    from .cliargs import version as installed
+
+    return installed()
 
 
 def open_store_core(path: str, create: bool = False) -> StoreCore:

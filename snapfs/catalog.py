@@ -12,19 +12,19 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from .domain import DomainCore
 from .durable import atomic_write, write_json
-from .engines import Engine
 from .errors import SnapfsError, busy, exists, invalid, not_found
+from .plaindata import asdict
 from .records import DiskRecord, DomainRecord, fresh_layer_name
 from .rules import validate_name
 from .store import DomainFiles, StoreFiles, replace_with_symlink
 
+TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
 if TYPE_CHECKING:
     from . import notify
+    from .engines import Engine
 
 BASE_FORMATS = ("qcow2", "raw")
 

@@ -8,21 +8,21 @@ and a usage error never need) are imported where they are used.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING
 
-from . import cliargs, listing, rules
+from . import cliquick
 from .errors import SnapfsError, invalid, single
-from .records import SnapshotRecord
-from .rules import DeactivateFlags
 
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
+if TYPE_CHECKING:  # and listing, rules and records where they are used: --help needs none of them
+    import argparse
+
     from .catalog import StoreCore
     from .domain import DomainCore
+    from .records import SnapshotRecord
 
 # Verbs that may create the store; every other verb needs an existing one.
 CREATES_STORE = ("define",)
@@ -67,6 +67,8 @@ def _parse_disk(text: str) -> tuple[str, str, str | None]:
 
 def _chosen(dom: DomainCore, args: argparse.Namespace) -> SnapshotRecord:
     """The snapshot a verb names: NAME, --snapshotname NAME or --current (one of them)."""
+    from . import listing
+
     names = [n for n in (args.snapshot, args.snapshotname) if n is not None]
     if len(names) + bool(args.current) > 1:
         raise invalid("Give one snapshot: a name, --snapshotname or --current.")
@@ -141,6 +143,8 @@ async def _delete(dom: DomainCore, args: argparse.Namespace) -> str:
             "snapfs keeps no snapshot apart from its data, so --metadata cannot delete metadata only; "
             "snapshot-delete without it merges the snapshot away and keeps every byte.",
         )
+    from . import rules
+
     snap = _chosen(dom, args)
     view = dom.view()
     doomed = rules.subtree(view, snap.id)[1:] if args.children or args.children_only else []
@@ -203,6 +207,8 @@ async def _edit_in_editor(text: str) -> str | None:
 
 
 async def _deactivate(dom: DomainCore, args: argparse.Namespace) -> str:
+    from .rules import DeactivateFlags
+
     snap = dom.lookup(args.snapshot)
     flags = args.flags or DeactivateFlags.NONE
     await dom.deactivate(snap.id, flags)
@@ -242,6 +248,8 @@ def _list_row(dom: DomainCore) -> list[str]:
 
 
 async def _store_verb(store: StoreCore, args: argparse.Namespace) -> str:
+    from . import listing
+
     if args.verb == "define":
         return await _define(store, args)
     if args.verb == "list" and args.name:
@@ -256,6 +264,8 @@ async def _store_verb(store: StoreCore, args: argparse.Namespace) -> str:
 
 
 async def _run_verb(store: StoreCore, args: argparse.Namespace) -> str:
+    from . import listing
+
     verb = args.verb
     if verb in ("define", "list", "undefine"):
         return await _store_verb(store, args)
@@ -331,6 +341,8 @@ def _current_name(dom: DomainCore) -> str | None:
 
 
 async def _current(dom: DomainCore, name_only: bool) -> str:
+    from . import listing
+
     current = listing.current_record(dom)
     return f"{current.name}\n" if name_only else dom.snapshot_xml(current.id)
 
@@ -413,8 +425,8 @@ async def _show_progress(store: StoreCore, domain: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    words = cliargs.spell_out_compress(sys.argv[1:] if argv is None else argv)
-    args = cliargs.parser(words).parse_args(words)
+    words = sys.argv[1:] if argv is None else argv
+    args = cliquick.parse(words) or _parse(words)
     try:
         if args.verb == "mount":
             from .mount import run_mount
@@ -431,6 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as caught:  # noqa: BLE001  (the edge: every failure is one sentence)
         return _failed(single(caught))
     return 0
+
+
+def _parse(words: list[str]) -> argparse.Namespace:
+    """argparse's reading of the command line (help and usage errors end the process)."""
+    from . import cliargs
+
+    words = cliargs.spell_out_compress(words)
+    return cliargs.parser(words).parse_args(words)
 
 
 def _failed(exc: BaseException) -> int:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator
-
-from .rules import DeactivateFlags
 
 EXAMPLES = {
     "define": "snapfs define vm1.xml\n"
@@ -70,9 +69,32 @@ class _Version(argparse.Action):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, columns: int, **kwargs: object) -> None:
+        self._columns = columns  # before argparse's __init__, which formats the -h option
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        """argparse's, with the terminal's width read once per command line: HelpFormatter
+        asks shutil for it each time, and importing shutil brings bz2, lzma and fnmatch."""
+        return self.formatter_class(prog=self.prog, width=self._columns - 2)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         """Usage errors too are one sentence on stderr (see `snapfs VERB --help`)."""
         self.exit(2, f"snapfs: error: {self.prog}: {message} (see --help).\n")
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns, its fallback of 80 included."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 def _store_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -130,13 +152,47 @@ def _gettext_once() -> Iterator[None]:
 
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The command line's parser; given the argv it will parse, only the verb found there
-    gets its arguments (the others are listed with their help only, as `--help` shows them)."""
+    gets its arguments (the others are listed with their help only, as `--help` shows them).
+    When nothing but --store comes before a known verb, the other verbs are left out
+    altogether: argparse then never looks at them (a verb's parser is all it runs). When
+    argv has no verb (`snapfs --help`), the verbs are listed without a parser of their own."""
+    chosen = _verb_in(argv) if argv is not None else None
     with _gettext_once():
-        return _build(_verb_in(argv) if argv is not None else None)
+        if argv is not None and chosen == "" and _plain_options(argv, ("-h", "--help", "--version")):
+            return _build(chosen, listed_only=True)[0]
+        if argv is not None and chosen and _only_store_before(argv, chosen):
+            built, found = _build(chosen, alone=True)
+            if found:
+                return built
+        return _build(chosen)[0]
 
 
-def _build(chosen: str | None) -> argparse.ArgumentParser:
+def _only_store_before(argv: list[str], verb: str) -> bool:
+    """Whether the words before `verb` are only `--store DIR` or `--store=DIR`."""
+    return _plain_options(argv[: argv.index(verb)], ())
+
+
+def _plain_options(words: list[str], flags: tuple[str, ...]) -> bool:
+    """Whether `words` are only `flags`, `--store DIR` and `--store=DIR` (argparse takes no
+    positional word from them)."""
+    while words:
+        if words[0] in flags or (words[0].startswith("--store=") and len(words[0]) > len("--store=")):
+            words = words[1:]
+        elif words[0] == "--store" and len(words) > 1 and not words[1].startswith("-"):
+            words = words[2:]
+        else:
+            return False
+    return True
+
+
+def _build(chosen: str | None, alone: bool = False, listed_only: bool = False) -> tuple[argparse.ArgumentParser, bool]:
+    """The parser, and whether `chosen` is one of its verbs; with `alone`, the only one; with
+    `listed_only`, the verbs are in its help and its choices but have no parser (argparse's
+    add_parser without the parser: for an argv from which argparse takes no verb)."""
+    found = False
+    columns = _columns()
     parser = _Parser(
+        columns=columns,
         prog="snapfs",
         description="Virtual-machine disk snapshots as files, commands and a Python API.",
         epilog="Every verb has --help with an example. Errors are one sentence on stderr, exit status 1.",
@@ -146,6 +202,14 @@ def _build(chosen: str | None) -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help_text: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        nonlocal found
+        found = found or chosen == name or chosen in aliases
+        if alone and chosen != name and chosen not in aliases:
+            return _Unbuilt()  # type: ignore[return-value]
+        if listed_only:
+            verbs._choices_actions.append(verbs._ChoicesPseudoAction(name, list(aliases), help_text))  # type: ignore[attr-defined]
+            verbs._name_parser_map.update(dict.fromkeys([name, *aliases]))  # type: ignore[attr-defined]
+            return _Unbuilt()  # type: ignore[return-value]
         p = verbs.add_parser(
             name,
             help=help_text,
@@ -153,6 +217,7 @@ def _build(chosen: str | None) -> argparse.ArgumentParser:
             aliases=list(aliases),
             epilog=f"example:\n  {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            columns=columns,
         )
         if chosen is not None and chosen != name and chosen not in aliases:
             return _Unbuilt()  # type: ignore[return-value]
@@ -188,7 +253,7 @@ def _build(chosen: str | None) -> argparse.ArgumentParser:
     _reading_verbs(verb)
     _changing_verbs(verb)
     _lifecycle_verbs(verb)
-    return parser
+    return parser, found
 
 
 def _create_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
@@ -282,15 +347,8 @@ def _changing_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument("domain")
     p.add_argument("snapshot")
-    mode = p.add_mutually_exclusive_group()
-    for flag, value in (
-        ("--merge", DeactivateFlags.MERGE),
-        ("--mergeforce", DeactivateFlags.MERGE_FORCE),
-        ("--delete", DeactivateFlags.DISCARD),
-        ("--deleteforce", DeactivateFlags.DISCARD_FORCE),
-        ("--mergedelete", DeactivateFlags.DISCARD_FORCE),
-    ):
-        mode.add_argument(flag, dest="flags", action="store_const", const=value)
+    if not isinstance(p, _Unbuilt):  # rules.py (DeactivateFlags) is imported only for this verb
+        _deactivate_modes(p.add_mutually_exclusive_group())
     p = verb(
         "snapshot-delete",
         "virsh's delete: the restore point goes away, its changes are kept (a merge); the current "
@@ -324,6 +382,19 @@ def _changing_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("domain")
     p.add_argument("snapshot")
     p.add_argument("description")
+
+
+def _deactivate_modes(mode: argparse._MutuallyExclusiveGroup) -> None:
+    from .rules import DeactivateFlags
+
+    for flag, value in (
+        ("--merge", DeactivateFlags.MERGE),
+        ("--mergeforce", DeactivateFlags.MERGE_FORCE),
+        ("--delete", DeactivateFlags.DISCARD),
+        ("--deleteforce", DeactivateFlags.DISCARD_FORCE),
+        ("--mergedelete", DeactivateFlags.DISCARD_FORCE),
+    ):
+        mode.add_argument(flag, dest="flags", action="store_const", const=value)
 
 
 def spell_out_compress(argv: list[str]) -> list[str]:

@@ -13,17 +13,17 @@ import errno
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from . import prestage, rules
-from .engines import Engine
 from .errors import SnapfsError, invalid, io_error, not_found, single
 from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord, has_memory
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
 from .store import DomainFiles
 
+TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
 if TYPE_CHECKING:
     from . import disk
+    from .engines import Engine
     from .journal import Journal
 
 

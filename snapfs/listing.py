@@ -3,16 +3,17 @@ filters, orders and tree), snapshot-info, snapshot-parent, and virsh's tables.""
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from . import rules
 from .errors import invalid, not_found
 from .records import SnapshotRecord, snapshot_order
 
+TYPE_CHECKING = False  # not typing's: a reading verb does not import typing (issue 16)
 if TYPE_CHECKING:
+    import argparse
+
     from .domain import DomainCore
 
 

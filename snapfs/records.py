@@ -7,7 +7,8 @@ without importing trio or any engine.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+
+from .plaindata import dataclass, field
 
 LIVE = "live"  # the live disk among dependents; layers/<target>/live.qcow2 is its stable name
 LIVE_LINK = "live.qcow2"  # a relative symlink to the live layer's real file, in the same directory
@@ -52,7 +53,7 @@ class SnapshotRecord:
 
     @classmethod
     def from_json(cls, data: dict) -> SnapshotRecord:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        return cls(**{k: data[k] for k in cls.__match_args__ if k in data})
 
 
 MEMORY_STATES = ("running", "paused")  # a snapshot's state when its memory was saved (engines/memory.py)

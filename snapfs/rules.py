@@ -35,9 +35,9 @@ from __future__ import annotations
 import enum
 import errno
 import re
-from dataclasses import asdict, dataclass, field, replace
 
 from .errors import DependentsError, SnapfsError, exists, invalid, not_found
+from .plaindata import asdict, dataclass, field, replace
 from .records import COMPRESSIONS, LIVE, MetadataView, SnapshotRecord, fresh_layer_name, layer_name
 
 CONTROL_WORDS = ("merge", "merge-force", "discard", "discard-force", "revert", "deactivate")

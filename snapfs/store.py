@@ -35,7 +35,6 @@ import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
 
 from .durable import (
     DirSyncs,
@@ -48,6 +47,7 @@ from .durable import (
     write_json,
 )
 from .errors import CorruptError, SnapfsError, not_found
+from .plaindata import asdict
 from .records import (
     LIVE_LINK,
     DomainRecord,
