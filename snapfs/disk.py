@@ -74,7 +74,7 @@ async def changes(dom: DomainCore, snap_id: str, target: str, whole: bool = Fals
     layer = _layer(dom, snap_id, target)
     _refuse_while_changing(dom, snap_id, target, [layer], "read")
     try:
-        extents = await (data_extents(layer) if whole else changed_extents(layer))
+        extents = await (data_extents(layer, _layer_names(dom, target)) if whole else changed_extents(layer))
     except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
         if exc.errno == errno.EBUSY:
@@ -82,6 +82,16 @@ async def changes(dom: DomainCore, snap_id: str, target: str, whole: bool = Fals
         raise
     _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
     return extents
+
+
+def _layer_names(dom: DomainCore, target: str) -> dict[str, str]:
+    """{real path: basename} of disk `target`'s layer files that /<dom>/disks/ shows."""
+    owners, targets = dom.view().layer_files(), {disk.target for disk in dom.disks}
+    return {
+        os.path.normpath(dom.files.layer_path(target, name)): name
+        for name, owner in owners.items()
+        if owner == target and name not in targets  # /<dom>/disks/<target> is the live link
+    }
 
 
 def _layer(dom: DomainCore, snap_id: str, target: str) -> str:
@@ -272,18 +282,51 @@ async def changed_extents(top: str) -> list[dict]:
     return found
 
 
-async def data_extents(top: str) -> list[dict]:
+async def data_extents(top: str, names: dict[str, str] | None = None) -> list[dict]:
     """Where the image (the layer through its whole chain) holds data, as a full backup
-    must copy it: {"start", "length"}, neighbours joined; everything else reads as zeros."""
+    must copy it: {"start", "length"}, neighbours joined; everything else reads as zeros.
+
+    With `names` ({real path: basename}, the layer files /<dom>/disks/ shows), an extent
+    whose data lies uncompressed in one of them also says where: "file" (that basename)
+    and "offset" (where in that file), so a backup tool may copy it from the file itself;
+    neighbours are then joined only where they are contiguous in the same file."""
+    entries, chain = await _map_and_chain(top, bool(names))
     found: list[dict] = []
-    for entry in await qemu.extent_map(top):
+    for entry in entries:
         if not entry["data"] or entry["zero"]:
             continue
-        if found and found[-1]["start"] + found[-1]["length"] == entry["start"]:
-            found[-1]["length"] += entry["length"]
+        extent = {"start": entry["start"], "length": entry["length"]}
+        depth = entry["depth"]
+        name = (names or {}).get(os.path.normpath(chain[depth])) if depth < len(chain) else None
+        if name is not None and "offset" in entry and not entry.get("compressed"):
+            extent.update(file=name, offset=entry["offset"])
+        if found and _continues(found[-1], extent):
+            found[-1]["length"] += extent["length"]
         else:
-            found.append({"start": entry["start"], "length": entry["length"]})
+            found.append(extent)
     return found
+
+
+def _continues(last: dict, extent: dict) -> bool:
+    """Whether `extent` carries on where `last` ends, in the image and in the file it names."""
+    if last["start"] + last["length"] != extent["start"] or last.get("file") != extent.get("file"):
+        return False
+    return "offset" not in last or last["offset"] + last["length"] == extent["offset"]
+
+
+async def _map_and_chain(top: str, with_chain: bool) -> tuple[list[dict], list[str]]:
+    """`qemu-img map` of top and, if asked, its chain (index = depth), run side by side."""
+    if not with_chain:
+        return await qemu.extent_map(top), []
+    chain: list[str] = []
+
+    async def read_chain() -> None:
+        chain.extend(path for path, _ in await qemu.backing_chain(top))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_chain)
+        entries = await qemu.extent_map(top)
+    return entries, chain
 
 
 # ---- NBD: qemu's own reader, for what cannot be read straight from a file -------------------
