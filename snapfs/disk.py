@@ -51,7 +51,7 @@ async def open_disk(dom: DomainCore, snap_id: str, target: str) -> SnapshotDisk:
     layer = _layer(dom, snap_id, target)
     _refuse_while_changing(dom, snap_id, target, [layer], "open")
     try:
-        disk = await SnapshotDisk.open(layer)
+        disk = await SnapshotDisk.open(layer, mapped=False)
     except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "open")
         if exc.errno == errno.EBUSY:  # qemu's message names a layer file: name the snapshot
@@ -151,18 +151,26 @@ class Extent:
 class SnapshotDisk:
     """One open snapshot disk (a layer file and its backing chain)."""
 
-    def __init__(self, top: str, extents: list[Extent], fds: list[int], chain: list[str] | None = None) -> None:
+    def __init__(self, top: str, extents: list[Extent] | None, fds: list[int], chain: list[str] | None = None) -> None:
         self.top = top
         self.chain = chain or [top]  # the files read, top first (index = an extent's depth)
-        self.extents = extents
-        self._starts = [e.start for e in extents]
         self._fds = fds
-        self.size = extents[-1].start + extents[-1].length if extents else 0
         self._nbd: NbdReader | None = None
         self._nbd_lock = trio.Lock()
+        self._map_lock = trio.Lock()
+        self._mapped(extents)
+
+    def _mapped(self, extents: list[Extent] | None) -> None:
+        self.extents = extents
+        self._starts = [e.start for e in extents or ()]
+        self.size = extents[-1].start + extents[-1].length if extents else 0
 
     @classmethod
-    async def open(cls, top: str) -> SnapshotDisk:
+    async def open(cls, top: str, mapped: bool = True) -> SnapshotDisk:
+        """Open top's chain and hold QEMU's reader locks on it; unless `mapped`, its map is
+        made at the first read (a backup tool that reads the layer files a .map names
+        never reads the .raw it holds open). While the locks are held no file of the chain
+        can be written, renamed over or replaced, so a later map is the same."""
         fds: list[int] = []
         chain: list[str] = []
         try:
@@ -171,7 +179,7 @@ class SnapshotDisk:
                 # a layer (beside top) is never a symlink; the base image outside the store may be one
                 fds.append(layerlock.open_regular(path, follow=os.path.dirname(path) != os.path.dirname(top)))
                 qemu.hold_read_locks(fds[-1], path)
-            extents = [Extent.from_map(e) for e in await qemu.extent_map(top)]
+            extents = [Extent.from_map(e) for e in await qemu.extent_map(top)] if mapped else None
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -187,6 +195,11 @@ class SnapshotDisk:
         (RWF_NOWAIT: what the page cache holds, in the event loop), the rest in one
         worker thread per call (a thread hop costs more than a page-cache pread of a
         MiB); compressed extents come from qemu-nbd."""
+        if self.extents is None:
+            async with self._map_lock:
+                if self.extents is None:
+                    self._mapped([Extent.from_map(e) for e in await qemu.extent_map(self.top)])
+        assert self.extents is not None
         end = min(offset + length, self.size)
         if end <= offset:
             return bytearray()
