@@ -32,6 +32,7 @@ import shutil
 import signal
 import struct
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -174,7 +175,7 @@ class SnapshotDisk:
         fds: list[int] = []
         chain: list[str] = []
         try:
-            for path, _ in await qemu.backing_chain(top):
+            for path in await _chain_of(top):
                 chain.append(path)
                 # a layer (beside top) is never a symlink; the base image outside the store may be one
                 fds.append(layerlock.open_regular(path, follow=os.path.dirname(path) != os.path.dirname(top)))
@@ -244,6 +245,30 @@ class SnapshotDisk:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+# The chains qemu-img info gave, by top layer: {top: (check_chain's chain then, qemu's files)}.
+_CHAINS: OrderedDict[str, tuple[list[tuple[str, str]], list[str]]] = OrderedDict()
+CHAINS_KEPT = 4096
+
+
+async def _chain_of(top: str) -> list[str]:
+    """The files of top's chain, top first, as `qemu-img info --backing-chain` names them
+    (the index is `depth` in `qemu-img map`). qemu finds them from the same headers
+    layerlock.check_chain reads (the backing names), so its answer is reused for as long
+    as check_chain, run every time, finds the same chain: opening a .raw again costs no
+    qemu-img run. qemu's answer is kept only where it names the files check_chain found."""
+    checked = await trio.to_thread.run_sync(layerlock.check_chain, top)
+    kept = _CHAINS.get(top)
+    if kept is not None and kept[0] == checked:
+        _CHAINS.move_to_end(top)
+        return kept[1]
+    chain = [path for path, _ in await qemu.backing_chain(top)]
+    if chain == [os.path.abspath(path) for path, _ in checked]:  # else the chain changed meanwhile: keep nothing
+        _CHAINS[top] = (checked, chain)
+        if len(_CHAINS) > CHAINS_KEPT:
+            _CHAINS.popitem(last=False)
+    return chain
 
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)

@@ -11,6 +11,7 @@ import trio
 from helpers import CLUSTER, DISK_SIZE, read_raw, write_pattern, write_zeros
 
 import snapfs
+from snapfs import qemu
 from snapfs.disk import SnapshotDisk, changed_extents
 
 
@@ -105,3 +106,17 @@ def test_an_open_image_blocks_a_merge_that_would_rewrite_it(domain):
 
     trio.run(scenario)
     assert read_raw(snaps["deep"].layer_paths()["vda"]) == expected
+
+    async def opened_again() -> None:
+        """The chain kept from the first open is not reused: the merge changed it. Unmapped
+        (as the mount opens a .raw), the map is made at the first read."""
+        layer = snaps["deep"].layer_paths()["vda"]
+        image = await SnapshotDisk.open(layer, mapped=False)
+        try:
+            assert image.chain == [path for path, _ in await qemu.backing_chain(layer)]
+            assert image.extents is None
+            assert await image.read(0, DISK_SIZE) == expected
+        finally:
+            await image.close()
+
+    trio.run(opened_again)
