@@ -3,9 +3,11 @@ files (`qemu-img map`, then pread), qemu's own reader (a private qemu-nbd) for c
 clusters, and the extents a snapshot changed since its parent.
 
 A frozen chain never changes its content, so its `qemu-img map` is computed once per
-open disk and each read becomes `pread` on the right layer at the mapped offset;
-unallocated and zero extents read as zeros. Compressed clusters have no offset: those
-are read through a read-only qemu-nbd, started on demand.
+open disk (at its first read) and each read becomes `pread` on the right layer at the
+mapped offset; unallocated and zero extents read as zeros. Compressed clusters have no
+offset: those are read through a read-only qemu-nbd, started on demand. A .map names the
+layer file and offset of each data extent that lies uncompressed in a layer file of the
+store, so a backup tool holding the .raw open may copy those bytes from the file itself.
 
 An open disk holds every file of its chain open and holds QEMU's reader locks on them,
 so an operation that would rewrite one of those files (a merge that commits into it)
