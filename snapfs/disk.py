@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import layerlock, qemu
-from .errors import SnapfsError, busy, io_error, not_found
+from .errors import SnapfsError, busy, io_error, not_found, single
 
 if TYPE_CHECKING:
     from .domain import DomainCore
@@ -363,9 +363,12 @@ async def _map_and_chain(top: str, with_chain: bool) -> tuple[list[dict], list[s
     async def read_chain() -> None:
         chain.extend(path for path, _ in await qemu.backing_chain(top))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(read_chain)
-        entries = await qemu.extent_map(top)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_chain)
+            entries = await qemu.extent_map(top)
+    except BaseExceptionGroup as group:
+        raise single(group)  # noqa: B904  (a SnapfsError stays one: callers catch it)
     return entries, chain
 
 
