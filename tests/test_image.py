@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import random
+import subprocess
 
 import pytest
 import trio
@@ -12,7 +13,7 @@ from helpers import CLUSTER, DISK_SIZE, read_raw, write_pattern, write_zeros
 
 import snapfs
 from snapfs import qemu
-from snapfs.disk import SnapshotDisk, changed_extents
+from snapfs.disk import SnapshotDisk, changed_extents, data_extents
 
 
 def build_tree(domain: snapfs.Domain) -> dict[str, snapfs.Snapshot]:
@@ -120,3 +121,14 @@ def test_an_open_image_blocks_a_merge_that_would_rewrite_it(domain):
             await image.close()
 
     trio.run(opened_again)
+
+
+def test_a_map_of_a_broken_chain_is_one_snapfs_error(tmp_path):
+    """A .map runs qemu-img map and info side by side: when both fail (a backing file is
+    missing), the caller gets one SnapfsError (a .raw's stat catches it), not a group."""
+    top = str(tmp_path / "top.qcow2")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", top, "1M"], check=True
+    )
+    with pytest.raises(snapfs.SnapfsError):
+        trio.run(data_extents, top, {top: "top.qcow2"})
