@@ -3,9 +3,11 @@ files (`qemu-img map`, then pread), qemu's own reader (a private qemu-nbd) for c
 clusters, and the extents a snapshot changed since its parent.
 
 A frozen chain never changes its content, so its `qemu-img map` is computed once per
-open disk and each read becomes `pread` on the right layer at the mapped offset;
-unallocated and zero extents read as zeros. Compressed clusters have no offset: those
-are read through a read-only qemu-nbd, started on demand.
+open disk (at its first read) and each read becomes `pread` on the right layer at the
+mapped offset; unallocated and zero extents read as zeros. Compressed clusters have no
+offset: those are read through a read-only qemu-nbd, started on demand. A .map names the
+layer file and offset of each data extent that lies uncompressed in a layer file of the
+store, so a backup tool holding the .raw open may copy those bytes from the file itself.
 
 An open disk holds every file of its chain open and holds QEMU's reader locks on them,
 so an operation that would rewrite one of those files (a merge that commits into it)
@@ -32,13 +34,14 @@ import shutil
 import signal
 import struct
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
 from . import layerlock, qemu
-from .errors import SnapfsError, busy, io_error, not_found
+from .errors import SnapfsError, busy, io_error, not_found, single
 
 if TYPE_CHECKING:
     from .domain import DomainCore
@@ -51,7 +54,7 @@ async def open_disk(dom: DomainCore, snap_id: str, target: str) -> SnapshotDisk:
     layer = _layer(dom, snap_id, target)
     _refuse_while_changing(dom, snap_id, target, [layer], "open")
     try:
-        disk = await SnapshotDisk.open(layer)
+        disk = await SnapshotDisk.open(layer, mapped=False)
     except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "open")
         if exc.errno == errno.EBUSY:  # qemu's message names a layer file: name the snapshot
@@ -74,7 +77,7 @@ async def changes(dom: DomainCore, snap_id: str, target: str, whole: bool = Fals
     layer = _layer(dom, snap_id, target)
     _refuse_while_changing(dom, snap_id, target, [layer], "read")
     try:
-        extents = await (data_extents(layer) if whole else changed_extents(layer))
+        extents = await (data_extents(layer, _layer_names(dom, target)) if whole else changed_extents(layer))
     except SnapfsError as exc:
         _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
         if exc.errno == errno.EBUSY:
@@ -82,6 +85,16 @@ async def changes(dom: DomainCore, snap_id: str, target: str, whole: bool = Fals
         raise
     _refuse_if_gone_or_changing(dom, snap_id, target, [layer], "read")
     return extents
+
+
+def _layer_names(dom: DomainCore, target: str) -> dict[str, str]:
+    """{real path: basename} of disk `target`'s layer files that /<dom>/disks/ shows."""
+    owners, targets = dom.view().layer_files(), {disk.target for disk in dom.disks}
+    return {
+        os.path.normpath(dom.files.layer_path(target, name)): name
+        for name, owner in owners.items()
+        if owner == target and name not in targets  # /<dom>/disks/<target> is the live link
+    }
 
 
 def _layer(dom: DomainCore, snap_id: str, target: str) -> str:
@@ -141,27 +154,35 @@ class Extent:
 class SnapshotDisk:
     """One open snapshot disk (a layer file and its backing chain)."""
 
-    def __init__(self, top: str, extents: list[Extent], fds: list[int], chain: list[str] | None = None) -> None:
+    def __init__(self, top: str, extents: list[Extent] | None, fds: list[int], chain: list[str] | None = None) -> None:
         self.top = top
         self.chain = chain or [top]  # the files read, top first (index = an extent's depth)
-        self.extents = extents
-        self._starts = [e.start for e in extents]
         self._fds = fds
-        self.size = extents[-1].start + extents[-1].length if extents else 0
         self._nbd: NbdReader | None = None
         self._nbd_lock = trio.Lock()
+        self._map_lock = trio.Lock()
+        self._mapped(extents)
+
+    def _mapped(self, extents: list[Extent] | None) -> None:
+        self.extents = extents
+        self._starts = [e.start for e in extents or ()]
+        self.size = extents[-1].start + extents[-1].length if extents else 0
 
     @classmethod
-    async def open(cls, top: str) -> SnapshotDisk:
+    async def open(cls, top: str, mapped: bool = True) -> SnapshotDisk:
+        """Open top's chain and hold QEMU's reader locks on it; unless `mapped`, its map is
+        made at the first read (a backup tool that reads the layer files a .map names
+        never reads the .raw it holds open). While the locks are held no file of the chain
+        can be written, renamed over or replaced, so a later map is the same."""
         fds: list[int] = []
         chain: list[str] = []
         try:
-            for path, _ in await qemu.backing_chain(top):
+            for path in await _chain_of(top):
                 chain.append(path)
                 # a layer (beside top) is never a symlink; the base image outside the store may be one
                 fds.append(layerlock.open_regular(path, follow=os.path.dirname(path) != os.path.dirname(top)))
                 qemu.hold_read_locks(fds[-1], path)
-            extents = [Extent.from_map(e) for e in await qemu.extent_map(top)]
+            extents = [Extent.from_map(e) for e in await qemu.extent_map(top)] if mapped else None
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -177,6 +198,11 @@ class SnapshotDisk:
         (RWF_NOWAIT: what the page cache holds, in the event loop), the rest in one
         worker thread per call (a thread hop costs more than a page-cache pread of a
         MiB); compressed extents come from qemu-nbd."""
+        if self.extents is None:
+            async with self._map_lock:
+                if self.extents is None:
+                    self._mapped([Extent.from_map(e) for e in await qemu.extent_map(self.top)])
+        assert self.extents is not None
         end = min(offset + length, self.size)
         if end <= offset:
             return bytearray()
@@ -221,6 +247,30 @@ class SnapshotDisk:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+# The chains qemu-img info gave, by top layer: {top: (check_chain's chain then, qemu's files)}.
+_CHAINS: OrderedDict[str, tuple[list[tuple[str, str]], list[str]]] = OrderedDict()
+CHAINS_KEPT = 4096
+
+
+async def _chain_of(top: str) -> list[str]:
+    """The files of top's chain, top first, as `qemu-img info --backing-chain` names them
+    (the index is `depth` in `qemu-img map`). qemu finds them from the same headers
+    layerlock.check_chain reads (the backing names), so its answer is reused for as long
+    as check_chain, run every time, finds the same chain: opening a .raw again costs no
+    qemu-img run. qemu's answer is kept only where it names the files check_chain found."""
+    checked = await trio.to_thread.run_sync(layerlock.check_chain, top)
+    kept = _CHAINS.get(top)
+    if kept is not None and kept[0] == checked:
+        _CHAINS.move_to_end(top)
+        return kept[1]
+    chain = [path for path, _ in await qemu.backing_chain(top)]
+    if chain == [os.path.abspath(path) for path, _ in checked]:  # else the chain changed meanwhile: keep nothing
+        _CHAINS[top] = (checked, chain)
+        if len(_CHAINS) > CHAINS_KEPT:
+            _CHAINS.popitem(last=False)
+    return chain
 
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
@@ -272,18 +322,54 @@ async def changed_extents(top: str) -> list[dict]:
     return found
 
 
-async def data_extents(top: str) -> list[dict]:
+async def data_extents(top: str, names: dict[str, str] | None = None) -> list[dict]:
     """Where the image (the layer through its whole chain) holds data, as a full backup
-    must copy it: {"start", "length"}, neighbours joined; everything else reads as zeros."""
+    must copy it: {"start", "length"}, neighbours joined; everything else reads as zeros.
+
+    With `names` ({real path: basename}, the layer files /<dom>/disks/ shows), an extent
+    whose data lies uncompressed in one of them also says where: "file" (that basename)
+    and "offset" (where in that file), so a backup tool may copy it from the file itself;
+    neighbours are then joined only where they are contiguous in the same file."""
+    entries, chain = await _map_and_chain(top, bool(names))
     found: list[dict] = []
-    for entry in await qemu.extent_map(top):
+    for entry in entries:
         if not entry["data"] or entry["zero"]:
             continue
-        if found and found[-1]["start"] + found[-1]["length"] == entry["start"]:
-            found[-1]["length"] += entry["length"]
+        extent = {"start": entry["start"], "length": entry["length"]}
+        depth = entry["depth"]
+        name = (names or {}).get(os.path.normpath(chain[depth])) if depth < len(chain) else None
+        if name is not None and "offset" in entry and not entry.get("compressed"):
+            extent.update(file=name, offset=entry["offset"])
+        if found and _continues(found[-1], extent):
+            found[-1]["length"] += extent["length"]
         else:
-            found.append({"start": entry["start"], "length": entry["length"]})
+            found.append(extent)
     return found
+
+
+def _continues(last: dict, extent: dict) -> bool:
+    """Whether `extent` carries on where `last` ends, in the image and in the file it names."""
+    if last["start"] + last["length"] != extent["start"] or last.get("file") != extent.get("file"):
+        return False
+    return "offset" not in last or last["offset"] + last["length"] == extent["offset"]
+
+
+async def _map_and_chain(top: str, with_chain: bool) -> tuple[list[dict], list[str]]:
+    """`qemu-img map` of top and, if asked, its chain (index = depth), run side by side."""
+    if not with_chain:
+        return await qemu.extent_map(top), []
+    chain: list[str] = []
+
+    async def read_chain() -> None:
+        chain.extend(path for path, _ in await qemu.backing_chain(top))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_chain)
+            entries = await qemu.extent_map(top)
+    except BaseExceptionGroup as group:
+        raise single(group)  # noqa: B904  (a SnapfsError stays one: callers catch it)
+    return entries, chain
 
 
 # ---- NBD: qemu's own reader, for what cannot be read straight from a file -------------------

@@ -761,6 +761,38 @@ def test_changes_file_is_never_stale(fs: FsEnv) -> None:
     assert len(after) != len(before), (before, after)
 
 
+def stat_and_read_while_changing(path: str, truth: str) -> bytes:
+    """stat_and_read for a file that another process changes meanwhile: `truth` is the
+    store's file it shows. A stat or a read made while that file held still must show
+    exactly it (size, bytes), whether the kernel answered from its cache or asked the
+    mount; one that overlapped a change proves nothing either way, so the check is made
+    again (a stat then a read of a file that changes in between differ by right)."""
+
+    def now() -> bytes:
+        try:
+            with open(truth, "rb") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return b""
+        return text if not text or text.endswith(b"\n") else text + b"\n"
+
+    for _ in range(100):
+        before = now()
+        size = os.stat(path).st_size
+        during = now()
+        with open(path, "rb") as f:
+            data = f.read()
+        after = now()
+        if before == during:
+            assert size == len(before), f"stale size of {path}: {size} while the store held {before!r}"
+        if during == after:
+            assert data == during, f"stale content of {path}: {data!r} while the store held {during!r}"
+        if before == during == after:
+            os.stat(path)  # leaves the attributes in the kernel's cache, as stat_and_read does
+            return data
+    pytest.fail(f"{truth} changed during each of 100 checks")
+
+
 def test_job_is_never_stale(tmp_path) -> None:
     """job changes during a long operation of another process (a slow qemu-img commit)."""
     wrapper = tmp_path / "slow-qemu-img"
@@ -780,7 +812,7 @@ def test_job_is_never_stale(tmp_path) -> None:
         seen = b""
         deadline = time.monotonic() + 20
         while not seen and merge.poll() is None and time.monotonic() < deadline:
-            seen = stat_and_read(path)
+            seen = stat_and_read_while_changing(path, os.path.join(fs.store, "domains", "vm1", "job"))
             time.sleep(0.05)
         assert merge.wait(timeout=60) == 0
         assert seen, "job showed nothing during the merge"

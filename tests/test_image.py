@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import errno
 import random
+import subprocess
 
 import pytest
 import trio
 from helpers import CLUSTER, DISK_SIZE, read_raw, write_pattern, write_zeros
 
 import snapfs
-from snapfs.disk import SnapshotDisk, changed_extents
+from snapfs import qemu
+from snapfs.disk import SnapshotDisk, changed_extents, data_extents
 
 
 def build_tree(domain: snapfs.Domain) -> dict[str, snapfs.Snapshot]:
@@ -105,3 +107,28 @@ def test_an_open_image_blocks_a_merge_that_would_rewrite_it(domain):
 
     trio.run(scenario)
     assert read_raw(snaps["deep"].layer_paths()["vda"]) == expected
+
+    async def opened_again() -> None:
+        """The chain kept from the first open is not reused: the merge changed it. Unmapped
+        (as the mount opens a .raw), the map is made at the first read."""
+        layer = snaps["deep"].layer_paths()["vda"]
+        image = await SnapshotDisk.open(layer, mapped=False)
+        try:
+            assert image.chain == [path for path, _ in await qemu.backing_chain(layer)]
+            assert image.extents is None
+            assert await image.read(0, DISK_SIZE) == expected
+        finally:
+            await image.close()
+
+    trio.run(opened_again)
+
+
+def test_a_map_of_a_broken_chain_is_one_snapfs_error(tmp_path):
+    """A .map runs qemu-img map and info side by side: when both fail (a backing file is
+    missing), the caller gets one SnapfsError (a .raw's stat catches it), not a group."""
+    top = str(tmp_path / "top.qcow2")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", top, "1M"], check=True
+    )
+    with pytest.raises(snapfs.SnapfsError):
+        trio.run(data_extents, top, {top: "top.qcow2"})
