@@ -159,9 +159,15 @@ def test_base_moved_away_is_contained(fstore, mounts, tmp_path):
     assert_store_clean(fstore.root)
 
 
-def big_current(store: FailStore, size: int = 512 * MiB) -> str:
+# What s1 holds beyond the live layer's 512 MiB, by the way a merge of s1 moves data: the
+# live layer committed into L(s1) (s1 over a quarter of it), or pulling s1's data in place.
+S1_DATA = {"commit": 160 * MiB, "pull": 96 * MiB}
+
+
+def big_current(store: FailStore, size: int = 512 * MiB, how: str = "commit") -> str:
     """vm1 with s1 current and `size` bytes in the live layer; the live disk's digest."""
     store.add_domain("vm1", size=1024 * MiB)
+    write(store.live("vm1"), 0x62, 600 * MiB, S1_DATA[how])
     store.snap("vm1", "s1")
     subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x61 0 {size}", store.live("vm1")], check=True, capture_output=True
@@ -195,8 +201,9 @@ def kill_children(root: str) -> None:
             pass
 
 
-def test_ctrl_c_mid_merge(fstore):
-    want = big_current(fstore)
+@pytest.mark.parametrize("how", list(S1_DATA))
+def test_ctrl_c_mid_merge(fstore, how):
+    want = big_current(fstore, how=how)
     proc = start_merge(fstore)
     try:
         proc.send_signal(signal.SIGINT)
@@ -214,8 +221,9 @@ def test_ctrl_c_mid_merge(fstore):
         kill_children(fstore.root)
 
 
-def test_killed_cli_leaves_no_qemu_img(fstore):
-    want = big_current(fstore)
+@pytest.mark.parametrize("how", list(S1_DATA))
+def test_killed_cli_leaves_no_qemu_img(fstore, how):
+    want = big_current(fstore, how=how)
     proc = start_merge(fstore)
     try:
         os.kill(proc.pid, signal.SIGKILL)
@@ -283,6 +291,7 @@ def test_merge_on_a_full_filesystem(small_fs, tmp_path, mounts, space_check):
     write(store.live("vm1"), 0x21, 0, 8 * MiB)
     store.snap("vm1", "a")  # a leaf that a discard can free
     ok(store.root, "snapshot-revert", "vm1", "r")
+    write(store.live("vm1"), 0x23, 48 * MiB, 8 * MiB)  # a third of its dependent: the merge commits
     store.snap("vm1", "s")
     write(store.live("vm1"), 0x22, 16 * MiB, 24 * MiB)  # merging s commits these 24 MiB
     want = {"r": raw_digest(store.layer("vm1", "r")), "live": raw_digest(store.live("vm1"))}
