@@ -284,6 +284,26 @@ def section_ls(store_root: str, mnt: str) -> None:
 
 
 # ---- 4. merge / discard / revert against bare qemu-img ----------------------------------------
+def snapshot_with_dependent(sub: str, s_at: int, s_bytes: int, dependent_bytes: int):
+    """A one-disk domain in `sub` whose snapshot S holds `s_bytes` at `s_at` and whose live
+    disk (S's one dependent) holds `dependent_bytes` at 0, plus copies of the two files in
+    `sub/bare` for the bare twin: (domain, S, L(S)'s path, the copy of L(S), the copied top)."""
+    os.makedirs(sub)
+    dom = new_domain(sub, disks=1)
+    live = dom.core.live_path("vda")
+    qemu_io_write(live, 0x11, s_at, s_bytes)
+    snap = dom.snapshot_create_xml("<domainsnapshot><name>s</name></domainsnapshot>")
+    qemu_io_write(live, 0x22, 0, dependent_bytes)
+    layer = snap.layer_paths()["vda"]
+    bare_dir = os.path.join(sub, "bare")
+    os.makedirs(bare_dir)
+    bare_layer = os.path.join(bare_dir, os.path.basename(layer))
+    shutil.copy(layer, bare_layer)
+    bare_top = os.path.join(bare_dir, "live.qcow2")
+    shutil.copy(os.path.realpath(live), bare_top)
+    return dom, snap, bare_layer, bare_top
+
+
 def section_merge(root: str, size: int = 256 * MiB, runs: int = 5) -> None:
     """Merge of S whose dependent (the live disk) holds `size` bytes: snapfs commits the
     dependent into L(S) and renames; bare: `qemu-img commit -d` of the same pair. Every
@@ -294,24 +314,14 @@ def section_merge(root: str, size: int = 256 * MiB, runs: int = 5) -> None:
     same_end_times: list[float] = []
     for run in range(runs):
         sub = os.path.join(root, f"merge{run}")
-        os.makedirs(sub)
-        dom = new_domain(sub, disks=1)
+        dom, snap, bare_layer, bare_top = snapshot_with_dependent(sub, 0, size, size)
         live = dom.core.live_path("vda")
-        qemu_io_write(live, 0x11, 0, size)
-        snap = dom.snapshot_create_xml("<domainsnapshot><name>s</name></domainsnapshot>")
-        qemu_io_write(live, 0x22, 0, size)
-        layer = snap.layer_paths()["vda"]
-        # bare: the same two files, copied
-        bare_dir = os.path.join(sub, "bare")
-        os.makedirs(bare_dir)
-        shutil.copy(layer, os.path.join(bare_dir, os.path.basename(layer)))
-        bare_top = os.path.join(bare_dir, "live.qcow2")
-        shutil.copy(live, bare_top)
+        bare_dir = os.path.dirname(bare_top)
         subprocess.run(["sync"], check=True)
         t = time.perf_counter()
         qemu_img("commit", "-q", "-f", "qcow2", "-d", bare_top)
         bare_times.append(time.perf_counter() - t)
-        fsync_file(os.path.join(bare_dir, os.path.basename(layer)))  # what a merge must also do
+        fsync_file(bare_layer)  # what a merge must also do
         durable_times.append(time.perf_counter() - t)
         os.unlink(bare_top)  # the merge leaves one file: the committed top's space is freed
         same_end_times.append(time.perf_counter() - t)
@@ -330,7 +340,7 @@ def section_merge(root: str, size: int = 256 * MiB, runs: int = 5) -> None:
         revert_times.append(time.perf_counter() - t)
         os.sync()
         t = time.perf_counter()
-        qemu_img_overlay(os.path.join(bare_dir, "revert.qcow2"), os.path.basename(layer))
+        qemu_img_overlay(os.path.join(bare_dir, "revert.qcow2"), os.path.basename(bare_layer))
         create_times.append(time.perf_counter() - t)
         copy = os.path.join(bare_dir, "leafcopy.qcow2")
         shutil.copy(leaf.layer_paths()["vda"], copy)
@@ -390,18 +400,7 @@ def merge_small_snapshot(root: str, size: int, runs: int, small: int = MiB) -> N
     merge_times, bare_times = [], []
     for run in range(runs):
         sub = os.path.join(root, f"small{run}")
-        os.makedirs(sub)
-        dom = new_domain(sub, disks=1)
-        live = dom.core.live_path("vda")
-        qemu_io_write(live, 0x11, 512 * MiB, small)
-        snap = dom.snapshot_create_xml("<domainsnapshot><name>s</name></domainsnapshot>")
-        qemu_io_write(live, 0x22, 0, size)
-        layer = snap.layer_paths()["vda"]
-        bare_dir = os.path.join(sub, "bare")
-        os.makedirs(bare_dir)
-        shutil.copy(layer, os.path.join(bare_dir, os.path.basename(layer)))
-        bare_top = os.path.join(bare_dir, "live.qcow2")
-        shutil.copy(os.path.realpath(live), bare_top)
+        dom, snap, _, bare_top = snapshot_with_dependent(sub, 512 * MiB, small, size)
         os.sync()
         t = time.perf_counter()
         qemu_img("commit", "-q", "-f", "qcow2", "-d", bare_top)

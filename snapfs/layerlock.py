@@ -118,6 +118,16 @@ def read_header(fd: int) -> Header | None:
     return Header(backing, _backing_format(head, length), bool(incompatible & _INCOMPAT_DATA_FILE))
 
 
+def header_backing(path: str, follow: bool = False) -> str | None:
+    """The backing link in a qcow2 layer's header (no process, no lock: the header is read)."""
+    fd = open_regular(path, follow=follow)
+    try:
+        header = read_header(fd)
+    finally:
+        os.close(fd)
+    return header.backing if header else None
+
+
 def _backing_format(head: bytes, position: int) -> str | None:
     while position + 8 <= len(head):
         kind, length = struct.unpack(">II", head[position : position + 8])

@@ -11,11 +11,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 from guest.counter import Counter, check_consistent, read_counter
-from guest.vm import qemu_command
+from guest.vm import Guest, qemu_command
 from helpers import SNAPFS
 
 import snapfs
@@ -131,12 +132,49 @@ def block_jobs(sock: str | Path) -> list[dict]:
 
 def header_backing(path: str) -> str | None:
     """The backing link in a qcow2 header, read in-process (no qemu-img, no lock)."""
-    fd = layerlock.open_regular(path, follow=True)
-    try:
-        header = layerlock.read_header(fd)
-    finally:
-        os.close(fd)
-    return header.backing if header else None
+    return layerlock.header_backing(path, follow=True)
+
+
+@dataclass
+class LiveDomain:
+    """A domain whose guest runs (test_live.py, test_live_attached.py)."""
+
+    root: str
+    domain: snapfs.Domain
+    guest: Guest
+    patterns: dict[str, int]  # name -> the pattern its layer holds (at PATTERN_AT + index * CLUSTER)
+
+    def snap(self, name: str) -> snapfs.Snapshot:
+        return self.domain.snapshot_lookup_by_name(name)
+
+
+def frozen_state(live: LiveDomain) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+    """name -> (layer paths, content digests) of every snapshot."""
+    found = {}
+    for name in live.domain.list_snapshot_names():
+        paths = live.snap(name).layer_paths()
+        found[name] = (paths, {t: digest(p) for t, p in paths.items()})
+    return found
+
+
+def assert_guest_writes_live(live: LiveDomain) -> None:
+    """The guest goes on writing its counter into every live layer (read through the symlink)."""
+    printed = live.guest.last()
+    live.guest.wait_counter(printed + 3)
+    for target, path in live.domain.live_paths().items():
+        now = counter(path, target)
+        assert now.tag == live.guest.boot_tag() and now.last >= printed + 3
+
+
+def check_snapshot(live: LiveDomain, name: str, before: int) -> Counter:
+    """A disk-only snapshot made while the guest printed `before` or later: both disks
+    crash-consistent from one instant (vda is written first, so vdb's N is vda's or one less)."""
+    snap = live.snap(name)
+    assert "<state>disk-snapshot</state>" in snap.get_xml_desc()
+    frozen = {t: counter(p, t) for t, p in snap.layer_paths().items()}
+    assert {c.tag for c in frozen.values()} == {live.guest.boot_tag()}
+    assert before <= frozen["vdb"].last <= frozen["vda"].last <= frozen["vdb"].last + 1
+    return frozen["vda"]
 
 
 def layout_problems(domain) -> list[str]:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ import trio
 from factory import define_domain, make_bases
 from fsfixtures import Mount
 from guest.build import guest_files
-from guest.counter import Counter, check_consistent, read_counter
+from guest.counter import check_consistent, read_counter
 from guest.vm import Guest, running_guest
 from helpers import qemu_check_problems, write_pattern
 from livehelpers import (
@@ -37,12 +36,15 @@ from livehelpers import (
     DOM,
     PATTERN_AT,
     TARGETS,
+    LiveDomain,
     MiB,
     active_files,
+    assert_guest_writes_live,
     block_jobs,
+    check_snapshot,
     cli,
     counter,
-    digest,
+    frozen_state,
     has_pattern,
     hmp,
     layout_problems,
@@ -57,19 +59,8 @@ pytestmark = pytest.mark.timeout(240)
 DISK_SIZE = 40 * MiB
 
 
-@dataclass
-class Live:
-    root: str
-    domain: snapfs.Domain
-    guest: Guest
-    patterns: dict[str, int]  # name -> the pattern its layer holds (at PATTERN_AT + index * CLUSTER)
-
-    def snap(self, name: str) -> snapfs.Snapshot:
-        return self.domain.snapshot_lookup_by_name(name)
-
-
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDomain]:
     directory = tmp_path_factory.mktemp("live")
     bases = make_bases(str(directory / "images"), {}, sizes={t: DISK_SIZE for t in TARGETS})
     root = str(directory / "store")
@@ -85,34 +76,17 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     real = {t: Path(p) for t, p in domain.live_layer_paths().items()}
     with running_guest(directory, real) as guest:
         domain.attach(str(guest.sock))
-        yield Live(root, domain, guest, patterns)
+        yield LiveDomain(root, domain, guest, patterns)
 
 
 # ---- what the tests check ---------------------------------------------------------------------
-def frozen_state(live: Live) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
-    """name -> (layer paths, content digests) of every snapshot."""
-    found = {}
-    for name in live.domain.list_snapshot_names():
-        paths = live.snap(name).layer_paths()
-        found[name] = (paths, {t: digest(p) for t, p in paths.items()})
-    return found
-
-
-def assert_healthy(live: Live) -> None:
+def assert_healthy(live: LiveDomain) -> None:
     """Layout right, every frozen layer checks clean, the guest writes into the live layer."""
     assert layout_problems(live.domain) == []
     for name in live.domain.list_snapshot_names():
         for path in live.snap(name).layer_paths().values():
             assert qemu_check_problems(path) == []
     assert_guest_writes_live(live)
-
-
-def assert_guest_writes_live(live: Live) -> None:
-    printed = live.guest.last()
-    live.guest.wait_counter(printed + 3)
-    for target, path in live.domain.live_paths().items():
-        now = counter(path, target)
-        assert now.tag == live.guest.boot_tag() and now.last >= printed + 3
 
 
 def max_gap(guest: Guest, start: float, end: float) -> tuple[float, float]:
@@ -124,19 +98,8 @@ def max_gap(guest: Guest, start: float, end: float) -> tuple[float, float]:
     return max(around), statistics.median(before)
 
 
-def check_snapshot(live: Live, name: str, before: int) -> Counter:
-    """A disk-only snapshot made while the guest printed `before` or later: both disks
-    crash-consistent from one instant (vda is written first, so vdb's N is vda's or one less)."""
-    snap = live.snap(name)
-    assert "<state>disk-snapshot</state>" in snap.get_xml_desc()
-    frozen = {t: counter(p, t) for t, p in snap.layer_paths().items()}
-    assert {c.tag for c in frozen.values()} == {live.guest.boot_tag()}
-    assert before <= frozen["vdb"].last <= frozen["vda"].last <= frozen["vdb"].last + 1
-    return frozen["vda"]
-
-
 # ---- create -----------------------------------------------------------------------------------
-def test_live_create_two_disks_one_instant(live: Live) -> None:
+def test_live_create_two_disks_one_instant(live: LiveDomain) -> None:
     live.guest.wait_counter(live.guest.last() + 3)
     before = live.guest.last()
     old_live = live.domain.live_layer_paths()
@@ -155,7 +118,7 @@ def test_live_create_two_disks_one_instant(live: Live) -> None:
     assert counter(live.snap("l1").layer_paths()["vda"], "vda") == n  # frozen stays frozen
 
 
-def test_ten_in_a_row_through_api_and_cli(live: Live, tmp_path: Path) -> None:
+def test_ten_in_a_row_through_api_and_cli(live: LiveDomain, tmp_path: Path) -> None:
     previous = -1
     started = time.monotonic()
     for i in range(10):
@@ -178,7 +141,7 @@ def test_ten_in_a_row_through_api_and_cli(live: Live, tmp_path: Path) -> None:
     assert_healthy(live)
 
 
-def test_memory_snapshot_of_attached_domain(live: Live) -> None:
+def test_memory_snapshot_of_attached_domain(live: LiveDomain) -> None:
     """Without --disk-only a running domain's memory is saved too (tests/test_memory.py has
     the reverts); merging the snapshot removes its memory file."""
     names = live.domain.list_snapshot_names()
@@ -197,7 +160,7 @@ def test_memory_snapshot_of_attached_domain(live: Live) -> None:
 
 
 # ---- merge ------------------------------------------------------------------------------------
-def merge_and_check(live: Live, name: str, how: str) -> None:
+def merge_and_check(live: LiveDomain, name: str, how: str) -> None:
     """Merge `name` while the guest writes: every other snapshot keeps its layer paths and
     content, the live disk its patterns, the guest keeps writing, QEMU runs on the live files."""
     state = frozen_state(live)
@@ -222,20 +185,20 @@ def merge_and_check(live: Live, name: str, how: str) -> None:
     assert_healthy(live)
 
 
-def test_merge_two_dependents_one_off_chain(live: Live) -> None:
+def test_merge_two_dependents_one_off_chain(live: LiveDomain) -> None:
     """a's children: b (a shut-off branch) and c (a frozen layer on the running chain)."""
     assert sorted(c.name for c in live.snap("a").list_children()) == ["b", "c"]
     merge_and_check(live, "a", "api")
     assert live.snap("b").get_parent() is None and live.snap("c").get_parent() is None
 
 
-def test_merge_frozen_on_chain(live: Live) -> None:
+def test_merge_frozen_on_chain(live: LiveDomain) -> None:
     """row3's one dependent is row4, a layer QEMU holds read-only (snapfs added it)."""
     merge_and_check(live, "row3", "cli")
     assert live.snap("row4").get_parent().name == "row2"
 
 
-def test_merge_current(live: Live) -> None:
+def test_merge_current(live: LiveDomain) -> None:
     """The current snapshot: its dependent is the live layer QEMU writes."""
     current = live.domain.current_snapshot()
     parent = current.get_parent().name
@@ -243,7 +206,7 @@ def test_merge_current(live: Live) -> None:
     assert live.domain.current_snapshot().name == parent
 
 
-def test_merge_off_chain_and_rename_and_description(live: Live) -> None:
+def test_merge_off_chain_and_rename_and_description(live: LiveDomain) -> None:
     merge_and_check(live, "b", "cli")  # off the running chain: as offline
     cli(live.root, "snapshot-rename", DOM, "row0", "first-row")
     cli(live.root, "snapshot-desc", DOM, "first-row", "made while running")
@@ -260,7 +223,7 @@ def test_merge_off_chain_and_rename_and_description(live: Live) -> None:
     ],
     ids=["revert", "discard-force", "compress"],
 )
-def test_refused_while_running(live: Live, args: list[str], words: str) -> None:
+def test_refused_while_running(live: LiveDomain, args: list[str], words: str) -> None:
     names = live.domain.list_snapshot_names()
     live_files = live.domain.live_layer_paths()
     run = cli(live.root, *args, check=False)
@@ -269,7 +232,7 @@ def test_refused_while_running(live: Live, args: list[str], words: str) -> None:
     assert_guest_writes_live(live)
 
 
-def test_deactivate_while_running(live: Live) -> None:
+def test_deactivate_while_running(live: LiveDomain) -> None:
     """The live layer pulls what lies above S's parent (a stream, nothing deleted): every
     snapshot stays as it was, the live disk reads the same, current becomes S's parent."""
     live.domain.snapshot_create_xml(DISK_ONLY.format("d1"))
@@ -287,7 +250,7 @@ def test_deactivate_while_running(live: Live) -> None:
 
 
 # ---- the mount --------------------------------------------------------------------------------
-def test_mount_mkdir_and_merge(live: Live, tmp_path: Path) -> None:
+def test_mount_mkdir_and_merge(live: LiveDomain, tmp_path: Path) -> None:
     mount = Mount(live.root, str(tmp_path / "mnt")).start()
     try:
         snapshots = tmp_path / "mnt" / DOM / "snapshots"
@@ -310,7 +273,7 @@ domain.snapshot_lookup_by_name(sys.argv[3]).deactivate(snapfs.DeactivateFlags.ME
 """
 
 
-def test_snapfs_killed_while_qemu_streams(live: Live, tmp_path: Path) -> None:
+def test_snapfs_killed_while_qemu_streams(live: LiveDomain, tmp_path: Path) -> None:
     """A stream job outlives snapfs; the next command finds it by its id and waits for it."""
     for target in TARGETS:
         command = f'qemu-io -d {target}/virtio-backend "write -P 0x77 {PATTERN_AT + 4 * MiB} {8 * MiB}"'

@@ -16,13 +16,12 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 from factory import define_domain, make_bases
-from guest.vm import QEMU, Guest, boot_args, running_guest
+from guest.vm import QEMU, boot_args, running_guest
 from helpers import qemu_check_problems, write_pattern
 from livehelpers import (
     CLUSTER,
@@ -30,12 +29,14 @@ from livehelpers import (
     DOM,
     PATTERN_AT,
     TARGETS,
+    LiveDomain,
     MiB,
     PausedQemu,
     active_files,
+    assert_guest_writes_live,
+    check_snapshot,
     cli,
-    counter,
-    digest,
+    frozen_state,
     has_pattern,
     layout_problems,
     operate,
@@ -51,19 +52,8 @@ DISK_SIZE = 40 * MiB
 CRASH_STATUS = 86
 
 
-@dataclass
-class Attached:
-    root: str
-    domain: snapfs.Domain
-    guest: Guest
-    patterns: dict[str, int]  # name -> its pattern (at PATTERN_AT + index * CLUSTER)
-
-    def snap(self, name: str) -> snapfs.Snapshot:
-        return self.domain.snapshot_lookup_by_name(name)
-
-
 @pytest.fixture(scope="module")
-def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attached]:
+def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDomain]:
     """a ── b ── live (offline), then the guest on the live.qcow2 symlinks."""
     directory = tmp_path_factory.mktemp("attached")
     bases = make_bases(str(directory / "images"), {}, sizes={t: DISK_SIZE for t in TARGETS})
@@ -79,7 +69,7 @@ def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attached]:
     assert all(p.is_symlink() for p in links.values())
     with running_guest(directory, links) as guest:
         cli(root, "attach", DOM, str(guest.sock))
-        yield Attached(root, domain, guest, patterns)
+        yield LiveDomain(root, domain, guest, patterns)
 
 
 # ---- what the tests check ---------------------------------------------------------------------
@@ -88,21 +78,13 @@ async def _nodes_on_links(sock: Path, links: set[str]) -> list[str]:
         return [n.name for n in await block_nodes(q) if n.path in links and n.drv != "file"]
 
 
-def nodes_on_links(a: Attached) -> list[str]:
+def nodes_on_links(a: LiveDomain) -> list[str]:
     """QEMU's format nodes whose recorded file is one of the live.qcow2 symlinks (QEMU may
     name it inside a json:{...} after a stream: snapfs reads it out as the engine does)."""
     return trio.run(_nodes_on_links, a.guest.sock, set(a.domain.live_paths().values()))
 
 
-def frozen_state(a: Attached) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
-    found = {}
-    for name in a.domain.list_snapshot_names():
-        paths = a.snap(name).layer_paths()
-        found[name] = (paths, {t: digest(p) for t, p in paths.items()})
-    return found
-
-
-def assert_healthy(a: Attached) -> None:
+def assert_healthy(a: LiveDomain) -> None:
     """Layout right, every frozen layer checks clean, the guest writes its counter into the
     live layer (read through the symlink), QEMU's devices on the live layers' real files or
     on the symlinks leading to them."""
@@ -111,24 +93,10 @@ def assert_healthy(a: Attached) -> None:
         for path in a.snap(name).layer_paths().values():
             assert qemu_check_problems(path) == []
     assert {os.path.realpath(f) for f in active_files(a.guest.sock)} == set(a.domain.live_layer_paths().values())
-    printed = a.guest.last()
-    a.guest.wait_counter(printed + 3)
-    for target, path in a.domain.live_paths().items():
-        now = counter(path, target)
-        assert now.tag == a.guest.boot_tag() and now.last >= printed + 3
+    assert_guest_writes_live(a)
 
 
-def check_snapshot(a: Attached, name: str, before: int) -> int:
-    """Both disks of `name` crash-consistent from one instant made after `before`; vda's N."""
-    snap = a.snap(name)
-    assert "<state>disk-snapshot</state>" in snap.get_xml_desc()
-    frozen = {t: counter(p, t) for t, p in snap.layer_paths().items()}
-    assert {c.tag for c in frozen.values()} == {a.guest.boot_tag()}
-    assert before <= frozen["vdb"].last <= frozen["vda"].last <= frozen["vdb"].last + 1
-    return frozen["vda"].last
-
-
-def merge_and_check(a: Attached, name: str, how: str = "api") -> None:
+def merge_and_check(a: LiveDomain, name: str, how: str = "api") -> None:
     """Merge `name` while the guest writes: every other snapshot keeps its paths and content,
     the live disk keeps every pattern, the guest keeps writing, the merged layers are gone."""
     state = frozen_state(a)
@@ -166,7 +134,7 @@ def repoint_point(directory: Path) -> str:
 
 
 # ---- the tests, in order on one guest -----------------------------------------------------------
-def test_merge_current_while_qemu_runs_the_symlink(attached: Attached) -> None:
+def test_merge_current_while_qemu_runs_the_symlink(attached: LiveDomain) -> None:
     """b's dependent is the live layer, which QEMU opened through live.qcow2."""
     assert len(nodes_on_links(attached)) == len(TARGETS)
     merge_and_check(attached, "b")
@@ -174,7 +142,7 @@ def test_merge_current_while_qemu_runs_the_symlink(attached: Attached) -> None:
     assert len(nodes_on_links(attached)) == len(TARGETS)  # the symlink did not move: nothing re-pointed
 
 
-def test_first_create_killed_at_repoint_then_recovered(attached: Attached, tmp_path: Path) -> None:
+def test_first_create_killed_at_repoint_then_recovered(attached: LiveDomain, tmp_path: Path) -> None:
     """snapfs killed right after the switch, before the re-point: the next command finishes
     it, and only then the symlinks move."""
     point = repoint_point(tmp_path)
@@ -193,7 +161,7 @@ def test_first_create_killed_at_repoint_then_recovered(attached: Attached, tmp_p
     assert_healthy(attached)
 
 
-def test_creates_one_instant_guest_never_stopped(attached: Attached) -> None:
+def test_creates_one_instant_guest_never_stopped(attached: LiveDomain) -> None:
     previous = -1
     for name in ("s2", "s3", "s4"):
         attached.guest.wait_counter(attached.guest.last() + 2)
@@ -201,13 +169,13 @@ def test_creates_one_instant_guest_never_stopped(attached: Attached) -> None:
         started = time.monotonic()
         attached.domain.snapshot_create_xml(DISK_ONLY.format(name))
         assert time.monotonic() - started < 5
-        n = check_snapshot(attached, name, before)
+        n = check_snapshot(attached, name, before).last
         assert n > previous
         previous = n
     assert_healthy(attached)
 
 
-def test_merge_snapshot_whose_dependent_is_the_repointed_node(attached: Attached) -> None:
+def test_merge_snapshot_whose_dependent_is_the_repointed_node(attached: LiveDomain) -> None:
     """a's one dependent is s1, the layer QEMU opened through the symlink and snapfs re-pointed:
     the stream reopens that node read-write on its real file."""
     assert [c.name for c in attached.snap("a").list_children()] == ["s1"]
@@ -217,14 +185,14 @@ def test_merge_snapshot_whose_dependent_is_the_repointed_node(attached: Attached
     assert attached.snap("s1").layer_paths() == s1
 
 
-def test_merge_frozen_on_chain_and_current(attached: Attached) -> None:
+def test_merge_frozen_on_chain_and_current(attached: LiveDomain) -> None:
     merge_and_check(attached, "s3")  # one dependent, s4: a frozen layer snapfs added
     assert attached.snap("s4").get_parent().name == "s2"
     merge_and_check(attached, "s4")  # the current snapshot: the live layer pulls it
     assert attached.domain.current_snapshot().name == "s2"
 
 
-def test_through_the_cli(attached: Attached) -> None:
+def test_through_the_cli(attached: LiveDomain) -> None:
     attached.guest.wait_counter(attached.guest.last() + 2)
     before = attached.guest.last()
     cli(attached.root, "snapshot-create-as", DOM, "c1", "--disk-only")

@@ -233,7 +233,7 @@ class QemuImgEngine:
         link never reached the file (a kill between the header and the close) is made anew.
         A layer found on `backing` with `source` gone was done before."""
         link = os.path.basename(source)
-        now = await _in_thread_value(_backing_link, layer)
+        now = await _in_thread_value(layerlock.header_backing, layer)
         if now == backing and not os.path.exists(source):
             return
         if now != link:
@@ -338,16 +338,6 @@ def _cheaper_to_pull(files: DomainFiles, own: str, dep: str) -> bool:
     except OSError:
         return False  # the commit's own checks say what is wrong
     return s_bytes * PULL_FACTOR < d_bytes
-
-
-def _backing_link(path: str) -> str | None:
-    """The backing link in a layer's qcow2 header (no process: the header is read)."""
-    fd = layerlock.open_regular(path)
-    try:
-        header = layerlock.read_header(fd)
-    finally:
-        os.close(fd)
-    return header.backing if header else None
 
 
 async def _in_thread_value(fn, *args):

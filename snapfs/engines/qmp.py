@@ -156,16 +156,7 @@ async def flush_devices(q: qmp.QMP) -> None:
 
 async def header_backing(path: str) -> str | None:
     """The backing link in a qcow2 layer's header (read without taking any lock)."""
-
-    def read() -> str | None:
-        fd = layerlock.open_regular(path)
-        try:
-            header = layerlock.read_header(fd)
-        finally:
-            os.close(fd)
-        return header.backing if header else None
-
-    return await trio.to_thread.run_sync(read)
+    return await trio.to_thread.run_sync(layerlock.header_backing, path)
 
 
 class QmpEngine:
