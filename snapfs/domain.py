@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from . import prestage, rules
-from .errors import SnapfsError, invalid, io_error, not_found, single
+from .errors import SnapfsError, busy, invalid, io_error, not_found, single
 from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord, has_memory
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
 from .store import DomainFiles
@@ -147,11 +147,18 @@ class DomainCore:
         from .engines import memory
         from .engines.qmp import QmpEngine
 
-        paused = not disk_only and (await runtime.state(self.files))[0] is runtime.State.PAUSED
+        state_now = None if disk_only else await runtime.state(self.files)
+        paused = state_now is not None and state_now[0] is runtime.State.PAUSED
+        never_ran = state_now == (runtime.State.PAUSED, runtime.PAUSED_STARTING_UP)
 
         def plan(view: MetadataView, engine: Engine) -> Plan:
             now = int(time.time())
             with_memory = engine.name == QmpEngine.name and not disk_only
+            if with_memory and never_ran:  # QEMU 7.2 dies migrating from prelaunch
+                raise busy(
+                    f"Domain {self.name!r} has not run yet (QEMU waits to start the guest), so it has no memory "
+                    "to save: take a disk-only snapshot, or let the guest run first."
+                )
             state = ("paused" if paused else "running") if with_memory else engine.snapshot_state()
             made = rules.plan_create(view, self.name, name, description, compression, state=state, now=now)
             if with_memory:

@@ -12,6 +12,7 @@ the current snapshot, and through the CLI. A QEMU that opened the symlink with `
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
@@ -22,7 +23,7 @@ import pytest
 import trio
 from factory import define_domain, make_bases
 from guest.vm import QEMU, boot_args, running_guest
-from helpers import qemu_check_problems, write_pattern
+from helpers import qemu_check_problems, tree_fingerprint, write_pattern
 from livehelpers import (
     CLUSTER,
     DISK_ONLY,
@@ -256,3 +257,32 @@ def test_memory_snapshot_on_the_symlinks(tmp_path: Path) -> None:
         assert all(qemu_check_problems(p) == [] for p in old_live.values())
     finally:
         qemu.kill()
+
+
+def test_memory_snapshot_before_the_guest_ran_is_refused(tmp_path: Path) -> None:
+    """A QEMU still in prelaunch (-S, never continued) has no memory to save, and QEMU 7.2
+    aborts a migration from there: a create with memory is refused with one sentence, QEMU
+    lives on, nothing changes; a disk-only snapshot of it works."""
+    root = str(tmp_path / "store")
+    domain = define_domain(root, DOM, make_bases(str(tmp_path / "images")))
+    qemu = PausedQemu(root, tmp_path)
+    try:
+        before = tree_fingerprint(root)
+        result = cli(root, "snapshot-create-as", DOM, "m1", check=False)
+        assert result.returncode != 0 and "has not run yet" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        with pytest.raises(snapfs.SnapfsError) as caught:
+            domain.snapshot_create_xml("<domainsnapshot><name>m1</name></domainsnapshot>")
+        assert caught.value.errno == errno.EBUSY and "disk-only" in str(caught.value)
+        assert qemu.proc.poll() is None and trio.run(_status, qemu.sock) == "prelaunch"
+        assert tree_fingerprint(root) == before and domain.list_snapshot_names() == []
+        cli(root, "snapshot-create-as", DOM, "d1", "--disk-only")
+        assert "<state>disk-snapshot</state>" in domain.snapshot_lookup_by_name("d1").get_xml_desc()
+        assert active_files(qemu.sock) == set(domain.live_layer_paths().values())
+    finally:
+        qemu.kill()
+
+
+async def _status(sock: Path) -> str:
+    async with qmp.connect(str(sock), timeout=5.0) as q:
+        return (await q.execute("query-status"))["status"]
