@@ -229,8 +229,26 @@ class SnapshotDisk:
         if direct:
             await trio.to_thread.run_sync(_pread_all, direct)
         for position, count in compressed:
-            view[position - offset : position - offset + count] = await (await self._nbd_reader()).read(position, count)
+            view[position - offset : position - offset + count] = await self._read_compressed(position, count)
         return buffer
+
+    async def _read_compressed(self, offset: int, length: int) -> bytes:
+        """Bytes through qemu-nbd, within NBD_ANSWER_SECONDS: a qemu-nbd that hangs, or one
+        whose connection broke, is stopped and the next read starts a new one."""
+        reader = None
+        try:
+            with trio.fail_after(NBD_ANSWER_SECONDS):
+                reader = await self._nbd_reader()
+                return await reader.read(offset, length)
+        except trio.TooSlowError:
+            await self._drop_nbd(reader)
+            raise io_error(
+                f"qemu-nbd reading {self.top} did not answer within {NBD_ANSWER_SECONDS:g} s; "
+                "the next read starts a new one."
+            ) from None
+        except SnapfsError:
+            await self._drop_nbd(reader)
+            raise
 
     async def _nbd_reader(self) -> NbdReader:
         async with self._nbd_lock:
@@ -239,6 +257,13 @@ class SnapshotDisk:
                 await reader.start()
                 self._nbd = reader
             return self._nbd
+
+    async def _drop_nbd(self, reader: NbdReader | None) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._nbd_lock:
+                if reader is not None and self._nbd is reader:
+                    self._nbd = None
+                    await reader.stop()
 
     async def close(self) -> None:
         if self._nbd is not None:
@@ -400,6 +425,9 @@ async def _end_process(pid: int, wait: float = 5.0) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+NBD_ANSWER_SECONDS = 30.0  # a 1 MiB read of compressed clusters takes milliseconds
 
 
 class NbdReader:

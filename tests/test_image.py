@@ -4,8 +4,11 @@ own reader for compressed clusters, and the extents a snapshot changed."""
 from __future__ import annotations
 
 import errno
+import os
 import random
+import signal
 import subprocess
+import time
 
 import pytest
 import trio
@@ -132,3 +135,33 @@ def test_a_map_of_a_broken_chain_is_one_snapfs_error(tmp_path):
     )
     with pytest.raises(snapfs.SnapfsError):
         trio.run(data_extents, top, {top: "top.qcow2"})
+
+
+def test_a_hung_qemu_nbd_read_is_bounded_and_the_next_read_starts_a_new_one(domain, monkeypatch):
+    """Compressed clusters come through qemu-nbd: one that stops answering (SIGSTOP) makes
+    the read fail with EIO and one sentence within the bound, not hang the mount; it is
+    ended, and the next read starts a new qemu-nbd and reads the right bytes."""
+    from snapfs import disk
+
+    monkeypatch.setattr(disk, "NBD_ANSWER_SECONDS", 1.0)
+    layer = build_tree(domain)["mid"].layer_paths()["vda"]
+    expected = read_raw(layer)[: 8 * CLUSTER]
+
+    async def scenario() -> None:
+        image = await SnapshotDisk.open(layer)
+        try:
+            assert await image.read(0, 8 * CLUSTER) == expected
+            hung = image._nbd._pid
+            os.kill(hung, signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(snapfs.SnapfsError) as caught:
+                await image.read(0, 8 * CLUSTER)
+            assert caught.value.errno == errno.EIO and "did not answer within 1 s" in str(caught.value)
+            assert time.monotonic() - started < 15  # the bound, plus ending the stopped qemu-nbd
+            assert qemu.process_ended(hung)
+            assert await image.read(0, 8 * CLUSTER) == expected
+            assert image._nbd._pid != hung
+        finally:
+            await image.close()
+
+    trio.run(scenario)
