@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from factory import define_domain, make_bases
 from guest.counter import Counter, check_consistent, read_counter
 from guest.vm import Guest, qemu_command
-from helpers import SNAPFS
+from helpers import SNAPFS, write_pattern
 
 import snapfs
 from snapfs import layerlock, qmp
@@ -146,6 +147,30 @@ class LiveDomain:
 
     def snap(self, name: str) -> snapfs.Snapshot:
         return self.domain.snapshot_lookup_by_name(name)
+
+
+def define_with_snapshots(
+    directory: Path,
+    disk_size: int,
+    names: tuple[str, ...],
+    first_pattern: int,
+    branch_from: dict[str, str] | None = None,
+) -> tuple[str, snapfs.Domain, dict[str, int]]:
+    """A two-disk domain in `directory` with a snapshot per name, each over a distinct
+    pattern at PATTERN_AT + index * CLUSTER on both disks (a name in `branch_from` is made
+    after a revert to the snapshot it names): (store root, domain, name -> pattern)."""
+    bases = make_bases(str(directory / "images"), {}, sizes={t: disk_size for t in TARGETS})
+    root = str(directory / "store")
+    domain = define_domain(root, DOM, bases)
+    patterns: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in (branch_from or {}):
+            domain.create_with_snapshot(domain.snapshot_lookup_by_name(branch_from[name]))
+        patterns[name] = first_pattern + index
+        for target in TARGETS:
+            write_pattern(domain.live_paths()[target], patterns[name], PATTERN_AT + index * CLUSTER)
+        domain.snapshot_create_xml(f"<domainsnapshot><name>{name}</name></domainsnapshot>")
+    return root, domain, patterns
 
 
 def frozen_state(live: LiveDomain) -> dict[str, tuple[dict[str, str], dict[str, str]]]:

@@ -28,7 +28,7 @@ from fsfixtures import Mount
 from guest.build import guest_files
 from guest.counter import check_consistent, read_counter
 from guest.vm import Guest, running_guest
-from helpers import qemu_check_problems, write_pattern
+from helpers import qemu_check_problems
 from livehelpers import (
     CLUSTER,
     COUNTER_AREA,
@@ -44,6 +44,7 @@ from livehelpers import (
     check_snapshot,
     cli,
     counter,
+    define_with_snapshots,
     frozen_state,
     has_pattern,
     hmp,
@@ -62,17 +63,7 @@ DISK_SIZE = 40 * MiB
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDomain]:
     directory = tmp_path_factory.mktemp("live")
-    bases = make_bases(str(directory / "images"), {}, sizes={t: DISK_SIZE for t in TARGETS})
-    root = str(directory / "store")
-    domain = define_domain(root, DOM, bases)
-    patterns: dict[str, int] = {}
-    for index, name in enumerate(("a", "b", "c")):
-        if name == "c":
-            domain.create_with_snapshot(domain.snapshot_lookup_by_name("a"))
-        patterns[name] = 0x30 + index
-        for target in TARGETS:
-            write_pattern(domain.live_paths()[target], patterns[name], PATTERN_AT + index * CLUSTER)
-        domain.snapshot_create_xml(f"<domainsnapshot><name>{name}</name></domainsnapshot>")
+    root, domain, patterns = define_with_snapshots(directory, DISK_SIZE, ("a", "b", "c"), 0x30, {"c": "a"})
     real = {t: Path(p) for t, p in domain.live_layer_paths().items()}
     with running_guest(directory, real) as guest:
         domain.attach(str(guest.sock))

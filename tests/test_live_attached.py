@@ -23,7 +23,7 @@ import pytest
 import trio
 from factory import define_domain, make_bases
 from guest.vm import QEMU, boot_args, running_guest
-from helpers import qemu_check_problems, tree_fingerprint, write_pattern
+from helpers import qemu_check_problems, tree_fingerprint
 from livehelpers import (
     CLUSTER,
     DISK_ONLY,
@@ -37,6 +37,7 @@ from livehelpers import (
     assert_guest_writes_live,
     check_snapshot,
     cli,
+    define_with_snapshots,
     frozen_state,
     has_pattern,
     layout_problems,
@@ -57,15 +58,7 @@ CRASH_STATUS = 86
 def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDomain]:
     """a ── b ── live (offline), then the guest on the live.qcow2 symlinks."""
     directory = tmp_path_factory.mktemp("attached")
-    bases = make_bases(str(directory / "images"), {}, sizes={t: DISK_SIZE for t in TARGETS})
-    root = str(directory / "store")
-    domain = define_domain(root, DOM, bases)
-    patterns = {}
-    for index, name in enumerate(("a", "b")):
-        patterns[name] = 0x50 + index
-        for target in TARGETS:
-            write_pattern(domain.live_paths()[target], patterns[name], PATTERN_AT + index * CLUSTER)
-        domain.snapshot_create_xml(f"<domainsnapshot><name>{name}</name></domainsnapshot>")
+    root, domain, patterns = define_with_snapshots(directory, DISK_SIZE, ("a", "b"), 0x50)
     links = {t: Path(p) for t, p in domain.live_paths().items()}
     assert all(p.is_symlink() for p in links.values())
     with running_guest(directory, links) as guest:
