@@ -180,51 +180,12 @@ class QMP:
             raise QMPCommandError(command, str(error.get("class", "")), str(error.get("desc", "no description")))
         return reply.get("return")
 
-    async def execute_in_order(
-        self, commands: list[tuple[str, dict[str, Any]]], *, timeout: float = COMMAND_TIMEOUT
-    ) -> list[Any]:
-        """Several commands sent at once, in order (QEMU runs them one after another, as if
-        each waited for the one before): one wake-up for all their answers. Per command its
-        `return` value, or the QMPCommandError it failed with (returned, not raised)."""
-        if self._gone is not None:
-            raise self._gone_error(commands[0][0])
-        idents = [next(self._ids) for _ in commands]
-        data = b"".join(
-            json.dumps({"execute": command, "id": ident} | ({"arguments": args} if args else {})).encode() + b"\n"
-            for ident, (command, args) in zip(idents, commands, strict=True)
-        )
-        pendings = [self._pending.setdefault(ident, _Pending()) for ident in idents]
-        try:
-            with trio.move_on_after(timeout) as scope:
-                await self._send_data(data, commands[0][0])
-                for pending in pendings:
-                    await pending.done.wait()
-        finally:
-            for ident in idents:
-                del self._pending[ident]
-        if scope.cancelled_caught:
-            raise _timeout(f"answer {commands[-1][0]}", timeout)
-        results: list[Any] = []
-        for (command, _), pending in zip(commands, pendings, strict=True):
-            reply = pending.reply
-            if reply is None:
-                raise self._gone_error(command)
-            error = reply.get("error")
-            results.append(
-                QMPCommandError(command, str(error.get("class", "")), str(error.get("desc", "no description")))
-                if error is not None
-                else reply.get("return")
-            )
-        return results
-
     async def hmp(self, command_line: str, *, timeout: float = COMMAND_TIMEOUT) -> str:
         """A human-monitor command (e.g. `qemu-io -d vd0/virtio-backend "write 0 64k"`); its output."""
         return await self.execute("human-monitor-command", {"command-line": command_line}, timeout=timeout)
 
     async def _send(self, message: dict[str, Any], command: str) -> None:
-        await self._send_data(json.dumps(message).encode() + b"\n", command)
-
-    async def _send_data(self, data: bytes, command: str) -> None:
+        data = json.dumps(message).encode() + b"\n"
         async with self._send_lock:
             try:
                 await self._stream.send_all(data)

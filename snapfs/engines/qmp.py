@@ -434,7 +434,8 @@ class QmpEngine:
             if actions and switched:
                 raise io_error(f"QEMU runs only some disks of {files.name!r} on their new overlays; stop it and retry.")
             if actions:
-                await _add_and_switch(q, adding, actions)
+                await _add_nodes(q, adding)  # a qmp_add step before (a memory create) added them
+                await q.execute("transaction", actions=actions)
 
     async def _repoint(self, step: dict, files: DomainFiles) -> None:
         """Each node QEMU opened through a disk's symlink, now read-only under the new overlay,
@@ -652,39 +653,21 @@ class _Names:
         return {"backing": d.base, "fmt": d.format} if names is None else {"backing": names[d.target], "fmt": "qcow2"}
 
 
-async def _add_nodes(q: qmp.QMP, paths: list[str], nodes: list[Node]) -> None:
-    """blockdev-add each overlay (backing: null: the transaction links it) not added yet."""
+async def _add_nodes(q: qmp.QMP, paths: list[str], nodes: list[Node] | None = None) -> None:
+    """blockdev-add each overlay (backing: null: the transaction links it) not added yet:
+    not among `nodes`, or (none given) not found after an add failed (the nodes are listed
+    only then: a second add, after a crash, fails on the node name or QEMU's own lock)."""
     for path in paths:
-        if nodes_on(nodes, path, formats_only=False):
-            continue  # added before a crash (a second add fails on QEMU's own lock)
-        await q.execute(
-            "blockdev-add", {"driver": "qcow2", "node-name": node_name(path), "file": _file_node(path)}, backing=None
-        )
-
-
-async def _add_and_switch(q: qmp.QMP, paths: list[str], actions: list[dict]) -> None:
-    """blockdev-add each overlay, then the transaction, sent at once (QEMU runs them in
-    order; the transaction fails, changing nothing, unless every overlay's node is there).
-    An add fails when the node is there already: added before a crash, or by a qmp_add
-    step (a memory create); it matters only when the transaction failed too."""
-    adds = [
-        ("blockdev-add", {"driver": "qcow2", "node-name": node_name(p), "file": _file_node(p), "backing": None})
-        for p in paths
-    ]
-    *added, switched = await q.execute_in_order([*adds, ("transaction", {"actions": actions})])
-    if not isinstance(switched, qmp.QMPCommandError):
-        return
-    failed = [(path, error) for path, error in zip(paths, added, strict=True) if isinstance(error, qmp.QMPCommandError)]
-    if failed:
-        nodes = await block_nodes(q)
-        for path, error in failed:
-            if not nodes_on(nodes, path, formats_only=False):
-                raise error
-    raise switched
-
-
-def _file_node(path: str) -> dict:
-    return {"driver": "file", "filename": path}
+        if nodes is not None and nodes_on(nodes, path, formats_only=False):
+            continue  # added before a crash
+        file = {"driver": "file", "filename": path}
+        try:
+            await q.execute(
+                "blockdev-add", {"driver": "qcow2", "node-name": node_name(path), "file": file}, backing=None
+            )
+        except qmp.QMPCommandError:
+            if nodes is not None or not nodes_on(await block_nodes(q), path, formats_only=False):
+                raise
 
 
 def _rel(files: DomainFiles, d: DiskRecord, names: dict[str, str]) -> str:
