@@ -40,6 +40,12 @@ _LIGHT_STEPS = {
     "meta_delete": (),
     "memory_delete": ("path",),
 }
+# Steps that change no file and may run again after any light step before them, or with any
+# light step after them already done, so they need no record around them: a live create's
+# `switch` (engines/qmp.py) finds the disks on their new overlays and does nothing (or, QEMU
+# gone, only checks nothing holds the old live layers), and the overlays before it keep the
+# files they find, which the switch handed to QEMU and the guest may have written.
+_RERUNNABLE_STEPS = ("switch",)
 
 
 class Journal:
@@ -168,8 +174,10 @@ class Journal:
                 await trio.to_thread.run_sync(syncs.flush)
                 journal["done"] = index
                 await trio.to_thread.run_sync(self.files.write_journal, journal)
-            elif steps[index]["do"] == "state" and syncs.dirs:
-                await trio.to_thread.run_sync(syncs.flush)  # what state.json names is durable first
+            elif steps[index]["do"] in ("state", *_RERUNNABLE_STEPS) and syncs.dirs:
+                # What state.json names is durable first; so are the overlays a switch hands to
+                # QEMU (a power cut must not bring back their staged names, with guest data).
+                await trio.to_thread.run_sync(syncs.flush)
             if reached is not None:
                 reached[0] = index
             group = _side_by_side(steps, journal["done"], index)
@@ -227,7 +235,7 @@ class Journal:
         writes gigabytes, a rename on the same filesystem can wait tens of milliseconds,
         and the progress callback runs in the event loop."""
         steps = journal["steps"]
-        if steps[index]["do"] in _LIGHT_STEPS or steps[index]["do"] == "state":
+        if _is_light(steps[index]) or steps[index]["do"] == "state":
             yield None  # light steps report nothing
             return
         head = f"{journal['operation']} {journal.get('subject', '')}".rstrip()
@@ -422,8 +430,15 @@ def fault_point(point: str, when: str, recovering: bool) -> None:
         os._exit(CRASH_EXIT_STATUS)
 
 
+def _is_light(step: dict) -> bool:
+    return step["do"] in _LIGHT_STEPS or step["do"] in _RERUNNABLE_STEPS
+
+
 def _step_names(step: dict) -> set[str]:
-    """The names (layer paths, snapshot metadata files) a light step reads or writes."""
+    """The names (layer paths, snapshot metadata files) a light step reads or writes (none
+    for a re-runnable step: it writes no file, and what it finds done it leaves)."""
+    if step["do"] in _RERUNNABLE_STEPS:
+        return set()
     if step["do"] == "meta_write":
         return {"meta:" + step["record"]["id"]}
     if step["do"] == "meta_delete":
@@ -446,6 +461,8 @@ def _must_record(steps: list[dict], done: int, index: int) -> bool:
     - a step using a name an unrecorded step used: e.g. create's new overlay at live after
       the rename of live to the snapshot's layer (re-running that rename would move the
       new, empty live over the snapshot's layer).
+    A re-runnable step (_RERUNNABLE_STEPS, a live create's switch) counts as light on no
+    name: the overlays before it keep what they find, and it finds its work done.
     The state step needs no record after an overlay: once state.json shows the result the
     live disk may be used, and a re-run overlay keeps the overlay it finds (qemu_img.py),
     so nothing written to it is dropped; the directories are fsynced before it (_carry_out).
@@ -453,11 +470,11 @@ def _must_record(steps: list[dict], done: int, index: int) -> bool:
     if index == done:
         return False
     window = steps[done : index + 1]
-    if any(step["do"] not in _LIGHT_STEPS for step in window[:-1]):
+    if not all(_is_light(step) for step in window[:-1]):
         return True
     if steps[index]["do"] == "state":
         return False
-    if steps[index]["do"] not in _LIGHT_STEPS:
+    if not _is_light(steps[index]):
         return True
     seen: set[str] = set()
     for step in window:

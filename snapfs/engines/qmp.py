@@ -114,12 +114,19 @@ def _file_of(filename: str) -> str | None:
     return None
 
 
+def _node(entry: dict) -> Node:
+    recorded = _file_of(str(entry.get("file", "")))
+    return Node(entry["node-name"], entry.get("drv", ""), os.path.abspath(recorded) if recorded else None)
+
+
 async def block_nodes(q: qmp.QMP) -> list[Node]:
-    found = []
-    for entry in await q.execute("query-named-block-nodes", flat=True):
-        recorded = _file_of(str(entry.get("file", "")))
-        found.append(Node(entry["node-name"], entry.get("drv", ""), os.path.abspath(recorded) if recorded else None))
-    return found
+    return [_node(entry) for entry in await q.execute("query-named-block-nodes", flat=True)]
+
+
+async def device_nodes(q: qmp.QMP) -> list[Node]:
+    """The node each guest device writes to now (what `query-block` says is inserted: one
+    query, cheaper than listing every node)."""
+    return [_node(b["inserted"]) for b in await q.execute("query-block") if b.get("inserted")]
 
 
 def nodes_on(nodes: list[Node], path: str, formats_only: bool = True) -> list[Node]:
@@ -185,10 +192,10 @@ class QmpEngine:
         descriptions still work)."""
         try:
             async with qmp.connect(socket, timeout=2.0) as q:
-                nodes, active = await block_nodes(q), await active_nodes(q)
+                active = await device_nodes(q)
         except SnapfsError:
             return None
-        links = [n for n in nodes if n.name in active and n.through_link]
+        links = [n for n in active if n.through_link]
         unnamed = [n.path for n in links if n.automatic]
         linked = (
             f"Domain {domain!r} runs on {unnamed[0]}, a symbolic link QEMU opened without a node name (-drive): "
@@ -401,24 +408,24 @@ class QmpEngine:
             if q is None:
                 await self._refuse_if_held([_abs(files, d["active"]) for d in step["disks"]])
                 return
-            nodes, active = await block_nodes(q), await active_nodes(q)
+            active = await device_nodes(q)
             actions, switched, adding = [], 0, []
             for disk in step["disks"]:
                 old, new = _abs(files, disk["active"]), _abs(files, disk["overlay"])
-                if any(n.name in active for n in nodes_on(nodes, new)):
+                if nodes_on(active, new):
                     switched += 1
                     continue
                 adding.append(new)
-                current = [n for n in nodes_on(nodes, old) if n.name in active]
+                current = nodes_on(active, old)
                 if not current:
-                    raise self._not_on(disk["target"], old, nodes, active)
+                    raise self._not_on(disk["target"], old, active)
                 actions.append(
                     {"type": "blockdev-snapshot", "data": {"node": current[0].name, "overlay": node_name(new)}}
                 )
             if actions and switched:
                 raise io_error(f"QEMU runs only some disks of {files.name!r} on their new overlays; stop it and retry.")
             if actions:
-                await _add_nodes(q, adding, nodes)  # a qmp_add step before (a memory create) added them
+                await _add_nodes(q, adding)  # a qmp_add step before (a memory create) added them
                 await q.execute("transaction", actions=actions)
 
     async def _repoint(self, step: dict, files: DomainFiles) -> None:
@@ -436,8 +443,8 @@ class QmpEngine:
                         raise io_error(f"QEMU runs {node.name} on {link}, which no longer leads to {real}; stop it.")
                     await _repoint_node(q, node, real)
 
-    def _not_on(self, target: str, old: str, nodes: list[Node], active: set[str]) -> SnapfsError:
-        linked = [n for n in nodes if n.name in active and n.through_link and os.path.realpath(n.path or "") == old]
+    def _not_on(self, target: str, old: str, active: list[Node]) -> SnapfsError:
+        linked = [n for n in active if n.through_link and os.path.realpath(n.path or "") == old]
         if linked:
             return SnapfsError(
                 errno.EOPNOTSUPP,
@@ -637,13 +644,21 @@ class _Names:
         return {"backing": d.base, "fmt": d.format} if names is None else {"backing": names[d.target], "fmt": "qcow2"}
 
 
-async def _add_nodes(q: qmp.QMP, paths: list[str], nodes: list[Node]) -> None:
-    """blockdev-add each overlay (backing: null: the transaction links it) not added yet."""
+async def _add_nodes(q: qmp.QMP, paths: list[str], nodes: list[Node] | None = None) -> None:
+    """blockdev-add each overlay (backing: null: the transaction links it) not added yet:
+    not among `nodes`, or (none given) not found after an add failed (the nodes are listed
+    only then: a second add, after a crash, fails on the node name or QEMU's own lock)."""
     for path in paths:
-        if nodes_on(nodes, path, formats_only=False):
-            continue  # added before a crash (a second add fails on QEMU's own lock)
+        if nodes is not None and nodes_on(nodes, path, formats_only=False):
+            continue  # added before a crash
         file = {"driver": "file", "filename": path}
-        await q.execute("blockdev-add", {"driver": "qcow2", "node-name": node_name(path), "file": file}, backing=None)
+        try:
+            await q.execute(
+                "blockdev-add", {"driver": "qcow2", "node-name": node_name(path), "file": file}, backing=None
+            )
+        except qmp.QMPCommandError:
+            if nodes is not None or not nodes_on(await block_nodes(q), path, formats_only=False):
+                raise
 
 
 def _rel(files: DomainFiles, d: DiskRecord, names: dict[str, str]) -> str:
