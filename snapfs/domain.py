@@ -330,8 +330,7 @@ class DomainCore:
                     if steps:
                         with await self._refuse_unless_ready(journal, engine, steps):  # the layers stay held
                             changed = True
-                            await journal.run(operation, plan.subject, engine, steps)
-                        await trio.to_thread.run_sync(self.files.remember_clean)
+                            await journal.run(operation, plan.subject, engine, steps, self.files.remember_clean)
                     done = bool(steps)
                     return plan.result
                 except BaseException:
