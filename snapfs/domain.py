@@ -323,7 +323,9 @@ class DomainCore:
                 try:
                     journal = self.journal()
                     changed = journal.pending()
-                    await trio.to_thread.run_sync(self.files.remove_temporaries, self.engine.temporary_suffixes)
+                    await trio.to_thread.run_sync(
+                        self.files.remove_temporaries, self.engine.temporary_suffixes, changed
+                    )
                     await journal.finish(self._engine_named)
                     await self._carry_over()
                     engine = await self._engine()
@@ -335,9 +337,12 @@ class DomainCore:
                     if steps:
                         with await self._refuse_unless_ready(journal, engine, steps):  # the layers stay held
                             changed = True
-                            await journal.run(operation, plan.subject, engine, steps)
+                            await journal.run(operation, plan.subject, engine, steps, self.files.remember_clean)
                     done = bool(steps)
                     return plan.result
+                except BaseException:
+                    self.files.forget_clean()
+                    raise
                 finally:
                     self.files.clear_job()  # the job line is the lock holder's
         except BaseException as caught:

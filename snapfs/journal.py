@@ -67,9 +67,17 @@ class Journal:
         await patiently(lambda: held.append(engine.hold_layers(self.files, steps)), IN_USE_WAIT_SECONDS)
         return held[0]
 
-    async def run(self, operation: str, subject: str, engine: Engine, steps: list[dict]) -> None:
+    async def run(
+        self,
+        operation: str,
+        subject: str,
+        engine: Engine,
+        steps: list[dict],
+        when_done: Callable[[], None] | None = None,
+    ) -> None:
         """Check the space the steps need, write the journal, then carry it out. A plan
-        that fails before it changed any content is rolled back (no journal is left)."""
+        that fails before it changed any content is rolled back (no journal is left).
+        `when_done` runs in the thread that clears the journal, right after it."""
         name_changed_snapshots(steps)
         await self.refuse_without_space(steps)
         journal = {"operation": operation, "subject": subject, "engine": engine.name, "steps": steps, "done": 0}
@@ -81,7 +89,7 @@ class Journal:
             ) from exc
         progress = [0]
         try:
-            await self._carry_out(engine, journal, recovering=False, reached=progress)
+            await self._carry_out(engine, journal, recovering=False, reached=progress, when_done=when_done)
         except Exception as exc:
             cause = as_snapfs_error(exc)
             if _abortable(steps, progress[0]):
@@ -159,7 +167,12 @@ class Journal:
         await trio.to_thread.run_sync(self.files.remove_temporaries, engine.temporary_suffixes)
 
     async def _carry_out(
-        self, engine: Engine, journal: dict, recovering: bool, reached: list[int] | None = None
+        self,
+        engine: Engine,
+        journal: dict,
+        recovering: bool,
+        reached: list[int] | None = None,
+        when_done: Callable[[], None] | None = None,
     ) -> None:
         """Run the steps from journal["done"] on. Progress is recorded (after an fsync of
         every directory the unrecorded steps changed) only where re-running the steps
@@ -171,12 +184,11 @@ class Journal:
         index = journal["done"]
         while index < len(steps):
             if _must_record(steps, journal["done"], index):
-                await trio.to_thread.run_sync(syncs.flush)
                 journal["done"] = index
-                await trio.to_thread.run_sync(self.files.write_journal, journal)
-            elif steps[index]["do"] in ("state", *_RERUNNABLE_STEPS) and syncs.dirs:
-                # What state.json names is durable first; so are the overlays a switch hands to
-                # QEMU (a power cut must not bring back their staged names, with guest data).
+                await trio.to_thread.run_sync(_after_flush, syncs, self.files.write_journal, journal)
+            elif steps[index]["do"] in _RERUNNABLE_STEPS and syncs.dirs:
+                # The overlays a switch hands to QEMU are durable first (a power cut must not
+                # bring back their staged names, with guest data); state flushes in its own step.
                 await trio.to_thread.run_sync(syncs.flush)
             if reached is not None:
                 reached[0] = index
@@ -188,12 +200,16 @@ class Journal:
                     for member in group:
                         nursery.start_soon(self._run_recorded_step, engine, journal, member, recovering, syncs)
             index = group[-1] + 1
-        await trio.to_thread.run_sync(syncs.flush)
         # The removal is not fsynced: lost to a power cut, it is a crash after the last step
         # (recovery re-runs the steps since the last record, each finding its work done), and
         # the next change's journal write fsyncs this directory before anything else.
-        await trio.to_thread.run_sync(self.files.clear_journal, False)
+        await trio.to_thread.run_sync(_after_flush, syncs, self._clear, when_done)
         self.files.clear_job()
+
+    def _clear(self, when_done: Callable[[], None] | None) -> None:
+        self.files.clear_journal(False)
+        if when_done is not None:
+            when_done()
 
     async def _run_recorded_step(
         self, engine: Engine, journal: dict, index: int, recovering: bool, syncs: DirSyncs
@@ -221,8 +237,11 @@ class Journal:
         elif do == "memory_delete":
             await memory.delete_memory(self.files, step["path"])
         elif do == "state":
+            # What state.json names is made durable first (the directories the steps since
+            # the last record changed), in the same thread hop as the state's write.
             live = step.get("live")
-            await trio.to_thread.run_sync(self.files.write_state, step["current"], step.get("changed"), syncs, live)
+            args = (step["current"], step.get("changed"), syncs, live)
+            await trio.to_thread.run_sync(_after_flush, syncs, self.files.write_state, *args)
         else:
             await engine.run(step, self.files, recovering=recovering, syncs=syncs, progress=progress)
 
@@ -262,6 +281,13 @@ class Journal:
                 yield report
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def _after_flush(syncs: DirSyncs, then: Callable[..., None], *args: object) -> None:
+    """fsync the directories `syncs` holds, then call then(*args): one thread hop for both
+    (each hop waits for a scheduler slot, several milliseconds on a loaded machine)."""
+    syncs.flush()
+    then(*args)
 
 
 @contextlib.asynccontextmanager

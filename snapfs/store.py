@@ -51,6 +51,7 @@ from .plaindata import asdict
 from .records import (
     LIVE_LINK,
     DomainRecord,
+    Layered,
     MetadataView,
     SnapshotRecord,
     carry_name_index,
@@ -82,6 +83,7 @@ class DomainFiles:
         self._cache_lock = threading.Lock()
         self._state_path = os.path.join(path, "state.json")
         self._domain_json = os.path.join(path, "domain.json")
+        self._clean_stamps: dict[str, tuple[int, ...] | None] = {}  # remove_temporaries
 
     # paths
     def file(self, name: str) -> str:
@@ -226,9 +228,8 @@ class DomainFiles:
                 and cached.generation == generation - 1
                 and "changed" in state
             ):
-                snapshots = dict(cached.snapshots)
-                for snap_id in state["changed"]:
-                    self._reload_one(snapshots, snap_id)
+                updates = {snap_id: self._read_one(snap_id) for snap_id in state["changed"]}
+                snapshots = Layered.carried(cached.snapshots, updates)  # O(changes), not a copy of every record
                 view = MetadataView(generation, state["current"], snapshots, epoch, state.get("live") or {})
                 carry_name_index(cached, view, state["changed"])
                 cached = self._cache = view
@@ -249,21 +250,24 @@ class DomainFiles:
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.snapshots_dir):
                 if entry.name.endswith(".json"):
-                    self._reload_one(snapshots, entry.name[: -len(".json")])
+                    snap_id = entry.name[: -len(".json")]
+                    record = self._read_one(snap_id)
+                    if record is not None:
+                        snapshots[snap_id] = record
         return snapshots
 
-    def _reload_one(self, snapshots: dict[str, SnapshotRecord], snap_id: str) -> None:
+    def _read_one(self, snap_id: str) -> SnapshotRecord | None:
+        """The snapshot's record, or None when its file is gone."""
         path = self._snapshot_file(snap_id)
         try:
             record = SnapshotRecord.from_json(read_json(path))
         except FileNotFoundError:
-            snapshots.pop(snap_id, None)
-            return
+            return None
         except (KeyError, TypeError) as exc:
             raise CorruptError(path, f"not a snapshot record: {exc}") from None
         if record.layers is not None and not _is_live_names(record.layers):
             raise CorruptError(path, "its layers are not file names")
-        snapshots[snap_id] = record
+        return record
 
     def write_snapshot(self, record: SnapshotRecord, syncs: DirSyncs | None = None) -> None:
         write_json(self._snapshot_file(record.id), asdict(record), syncs)
@@ -390,22 +394,45 @@ class DomainFiles:
             return ""
 
     # temporaries
-    def remove_temporaries(self, layer_suffixes: tuple[str, ...]) -> None:
+    def remove_temporaries(self, layer_suffixes: tuple[str, ...], thorough: bool = True) -> None:
         """Remove every temporary file of a known shape that an interrupted or failed
         operation left (the caller holds the domain's lock, so none is being written):
         atomic writes' `<file>.tmp<pid>.<thread>` and `job.tmp<pid>` in the domain and
         snapshots directories, and the engine's files built beside a layer (`layer_suffixes`).
         `last-error` is written without the lock: its temporaries go only once their
-        process is gone."""
-        for directory in (self.path, self.snapshots_dir):
-            for name in _names(directory):
-                if _is_atomic_temporary(name) and not (name.startswith("last-error.") and _pid_alive(name)):
-                    unlink_if_present(os.path.join(directory, name))
-        directories = [self.layers_dir(target) for target in _names(os.path.join(self.path, "layers"))]
-        for directory in [*directories, self.file(STAGED_DIR)]:
-            for name in _names(directory):
-                if name.endswith((*layer_suffixes, STAGING_SUFFIX)) or _is_atomic_temporary(name):
-                    unlink_if_present(os.path.join(directory, name))
+        process is gone.
+
+        The small directories (the domain's, staged/) are always listed. The large ones
+        (snapshots/, layers/<target>/: one entry per snapshot) are skipped unless
+        `thorough` when this process saw them clean at the end of its last operation and
+        they have not changed since (remember_clean): with no journal pending, every
+        temporary in them was renamed or removed by the operation that made it."""
+        for directory in (self.path, self.file(STAGED_DIR)):
+            self._remove_in(directory, layer_suffixes)
+        for directory in self._large_dirs():
+            if thorough or self._clean_stamps.pop(directory, _UNSEEN) != _dir_stamp(directory):
+                self._remove_in(directory, layer_suffixes)
+
+    def remember_clean(self) -> None:
+        """Note the large directories as clean: called under the lock right after an
+        operation finished (its journal cleared), so none holds a temporary."""
+        self._clean_stamps = {directory: _dir_stamp(directory) for directory in self._large_dirs()}
+
+    def forget_clean(self) -> None:
+        """The next remove_temporaries lists every directory again."""
+        self._clean_stamps = {}
+
+    def _large_dirs(self) -> list[str]:
+        targets = _names(os.path.join(self.path, "layers"))
+        return [self.snapshots_dir, *(self.layers_dir(target) for target in targets)]
+
+    def _remove_in(self, directory: str, layer_suffixes: tuple[str, ...]) -> None:
+        in_layers = directory != self.path and directory != self.snapshots_dir
+        for name in _names(directory):
+            if in_layers and name.endswith((*layer_suffixes, STAGING_SUFFIX)):
+                unlink_if_present(os.path.join(directory, name))
+            elif _is_atomic_temporary(name) and not (name.startswith("last-error.") and _pid_alive(name)):
+                unlink_if_present(os.path.join(directory, name))
 
     # last-error
     def record_error(self, operation: str, message: str) -> None:
@@ -483,6 +510,18 @@ def _pid_alive(name: str) -> bool:
     except OSError:
         return True
     return True
+
+
+_UNSEEN = ()  # no directory's stamp
+
+
+def _dir_stamp(directory: str) -> tuple[int, ...] | None:
+    """What changes when an entry is added to or removed from a directory (None: absent)."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 def _names(directory: str) -> list[str]:
