@@ -358,3 +358,20 @@ class QMP:
         for pending in self._pending.values():
             pending.done.set()
         self._wake_event_waiters()
+
+
+def file_of(filename: str) -> str | None:
+    """The file a node's `file` names: a plain path, or the one inside a json:{...} name
+    (QEMU writes those for a node whose backing was set by hand, like an overlay after
+    blockdev-snapshot)."""
+    if not filename.startswith("json:"):
+        return filename or None
+    try:
+        options: Any = json.loads(filename[5:])
+    except ValueError:
+        return None
+    while isinstance(options, dict):
+        if options.get("driver") == "file" and isinstance(options.get("filename"), str):
+            return options["filename"]
+        options = options.get("file")
+    return None

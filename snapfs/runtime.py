@@ -504,9 +504,10 @@ def _check_disks(dom: DomainCore, devices: list[dict], sock: str) -> None:
     images = {}
     for device in devices:
         inserted = device.get("inserted") or {}
-        if isinstance(inserted.get("file"), str):
+        file = qmp.file_of(inserted["file"]) if isinstance(inserted.get("file"), str) else None
+        if file:
             name = device.get("qdev") or device.get("device") or "?"
-            images[name] = (os.path.realpath(inserted["file"]), bool(inserted.get("ro")))
+            images[name] = (os.path.realpath(file), bool(inserted.get("ro")))
     view = dom.view()
     wanted = {os.path.realpath(dom.files.live_layer(view, d.target)): d.target for d in dom.disks}
     found = {real for real, _ in images.values()}

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import functools
 import hashlib
-import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -97,25 +96,8 @@ class Node:
         return self.path is not None and os.path.islink(self.path)
 
 
-def _file_of(filename: str) -> str | None:
-    """The file a node's `file` names: a plain path, or the one inside a json:{...} name
-    (QEMU writes those for a node whose backing was set by hand, like an overlay after
-    blockdev-snapshot)."""
-    if not filename.startswith("json:"):
-        return filename or None
-    try:
-        options: Any = json.loads(filename[5:])
-    except ValueError:
-        return None
-    while isinstance(options, dict):
-        if options.get("driver") == "file" and isinstance(options.get("filename"), str):
-            return options["filename"]
-        options = options.get("file")
-    return None
-
-
 def _node(entry: dict) -> Node:
-    recorded = _file_of(str(entry.get("file", "")))
+    recorded = qmp.file_of(str(entry.get("file", "")))
     return Node(entry["node-name"], entry.get("drv", ""), os.path.abspath(recorded) if recorded else None)
 
 
