@@ -265,12 +265,26 @@ def test_mount_memory_file_and_revert(vm: Vm, tmp_path: Path) -> None:
         assert not (snaps / "d3" / "memory").exists() and "memory" not in os.listdir(snaps / "d3")
         with pytest.raises(PermissionError):
             open(snaps / "m3" / "memory", "r+b")  # noqa: SIM115
-        since = vm.mark()
+        frozen = frozen_counters(vm.domain, "m3")
         (snaps / "m3" / "control").write_text("revert\n")
         assert vm.state() == "running"
-        assert vm.wait_printing(since) and vm.boots(since) == []
+        # Read on the disk, not the console: right after a restore, QEMU 7.2's serial port
+        # (TCG) sometimes sends nothing more while the guest runs on (its disk counter rises).
+        carried_on_from(vm, frozen)
     finally:
         mount.stop()
+
+
+def carried_on_from(vm: Vm, frozen: dict[str, int], steps: int = 5, timeout: float = 90.0) -> None:
+    """The guest runs on from the snapshot `frozen` describes, in the same boot: its counter
+    on the live disk has the snapshot's boot tag and goes `steps` past the snapshot's N."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = this_boot(vm.domain.live_paths()["vda"], "vda")
+        if now.tag == frozen[""] and now.last >= frozen["vda"] + steps:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the guest did not carry on from N={frozen['vda']} of boot {frozen['']}: {now}")
 
 
 def test_merge_and_discard_remove_memory(vm: Vm) -> None:
