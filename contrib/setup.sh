@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything snapfs needs on a fresh Debian 12 (run as root): qemu-utils, FUSE 3 and the
-# headers pyfuse3 builds against, qemu-system-x86 (running-VM tests), then a venv in .venv
-# with snapfs and its test extras.
+# headers pyfuse3 builds against, qemu-system-x86 and gcc + libc6-dev (the running-VM tests;
+# their guest's I/O probe is built with gcc -static), then a venv in .venv with snapfs and
+# its test extras.
 # Safe to run again; it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libvirt-clients qemu-system-x86)
+packages=(qemu-utils fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev python3-venv libvirt-clients qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

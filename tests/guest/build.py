@@ -1,11 +1,18 @@
 """Builds (once, then cached) the tiny test guest of DESIGN section 8.
 
 Debian's cloud kernel and busybox-static come from apt (`apt-get download` + `dpkg-deb -x`);
-the initramfs (cpio newc, gzip, about 1 MiB) is written by Python. Its /init loads the virtio
+the initramfs (cpio newc, gzip, about 1.3 MiB) is written by Python. Its /init loads the virtio
 modules, draws a random boot tag, and then writes one 512-byte counter record per step to
 every /dev/vd* disk (block N at offset N*512, fsynced), printing `C <N>` on the serial
 console after each step, until the disks are full. The pause between steps is STEP_USECONDS,
 or `snapfs.step=<microseconds>` on the kernel command line.
+
+With `snapfs.probe=<disk>` on the kernel command line the init also starts the I/O probe
+(probe.c, compiled here with `gcc -static -O2`) on that disk before the counter: it rewrites
+one 4 KiB block 1 MiB before the disk's end (never reached by the counter) and prints its
+latencies as `P ...` lines (see probe.c). `snapfs.probe_sync=0|1` (O_DSYNC, default 1),
+`snapfs.probe_slow=<us>` and `snapfs.probe_every=<ms>` tune it. Without `snapfs.probe` the
+guest is the same as before it existed.
 
 The cache directory (``$SNAPFS_GUEST_CACHE`` or /var/cache/snapfs-test-guest) holds one
 directory per kernel package version and init revision; it is built only when missing.
@@ -25,11 +32,12 @@ from pathlib import Path
 CACHE_DIR = Path(os.environ.get("SNAPFS_GUEST_CACHE", "/var/cache/snapfs-test-guest"))
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-# Bump when the init script or the archive layout changes: it is part of the cache key.
-INIT_REVISION = 3
+# Bump when the init script, probe.c or the archive layout changes: it is part of the cache key.
+INIT_REVISION = 4
 MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk")
 MAGIC = "SNAPFSCTR"
 STEP_USECONDS = 50_000
+PROBE_SOURCE = Path(__file__).with_name("probe.c")
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s
@@ -64,8 +72,21 @@ step=@STEP@
 for word in $(cat /proc/cmdline); do
   case "$word" in snapfs.step=*) step=${word#snapfs.step=} ;; esac
 done
+probe="" probe_sync=1 probe_slow=2000 probe_every=500
+for word in $(cat /proc/cmdline); do
+  case "$word" in
+    snapfs.probe=*) probe=${word#snapfs.probe=} ;;
+    snapfs.probe_sync=*) probe_sync=${word#snapfs.probe_sync=} ;;
+    snapfs.probe_slow=*) probe_slow=${word#snapfs.probe_slow=} ;;
+    snapfs.probe_every=*) probe_every=${word#snapfs.probe_every=} ;;
+  esac
+done
 tag=$(cut -c1-8 /proc/sys/kernel/random/uuid)
 echo "snapfs-guest: boot $tag disks$disks"
+if [ -n "$probe" ]; then
+  echo "snapfs-guest: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+  /bin/probe "$probe" "$probe_sync" "$probe_slow" "$probe_every" &
+fi
 n=0
 while [ -n "$disks" ]; do
   for d in $disks; do
@@ -133,8 +154,10 @@ def _build(package: str, target: Path) -> None:
             _run("dpkg-deb", "-x", str(deb), str(root))
         out = work / "out"
         out.mkdir()
+        _run("gcc", "-static", "-O2", "-Wall", "-o", str(work / "probe"), str(PROBE_SOURCE))
         shutil.copyfile(_one(root.glob("boot/vmlinuz-*")), out / "vmlinuz")
-        (out / "initrd.gz").write_bytes(gzip.compress(_initramfs(root), 9, mtime=0))
+        initramfs = _initramfs(root, (work / "probe").read_bytes())
+        (out / "initrd.gz").write_bytes(gzip.compress(initramfs, 9, mtime=0))
         try:
             out.rename(target)
         except OSError:
@@ -166,7 +189,7 @@ def _builtin(root: Path, name: str) -> bool:
     return any(f"/{name}.ko" in p.read_text() for p in root.glob("lib/modules/*/modules.builtin"))
 
 
-def _initramfs(root: Path) -> bytes:
+def _initramfs(root: Path, probe: bytes) -> bytes:
     modules = _module_files(root)
     init = (
         INIT_SCRIPT.replace("@MODULES@", " ".join(m for m in MODULES if m in modules))
@@ -178,6 +201,7 @@ def _initramfs(root: Path) -> bytes:
         archive.add(d, 0o040755)
     archive.add("dev/console", 0o020600, rdev=(5, 1))
     archive.add("bin/busybox", 0o100755, (root / "bin/busybox").read_bytes())
+    archive.add("bin/probe", 0o100755, probe)
     archive.add("init", 0o100755, init.encode())
     for name, data in modules.items():
         archive.add(f"lib/modules/{name}.ko", 0o100644, data)

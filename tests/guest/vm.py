@@ -8,6 +8,7 @@ waits for the first counter step and always kills QEMU on exit.
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .build import guest_files
 
@@ -64,6 +66,132 @@ class Guest:
     def node(self, disk: str, index: int = -1) -> str:
         return self.layers[disk][index].stem
 
+    def probe(self) -> ProbeLog:
+        """What the guest's I/O probe printed so far (the guest must run with `probe=`)."""
+        return ProbeLog.parse(list(self.lines))
+
+    def wait_probe(self, summaries: int = 1, timeout: float = 60.0) -> ProbeLog:
+        """Wait until the probe printed `summaries` more summary lines than now; its log then."""
+        want = len(self.probe().sums) + summaries
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"QEMU exited ({self.proc.returncode}): {self.tail()}"
+            log = self.probe()
+            assert not log.errors, f"the probe failed: {log.errors}"
+            if len(log.sums) >= want:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"the probe printed no {summaries} summaries in {timeout} s: {self.tail()}")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The guest's I/O probe (tests/guest/probe.c) on `disk`: O_DIRECT writes of one block,
+    each followed by a flush when `sync`; writes or idle times of `slow_us` or more are printed
+    one by one, a summary every `every_ms`."""
+
+    disk: str
+    sync: bool = True
+    slow_us: int = 3000
+    every_ms: int = 250
+
+    def append(self) -> str:
+        words = (f"snapfs.probe={self.disk}", f"snapfs.probe_sync={int(self.sync)}")
+        return " ".join((*words, f"snapfs.probe_slow={self.slow_us}", f"snapfs.probe_every={self.every_ms}"))
+
+
+class Slow(NamedTuple):
+    """One slow write, in host time (see ProbeLog.offset): it started at `start`, took
+    `latency` s, and began `idle` s after the previous write ended."""
+
+    start: float
+    latency: float
+    idle: float
+
+    @property
+    def stall(self) -> float:
+        return max(self.latency, self.idle)
+
+
+class Summary(NamedTuple):
+    """A period of the probe ending at `at` (host time): writes, median and longest latency,
+    longest idle time (s), slow writes not printed."""
+
+    at: float
+    writes: int
+    median: float
+    max: float
+    max_idle: float
+    dropped: int
+
+
+@dataclass
+class ProbeLog:
+    """The probe's lines with the guest's clock mapped onto the host's.
+
+    Every line carries the guest's CLOCK_MONOTONIC just before it was written, and arrives on
+    the host after that instant: arrival - guest time = offset + console delay, delay >= 0.
+    The smallest value near a time is the tightest bound on the offset there, too large by
+    the shortest console delay seen (the probe prints a summary every period, so there are
+    many chances for a short one). It is taken locally (lines within `span` s): the guest's
+    clock stands still while QEMU is stopped (QMP `stop`; a SIGSTOP of QEMU, by contrast, is
+    time the guest sees pass), so the offset grows by each pause. Mapped times are thus at
+    most that delay late, never early, as long as no `stop` falls within `span` of them."""
+
+    # (host arrival, guest seconds, kind, fields after the guest time)
+    entries: list[tuple[float, float, str, list[int]]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    span: float = 1.0
+
+    @classmethod
+    def parse(cls, lines: Sequence[tuple[float, str]]) -> ProbeLog:
+        log = cls()
+        for arrival, line in lines:
+            words = line.split()
+            if len(words) < 3 or words[0] != "P":
+                continue
+            if words[1] in ("error", "warning") or not words[2].isdigit():
+                log.errors.append(line)
+                continue
+            values = [int(w) for w in words[3:] if w.isdigit()]
+            log.entries.append((arrival, int(words[2]) / 1e6, words[1], values))
+        return log
+
+    @property
+    def sums(self) -> list[Summary]:
+        return [
+            Summary(self.host_time(g), v[0], v[1] / 1e6, v[2] / 1e6, v[3] / 1e6, v[4])
+            for _, g, kind, v in self.entries
+            if kind == "sum" and len(v) == 5
+        ]
+
+    @property
+    def slows(self) -> list[Slow]:
+        return [
+            Slow(self.host_time(v[0] / 1e6), v[1] / 1e6, v[2] / 1e6)
+            for _, _, kind, v in self.entries
+            if kind == "slow" and len(v) == 3
+        ]
+
+    def offset(self, guest_time: float) -> float:
+        """host time - guest time near `guest_time` (an upper bound, see the class)."""
+        near = [a - g for a, g, _, _ in self.entries if abs(g - guest_time) <= self.span]
+        assert near, f"the probe printed nothing within {self.span} s of guest time {guest_time:.3f}"
+        return min(near)
+
+    def host_time(self, guest_time: float) -> float:
+        return guest_time + self.offset(guest_time)
+
+    def stalls(self, start: float, end: float, margin: float = 0.02) -> list[Slow]:
+        """The slow writes (or idle times) that overlap [start - margin, end + margin] (host time)."""
+        return [s for s in self.slows if s.start - s.idle <= end + margin and s.start + s.latency >= start - margin]
+
+    def usual(self, before: float, periods: int = 20) -> float:
+        """The median of the probe's per-period median latencies over `periods` before `before`."""
+        medians = [s.median for s in self.sums if s.at < before][-periods:]
+        assert medians, "the probe printed no summary before that time"
+        return statistics.median(medians)
+
 
 def boot_args(append: str = "") -> list[str]:
     """The arguments that boot the guest (TCG: DESIGN says this kernel hangs under nested KVM);
@@ -111,16 +239,24 @@ def make_disks(directory: Path, names: Sequence[str], size: str = "64M") -> dict
 
 @contextmanager
 def running_guest(
-    directory: Path, disks: Mapping[str, Path], *, boot_timeout: float = 90.0, step_us: int | None = None
+    directory: Path,
+    disks: Mapping[str, Path],
+    *,
+    boot_timeout: float = 90.0,
+    step_us: int | None = None,
+    probe: Probe | None = None,
 ) -> Iterator[Guest]:
     """The guest running on `disks` ({disk name: real qcow2 path}), QMP at `directory`/qmp.sock,
     once it wrote its first counter step; killed (SIGKILL) when the block ends. `step_us` sets
-    the pause between counter steps (0: flat out, for measuring short I/O stalls)."""
+    the pause between counter steps (0: flat out); `probe` starts the guest's I/O probe."""
     guest_files()  # build (or find) before the clock starts
     sock = directory / "qmp.sock"
+    append = "" if step_us is None else f"snapfs.step={step_us}"
+    if probe is not None:
+        append = f"{append} {probe.append()}".strip()
     started = time.monotonic()
     proc = subprocess.Popen(
-        qemu_command(sock, disks, append="" if step_us is None else f"snapfs.step={step_us}"),
+        qemu_command(sock, disks, append=append),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
