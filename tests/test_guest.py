@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 from guest.counter import Counter, check_consistent, parse_blocks, read_counter
-from guest.vm import QEMU, Guest, make_disks, running_guest
+from guest.vm import QEMU, Guest, Probe, make_disks, running_guest
 
 from snapfs import qmp
 from snapfs.errors import SnapfsError
@@ -315,6 +315,60 @@ def test_dead_qemu_raises_quickly(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def _pause(guest: Guest, seconds: float, how: str) -> tuple[float, float]:
+    """QEMU paused for `seconds`: SIGSTOP/SIGCONT of its process, or QMP stop/cont."""
+    if how == "signal":
+        started = time.monotonic()
+        os.kill(guest.proc.pid, signal.SIGSTOP)
+        time.sleep(seconds)
+        os.kill(guest.proc.pid, signal.SIGCONT)
+        return started, time.monotonic()
+
+    async def main() -> tuple[float, float]:
+        async with qmp.connect(guest.sock) as q:
+            started = time.monotonic()
+            await q.execute("stop")
+            await trio.sleep(seconds)
+            await q.execute("cont")
+            return started, time.monotonic()
+
+    return _run(main)
+
+
+def test_probe_reports_latencies_and_a_forced_stall(tmp_path: Path) -> None:
+    """The I/O probe on vdb: its usual latency is sub-10 ms, QEMU frozen 200 ms (SIGSTOP) shows
+    as one stall of that size at the host's time of it, and nothing else of it does. A QMP
+    `stop` is invisible to it (the guest's clock stands still too), which is why the probe
+    measures I/O stalls and not pauses of the VM. The counter keeps its blocks to itself."""
+    disks = make_disks(tmp_path, DISKS, DISK_SIZE)
+    with running_guest(tmp_path, disks, boot_timeout=BOOT_TIMEOUT, probe=Probe("vdb")) as g:
+        log = g.wait_probe(8)
+        assert log.entries[0][2] == "start" and log.entries[0][3][0] == 63 * MiB
+        usual = log.usual(time.monotonic())
+        assert 0 < usual < 0.010
+        assert sum(s.writes for s in log.sums) > 100
+        frozen, thawed = _pause(g, 0.2, "signal")
+        log = g.wait_probe(4)
+        stalls = log.stalls(frozen, thawed)
+        assert stalls, f"no stall seen in [{frozen}, {thawed}]: {log.slows[-5:]}"
+        worst = max(stalls, key=lambda s: s.stall)
+        assert 0.19 <= worst.stall <= 0.4, worst
+        assert abs(worst.began - frozen) < 0.05, (worst, frozen)
+        assert sorted(s.stall for s in stalls)[-2:-1] < [0.1], stalls
+        stopped, resumed = _pause(g, 0.2, "qmp")
+        log = g.wait_probe(4)
+        assert max(s.max for s in log.sums[-4:]) < 0.15, "a QMP stop is not seen by the guest's clock"
+        printed = g.last()
+        g.wait_counter(printed + 3)
+        for disk in DISKS:
+            assert _counter(disks[disk], disk).last >= printed + 3
+    raw = tmp_path / "vdb.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disks["vdb"]), str(raw)], check=True, timeout=60)
+    with raw.open("rb") as f:
+        f.seek(63 * MiB)
+        assert f.read(10) == b"SNAPFSPRB "
 
 
 def test_counter_check_rejects_broken_sequences() -> None:

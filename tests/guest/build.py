@@ -10,7 +10,7 @@ or `snapfs.step=<microseconds>` on the kernel command line.
 With `snapfs.probe=<disk>` on the kernel command line the init also starts the I/O probe
 (probe.c, compiled here with `gcc -static -O2`) on that disk before the counter: it rewrites
 one 4 KiB block 1 MiB before the disk's end (never reached by the counter) and prints its
-latencies as `P ...` lines (see probe.c). `snapfs.probe_sync=0|1` (O_DSYNC, default 1),
+latencies as `P ...` lines (see probe.c). `snapfs.probe_sync=0|1` (O_DSYNC, default 0),
 `snapfs.probe_slow=<us>` and `snapfs.probe_every=<ms>` tune it. Without `snapfs.probe` the
 guest is the same as before it existed.
 
@@ -72,7 +72,7 @@ step=@STEP@
 for word in $(cat /proc/cmdline); do
   case "$word" in snapfs.step=*) step=${word#snapfs.step=} ;; esac
 done
-probe="" probe_sync=1 probe_slow=2000 probe_every=500
+probe="" probe_sync=0 probe_slow=3000 probe_every=250
 for word in $(cat /proc/cmdline); do
   case "$word" in
     snapfs.probe=*) probe=${word#snapfs.probe=} ;;
