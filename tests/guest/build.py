@@ -11,7 +11,7 @@ With `snapfs.probe=<disk>` on the kernel command line the init also starts the I
 (probe.c, compiled here with `gcc -static -O2`) on that disk before the counter: it rewrites
 one 4 KiB block 1 MiB before the disk's end (never reached by the counter) and prints its
 latencies as `P ...` lines (see probe.c). `snapfs.probe_sync=0|1` (O_DSYNC, default 0),
-`snapfs.probe_slow=<us>` and `snapfs.probe_every=<ms>` tune it. Without `snapfs.probe` the
+`snapfs.probe_slow=<us>`, `snapfs.probe_every=<ms>` and `snapfs.probe_pause=<us>` tune it. Without `snapfs.probe` the
 guest is the same as before it existed.
 
 The cache directory (``$SNAPFS_GUEST_CACHE`` or /var/cache/snapfs-test-guest) holds one
@@ -72,20 +72,21 @@ step=@STEP@
 for word in $(cat /proc/cmdline); do
   case "$word" in snapfs.step=*) step=${word#snapfs.step=} ;; esac
 done
-probe="" probe_sync=0 probe_slow=3000 probe_every=250
+probe="" probe_sync=0 probe_slow=3000 probe_every=250 probe_pause=1000
 for word in $(cat /proc/cmdline); do
   case "$word" in
     snapfs.probe=*) probe=${word#snapfs.probe=} ;;
     snapfs.probe_sync=*) probe_sync=${word#snapfs.probe_sync=} ;;
     snapfs.probe_slow=*) probe_slow=${word#snapfs.probe_slow=} ;;
     snapfs.probe_every=*) probe_every=${word#snapfs.probe_every=} ;;
+    snapfs.probe_pause=*) probe_pause=${word#snapfs.probe_pause=} ;;
   esac
 done
 tag=$(cut -c1-8 /proc/sys/kernel/random/uuid)
 echo "snapfs-guest: boot $tag disks$disks"
 if [ -n "$probe" ]; then
   echo "snapfs-guest: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
-  /bin/probe "$probe" "$probe_sync" "$probe_slow" "$probe_every" &
+  /bin/probe "$probe" "$probe_sync" "$probe_slow" "$probe_every" "$probe_pause" &
 fi
 n=0
 while [ -n "$disks" ]; do

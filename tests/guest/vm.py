@@ -87,8 +87,9 @@ class Guest:
 @dataclass(frozen=True)
 class Probe:
     """The guest's I/O probe (tests/guest/probe.c) on `disk`: O_DIRECT writes of one block,
-    each followed by a flush when `sync`; writes or idle times of `slow_us` or more are printed
-    one by one, a summary every `every_ms`. Without flushes a write takes about 0.3 ms here;
+    each followed by a flush when `sync`, `pause_us` apart (flat out, it takes the whole vCPU
+    and the counter stands still); writes or idle times (oversleeps) of `slow_us` or more are
+    printed one by one, a summary every `every_ms`. Without flushes a write takes about 0.3 ms here;
     with them about 1.5 ms, but the host's fdatasync makes 10-15 ms writes every period, too
     coarse for a 10 ms goal."""
 
@@ -96,10 +97,12 @@ class Probe:
     sync: bool = False
     slow_us: int = 3000
     every_ms: int = 250
+    pause_us: int = 1000
 
     def append(self) -> str:
         words = (f"snapfs.probe={self.disk}", f"snapfs.probe_sync={int(self.sync)}")
-        return " ".join((*words, f"snapfs.probe_slow={self.slow_us}", f"snapfs.probe_every={self.every_ms}"))
+        words += (f"snapfs.probe_slow={self.slow_us}", f"snapfs.probe_every={self.every_ms}")
+        return " ".join((*words, f"snapfs.probe_pause={self.pause_us}"))
 
 
 class Slow(NamedTuple):
@@ -179,6 +182,12 @@ class ProbeLog:
             for _, _, kind, v in self.entries
             if kind == "slow" and len(v) == 3
         ]
+
+    @property
+    def slow_threshold(self) -> float:
+        """The probe's SLOW_US (s): below it, writes are only in the summaries."""
+        starts = [v for _, _, kind, v in self.entries if kind == "start" and len(v) >= 3]
+        return starts[-1][2] / 1e6 if starts else 0.0
 
     def offset(self, guest_time: float) -> float:
         """host time - guest time near `guest_time` (an upper bound, see the class)."""
