@@ -43,6 +43,8 @@ LIBVIRT_SNAPSHOT_S = 0.155
 DISK_ONLY = "<domainsnapshot><name>{}</name><memory snapshot='no'/></domainsnapshot>"
 STALL_GOAL_S = 0.010
 PROBE = Probe("vdb")
+# The control window: as long as the call, this long before it (no QMP command runs then).
+CONTROL_S = 0.3
 
 
 class QmpTimes:
@@ -129,7 +131,8 @@ def fill(guest: Guest, size: int) -> None:
 def snapshots(guest: Guest, domain: snapfs.Domain, runs: int) -> None:
     """`runs` disk-only snapshots through the API while the probe writes; the figures."""
     times = QmpTimes()
-    figures: dict[str, list[float]] = {k: [] for k in ("wall", "stall", "tx", "after", "trip", "gap", "step")}
+    keys = ("wall", "stall", "tx", "after", "trip", "gap", "step", "control")
+    figures: dict[str, list[float]] = {k: [] for k in keys}
     causes = []
     guest.wait_probe(8)
     before = load()
@@ -144,7 +147,9 @@ def snapshots(guest: Guest, domain: snapfs.Domain, runs: int) -> None:
         sent, answered = next((s, e) for c, s, e in times.within(started, ended) if c == "transaction")
         tx, after = split(log, sent, answered, ended)
         gap, step = gaps(guest, started, ended)
-        for key, value in zip(figures, (ended - started, worst, tx, after, answered - sent, gap, step), strict=True):
+        control = stall(log, started - CONTROL_S - (ended - started), started - CONTROL_S)[0]
+        values = (ended - started, worst, tx, after, answered - sent, gap, step, control)
+        for key, value in zip(keys, values, strict=True):
             figures[key].append(value)
     wall = statistics.median(figures["wall"])
     print(f"live disk-only snapshot (2 disks), median of {runs}: {wall * 1000:.0f} ms ({before}; after: {load()})")
@@ -153,6 +158,7 @@ def snapshots(guest: Guest, domain: snapfs.Domain, runs: int) -> None:
     print(f"  guest I/O stall during the call (probe on vdb): {spread(figures['stall'])} ms, median (min-max);")
     print(f"    goal <= {STALL_GOAL_S * 1000:.0f} ms; the probe's {noise(log)}")
     print(f"    of it, during the transaction {spread(figures['tx'])} ms, after it {spread(figures['after'])} ms")
+    print(f"    control, as long a window {CONTROL_S:.1f} s before each call: {spread(figures['control'])} ms")
     print(f"    each (ms@ms after the call began:the QMP commands it overlaps): {' '.join(causes)}")
     print(f"  QMP transaction round trip (snapfs's client): {spread(figures['trip'])} ms")
     print(f"  guest counter: longest gap around a snapshot {spread(figures['gap'])} ms,")
@@ -204,7 +210,9 @@ def direct_variants(directory: Path, runs: int, sync: bool) -> None:
             log = guest.wait_probe(3)
             answered = done["sent"] + done["trip"]
             tx, after = split(log, done["sent"], answered, answered + 0.1)
-            for key, value in (("tx", tx), ("after", after), ("trip", done["trip"]), ("add", done["add"])):
+            control = stall(log, done["sent"] - CONTROL_S - done["trip"], done["sent"] - CONTROL_S)[0]
+            row = {"tx": tx, "after": after, "trip": done["trip"], "add": done["add"], "control": control}
+            for key, value in row.items():
                 figures[which].setdefault(key, []).append(value)
         said = noise(log)
     kind = "O_DIRECT|O_DSYNC" if sync else "O_DIRECT"
@@ -213,7 +221,8 @@ def direct_variants(directory: Path, runs: int, sync: bool) -> None:
         f = figures[which]
         tx, after = spread(f["tx"]), spread(f["after"])
         print(f"    {what}: stall during the transaction {tx} ms, in the 100 ms after {after} ms;")
-        print(f"      transaction round trip {spread(f['trip'])} ms, blockdev-adds before it {spread(f['add'])} ms")
+        print(f"      control (as long a window {CONTROL_S:.1f} s before) {spread(f['control'])} ms;", end="")
+        print(f" transaction round trip {spread(f['trip'])} ms, blockdev-adds before it {spread(f['add'])} ms")
 
 
 def main(runs: int) -> None:
