@@ -3,7 +3,8 @@
 `running_guest` starts `qemu-system-x86_64` with one `-blockdev` file + qcow2 node pair and a
 virtio-blk device per disk (qdev id = the disk name, node name = the image's file stem), a
 QMP socket, and the serial console on a pipe read by a thread that timestamps every line; it
-waits for the first counter step and always kills QEMU on exit.
+waits for the first counter step and always kills QEMU on exit. With `probe=Probe(disk)` the
+guest also runs its I/O probe; `Guest.probe()` gives its latencies and stalls in host time.
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ class Probe:
     """The guest's I/O probe (tests/guest/probe.c) on `disk`: O_DIRECT writes of one block,
     each followed by a flush when `sync`, `pause_us` apart (flat out, it takes the whole vCPU
     and the counter stands still); writes or idle times (oversleeps) of `slow_us` or more are
-    printed one by one, a summary every `every_ms`. Without flushes a write takes about 0.3 ms here;
-    with them about 1.5 ms, but the host's fdatasync makes 10-15 ms writes every period, too
-    coarse for a 10 ms goal."""
+    printed one by one, a summary every `every_ms`. Without flushes a write takes 0.3-0.8 ms
+    here (idle to loaded host); with them 1.5-3.5 ms, but the host's fdatasync makes writes of
+    10-15 ms in every period, too coarse for a 10 ms goal."""
 
     disk: str
     sync: bool = False
@@ -112,7 +113,7 @@ class Probe:
 
 class Slow(NamedTuple):
     """One slow write, in host time (see ProbeLog.offset): it started at `start`, took
-    `latency` s, and began `idle` s after the previous write ended."""
+    `latency` s, and began `idle` s later than the probe's pause after the previous write."""
 
     start: float
     latency: float
