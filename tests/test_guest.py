@@ -3,8 +3,9 @@
 One tiny Linux guest (tests/guest) boots per module under TCG with two qcow2 disks and writes
 its sequence counter to both; the tests drive it over QMP by hand: queries, a disk-only
 snapshot of both disks in one `transaction`, a live `block-stream` with an explicit base,
-and a QEMU killed under the client. Figures (boot, snapshot wall time, counter stall) go to
-the JSON file named by $SNAPFS_GUEST_FIGURES when it is set.
+and a QEMU killed under the client; a guest of its own runs the I/O probe against a forced
+stall. Figures (boot, snapshot wall time, counter stall) go to the JSON file named by
+$SNAPFS_GUEST_FIGURES when it is set.
 """
 
 from __future__ import annotations
