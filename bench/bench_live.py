@@ -3,10 +3,12 @@
 
 - a disk-only snapshot's wall time through the API (libvirt 9.0 measured here: 155 ms; the
   goal is at most 0.3 x that), and the guest's I/O stall during it (goal: at most 10 ms),
-  measured by the guest's I/O probe (tests/guest/probe.c: O_DIRECT writes on vdb in a tight
-  loop, its clock mapped onto the host's, see guest.vm.ProbeLog) against its usual latency,
-  with the QMP `transaction`'s round trip (timed around snapfs's own client) as its twin;
-  the longest pause in the guest's counter around it stays as a coarse cross-check;
+  measured by the guest's I/O probe (tests/guest/probe.c: a 4 KiB O_DIRECT write on vdb
+  every millisecond; the stall is its longest write, or oversleep between writes, that
+  overlaps the call, its clock mapped onto the host's, see guest.vm.ProbeLog) against its
+  usual latency and an equally long window before the call, with the QMP `transaction`'s
+  round trip (timed around snapfs's own client) as its twin; the longest pause in the
+  guest's counter around it stays as a coarse cross-check;
 - what the stall is made of: the same probe in a guest driven by direct QMP (no snapfs),
   with its disk in the transaction or not, and with flushes (O_DSYNC) or not;
 - a live merge that moves 256 MiB (a snapshot holding them, streamed into the live layer)
