@@ -51,11 +51,11 @@ CONTROL_S = 0.3
 
 class QmpTimes:
     """When each QMP command snapfs sent went out and was answered: snapfs.qmp.QMP.execute
-    wrapped here, in the bench (snapfs itself is unchanged)."""
+    wrapped here, in the bench, while the `with` block runs (snapfs itself is unchanged)."""
 
-    def __init__(self) -> None:
+    def __enter__(self) -> QmpTimes:
         self.calls: list[tuple[str, float, float]] = []
-        original = qmp.QMP.execute
+        self.original = original = qmp.QMP.execute
 
         async def timed(q: qmp.QMP, command: str, arguments: dict | None = None, **kwargs):  # type: ignore[no-untyped-def]
             sent = time.monotonic()
@@ -66,6 +66,10 @@ class QmpTimes:
                 self.calls.append((f"{command} {line}".strip(), sent, time.monotonic()))
 
         qmp.QMP.execute = timed  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        qmp.QMP.execute = self.original  # type: ignore[method-assign]
 
     def within(self, start: float, end: float) -> list[tuple[str, float, float]]:
         return [c for c in self.calls if c[1] >= start and c[2] <= end]
@@ -130,14 +134,13 @@ def fill(guest: Guest, size: int) -> None:
         trio.run(_hmp, guest.sock, f'qemu-io -d {disk}/virtio-backend "write -P 0x5a {64 * MiB} {size}"')
 
 
-def snapshots(guest: Guest, domain: snapfs.Domain, runs: int) -> None:
-    """`runs` disk-only snapshots through the API while the probe writes; the figures."""
-    times = QmpTimes()
-    keys = ("wall", "stall", "tx", "after", "trip", "gap", "step", "control")
-    figures: dict[str, list[float]] = {k: [] for k in keys}
+KEYS = ("wall", "stall", "tx", "after", "trip", "gap", "step", "control")
+
+
+def _snapshots(guest: Guest, domain: snapfs.Domain, runs: int, times: QmpTimes) -> tuple[dict, list[str], ProbeLog]:
+    figures: dict[str, list[float]] = {k: [] for k in KEYS}
     causes = []
-    guest.wait_probe(8)
-    before = load()
+    log = guest.wait_probe(8)
     for i in range(runs):
         guest.wait_counter(guest.last() + 5)
         started = time.monotonic()
@@ -151,8 +154,16 @@ def snapshots(guest: Guest, domain: snapfs.Domain, runs: int) -> None:
         gap, step = gaps(guest, started, ended)
         control = stall(log, started - CONTROL_S - (ended - started), started - CONTROL_S)[0]
         values = (ended - started, worst, tx, after, answered - sent, gap, step, control)
-        for key, value in zip(keys, values, strict=True):
+        for key, value in zip(KEYS, values, strict=True):
             figures[key].append(value)
+    return figures, causes, log
+
+
+def snapshots(guest: Guest, domain: snapfs.Domain, runs: int) -> None:
+    """`runs` disk-only snapshots through the API while the probe writes; the figures."""
+    before = load()
+    with QmpTimes() as times:
+        figures, causes, log = _snapshots(guest, domain, runs, times)
     wall = statistics.median(figures["wall"])
     print(f"live disk-only snapshot (2 disks), median of {runs}: {wall * 1000:.0f} ms ({before}; after: {load()})")
     ratio = wall / LIBVIRT_SNAPSHOT_S
