@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from . import prestage, rules
+from .durable import free_unlinked
 from .errors import SnapfsError, busy, invalid, io_error, not_found, single
 from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord, has_memory
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
@@ -349,6 +350,7 @@ class DomainCore:
             failure = self._failed(operation, caught)
             raise failure  # noqa: B904  (the failure keeps its own cause)
         finally:
+            free_unlinked()  # the blocks of the layers it deleted, freed off this call's path
             if done:  # durable and unlocked: the next live layers are made ahead, off this call's path
                 prestage.start(self.files.path)
             if changed:
@@ -450,6 +452,7 @@ class DomainCore:
                     await self._recover_layout()
                 finally:
                     self.files.clear_job()
+                    free_unlinked()
         except BaseException as caught:
             exc = single(caught)
             if not isinstance(exc, Exception):

@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from .. import layerlock, qemu, qmp, rules
-from ..durable import DirSyncs, unlink_if_present
+from ..durable import DirSyncs, sync_dir_of, unlink_freeing_later, unlink_if_present
 from ..errors import SnapfsError, io_error
 from ..records import LIVE, DiskRecord, MetadataView, layer_name
 from ..store import DomainFiles
@@ -106,9 +106,34 @@ async def block_nodes(q: qmp.QMP) -> list[Node]:
 
 
 async def device_nodes(q: qmp.QMP) -> list[Node]:
-    """The node each guest device writes to now (what `query-block` says is inserted: one
-    query, cheaper than listing every node)."""
+    """The node each guest device writes to now. When each is a node snapfs added (named
+    after its real file: node_name), QEMU's block graph says so, else what `query-block`
+    says is inserted; query-block describes every image down each chain, so its cost grows
+    with the chain (7 ms at 10 snapshots of 2 disks here, the graph 1.5 ms)."""
+    roots = await _device_roots(q)
+    if roots is not None and all(_snapfs_named(name) for name in roots.values()):
+        return [Node(name, "qcow2", None) for name in roots.values()]
     return [_node(b["inserted"]) for b in await q.execute("query-block") if b.get("inserted")]
+
+
+async def _device_roots(q: qmp.QMP) -> dict[str, str] | None:
+    """{guest device's qdev path: its root node's name} from QEMU's block graph; None when
+    it has a block backend that is not a device's (a job's, a named -drive's): ask query-block."""
+    try:
+        graph = await q.execute("x-debug-query-block-graph")
+    except qmp.QMPCommandError:
+        return None
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    backends = {n["id"] for n in graph["nodes"] if n["type"] == "block-backend"}
+    if any(not names[b].startswith("/machine/") for b in backends):
+        return None
+    return {names[e["parent"]]: names[e["child"]] for e in graph["edges"] if e["parent"] in backends}
+
+
+def _snapfs_named(name: str) -> bool:
+    """A format node snapfs added (node_name: "sf" and 24 hex digits): always on the real
+    file it is named after, never through a symlink."""
+    return len(name) == 26 and name.startswith("sf") and all(c in "0123456789abcdef" for c in name[2:])
 
 
 def nodes_on(nodes: list[Node], path: str, formats_only: bool = True) -> list[Node]:
@@ -136,11 +161,13 @@ async def active_nodes(q: qmp.QMP) -> set[str]:
 async def flush_devices(q: qmp.QMP) -> None:
     """Every guest disk's image chain written out of QEMU's caches to the files (there is no
     QMP command for it in 7.2: HMP's qemu-io on the device, which needs no permission)."""
-    for block in await q.execute("query-block"):
-        if block.get("inserted") and block.get("qdev"):
-            said = await q.hmp(f'qemu-io -d {block["qdev"]} "flush"')
-            if said.strip():
-                raise io_error(f"QEMU could not flush {block['qdev']}: {said.strip()}")
+    roots = await _device_roots(q)
+    if roots is None:
+        roots = {b["qdev"]: "" for b in await q.execute("query-block") if b.get("inserted") and b.get("qdev")}
+    for qdev in roots:
+        said = await q.hmp(f'qemu-io -d {qdev} "flush"')
+        if said.strip():
+            raise io_error(f"QEMU could not flush {qdev}: {said.strip()}")
 
 
 async def header_backing(path: str) -> str | None:
@@ -548,9 +575,9 @@ class QmpEngine:
                             await q.execute("blockdev-del", node_name=node.name)
                 if nodes_on(await block_nodes(q), path, formats_only=False):
                     raise SnapfsError(errno.EBUSY, f"QEMU still uses {path}, which a merge should delete; try again.")
-        await self.offline.run(
-            {"do": "delete", "path": step["path"]}, files, recovering=False, syncs=syncs, progress=None
-        )
+        # As the offline delete, but the blocks are freed after the operation (the merge waited
+        # 0.1-0.35 s per 256 MiB for that); nothing names the file once it is unlinked.
+        await trio.to_thread.run_sync(_delete_freeing_later, path, syncs)
 
     async def _refuse_if_held(self, paths: list[str]) -> None:
         """QEMU's socket does not answer, but make sure no process holds these (a QEMU
@@ -641,6 +668,11 @@ async def _add_nodes(q: qmp.QMP, paths: list[str], nodes: list[Node] | None = No
         except qmp.QMPCommandError:
             if nodes is not None or not nodes_on(await block_nodes(q), path, formats_only=False):
                 raise
+
+
+def _delete_freeing_later(path: str, syncs: DirSyncs) -> None:
+    unlink_freeing_later(path)
+    sync_dir_of(path, syncs)
 
 
 def _rel(files: DomainFiles, d: DiskRecord, names: dict[str, str]) -> str:
