@@ -315,10 +315,12 @@ class DomainCore:
         end."""
         import trio
 
+        from . import engines
         from .engines import memory
 
         changed = False  # set before anything is written: a failure part-way is news too
         done = False
+        chosen = engine = None
         try:
             async with self.files.locked():
                 try:
@@ -329,7 +331,7 @@ class DomainCore:
                     )
                     await journal.finish(self._engine_named)
                     await self._carry_over()
-                    engine = await self._engine()
+                    engine = chosen = await self._engine()
                     if engine_for is not None:
                         engine = engine_for(engine, self.view())
                     plan = planner(self.view(), engine)
@@ -345,6 +347,8 @@ class DomainCore:
                     self.files.forget_clean()
                     raise
                 finally:
+                    with trio.CancelScope(shield=True):
+                        await engines.let_go(chosen, engine)  # QEMU's one QMP client slot, free again
                     self.files.clear_job()  # the job line is the lock holder's
         except BaseException as caught:
             failure = self._failed(operation, caught)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import trio
 
 from .durable import DirSyncs
-from .engines import Engine, Progress, memory
+from .engines import Engine, Progress, let_go, memory
 from .errors import SnapfsError, single
 from .records import DiskRecord, SnapshotRecord
 from .store import DomainFiles
@@ -163,6 +163,8 @@ class Journal:
                 "finishes it. Until then changes are refused; reading works.",
             ) from exc
         finally:
+            with trio.CancelScope(shield=True):
+                await let_go(engine)
             self.files.clear_job()
         await trio.to_thread.run_sync(self.files.remove_temporaries, engine.temporary_suffixes)
 
