@@ -189,6 +189,9 @@ class QmpEngine:
         self.temporary_suffixes = offline.temporary_suffixes
         self._held: qmp.QMP | None = None  # the session kept from step to step (_session), until aclose
         self._opening = trio.Lock()
+        # The devices' nodes if_running saw, and in which session: no other client can change
+        # them while it lasts, so the first switch in it needs not ask again (taken once).
+        self._seen: tuple[qmp.QMP, list[Node]] | None = None
 
     def snapshot_state(self) -> str:
         return "disk-snapshot"
@@ -224,6 +227,7 @@ class QmpEngine:
         engine = cls(socket, offline, domain, linked)
         engine.repoint = bool(links)
         engine._held = q  # the operation's steps go on in this session (one connection fewer)
+        engine._seen = (q, active)
         return engine
 
     # ---- intents -> steps -------------------------------------------------------------------
@@ -364,6 +368,8 @@ class QmpEngine:
         self, step: dict, files: DomainFiles, *, recovering: bool, syncs: DirSyncs, progress: Progress | None
     ) -> None:
         do = step["do"]
+        if do not in ("overlay", "switch"):
+            self._seen = None  # only a create's overlays come between if_running and its switch
         if do in RESTART_STEPS or do in OFFLINE_STEPS:
             await self.aclose()  # these talk to QEMU themselves (runtime.py), or run while another client may
         if do == "overlay":
@@ -455,7 +461,8 @@ class QmpEngine:
             if q is None:
                 await self._refuse_if_held([_abs(files, d["active"]) for d in step["disks"]])
                 return
-            active = await device_nodes(q)
+            seen, self._seen = self._seen, None
+            active = seen[1] if seen is not None and seen[0] is q else await device_nodes(q)
             switches, switched = [], 0
             for disk in step["disks"]:
                 old, new = _abs(files, disk["active"]), _abs(files, disk["overlay"])
