@@ -281,16 +281,26 @@ class DomainCore:
             return QmpEngine(self._socket(), self.engine, self.name)
         raise io_error(f"The journal of domain {self.name!r} was written by engine {name!r}, which is not here.")
 
-    async def _carry_over(self) -> None:
+    async def _carry_over(self, needed: bool | None = None) -> None:
         """Give an old-layout domain the layout of DESIGN section 8 (store.py), then check
         that every live layer's stable name leads to the real file the state names. The
-        caller holds the lock, and no journal is pending."""
+        caller holds the lock, and no journal is pending; `needed`: whether it needs it,
+        if the caller already asked (in a thread hop it made anyway)."""
         import trio
 
         targets = [d.target for d in self.disks]
-        if await trio.to_thread.run_sync(self.files.needs_carry_over, targets):
+        if needed is None:
+            needed = await trio.to_thread.run_sync(self.files.needs_carry_over, targets)
+        if needed:
             await trio.to_thread.run_sync(self.files.carry_over, targets)
         self.files.check_live_links(self.view())
+
+    def _tidy(self, pending: bool) -> bool | None:
+        """Remove the temporaries an earlier operation left (every directory when a journal
+        is `pending`), and say whether the domain needs carrying over (None: ask after the
+        journal is finished). One thread hop for both."""
+        self.files.remove_temporaries(self.engine.temporary_suffixes, pending)
+        return None if pending else self.files.needs_carry_over([d.target for d in self.disks])
 
     def journal(self) -> Journal:
         from .journal import Journal
@@ -326,11 +336,9 @@ class DomainCore:
                 try:
                     journal = self.journal()
                     changed = journal.pending()
-                    await trio.to_thread.run_sync(
-                        self.files.remove_temporaries, self.engine.temporary_suffixes, changed
-                    )
+                    needed = await trio.to_thread.run_sync(self._tidy, changed)
                     await journal.finish(self._engine_named)
-                    await self._carry_over()
+                    await self._carry_over(needed)
                     engine = chosen = await self._engine()
                     if engine_for is not None:
                         engine = engine_for(engine, self.view())
