@@ -311,7 +311,10 @@ class DomainCore:
         """Finish an operation that a crash interrupted (the caller holds the lock);
         `crashed_only`: not one that failed (its journal says so), which waits for the
         next change on the domain."""
-        await self.journal().finish(self._engine_named, crashed_only)
+        try:
+            await self.journal().finish(self._engine_named, crashed_only)
+        finally:
+            free_unlinked()  # the blocks of the layers it deleted (the caller's next steps are quick)
 
     async def _operate(
         self,
@@ -464,7 +467,6 @@ class DomainCore:
                     await self._recover_layout()
                 finally:
                     self.files.clear_job()
-                    free_unlinked()
         except BaseException as caught:
             exc = single(caught)
             if not isinstance(exc, Exception):
