@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from . import prestage, rules
+from .durable import free_unlinked
 from .errors import SnapfsError, busy, invalid, io_error, not_found, single
 from .records import DiskRecord, DomainRecord, MetadataView, SnapshotRecord, has_memory
 from .rules import CONTROL_WORDS, DeactivateFlags, Plan
@@ -280,16 +281,26 @@ class DomainCore:
             return QmpEngine(self._socket(), self.engine, self.name)
         raise io_error(f"The journal of domain {self.name!r} was written by engine {name!r}, which is not here.")
 
-    async def _carry_over(self) -> None:
+    async def _carry_over(self, needed: bool | None = None) -> None:
         """Give an old-layout domain the layout of DESIGN section 8 (store.py), then check
         that every live layer's stable name leads to the real file the state names. The
-        caller holds the lock, and no journal is pending."""
+        caller holds the lock, and no journal is pending; `needed`: whether it needs it,
+        if the caller already asked (in a thread hop it made anyway)."""
         import trio
 
         targets = [d.target for d in self.disks]
-        if await trio.to_thread.run_sync(self.files.needs_carry_over, targets):
+        if needed is None:
+            needed = await trio.to_thread.run_sync(self.files.needs_carry_over, targets)
+        if needed:
             await trio.to_thread.run_sync(self.files.carry_over, targets)
         self.files.check_live_links(self.view())
+
+    def _tidy(self, pending: bool) -> bool | None:
+        """Remove the temporaries an earlier operation left (every directory when a journal
+        is `pending`), and say whether the domain needs carrying over (None: ask after the
+        journal is finished). One thread hop for both."""
+        self.files.remove_temporaries(self.engine.temporary_suffixes, pending)
+        return None if pending else self.files.needs_carry_over([d.target for d in self.disks])
 
     def journal(self) -> Journal:
         from .journal import Journal
@@ -300,7 +311,10 @@ class DomainCore:
         """Finish an operation that a crash interrupted (the caller holds the lock);
         `crashed_only`: not one that failed (its journal says so), which waits for the
         next change on the domain."""
-        await self.journal().finish(self._engine_named, crashed_only)
+        try:
+            await self.journal().finish(self._engine_named, crashed_only)
+        finally:
+            free_unlinked()  # the blocks of the layers it deleted (the caller's next steps are quick)
 
     async def _operate(
         self,
@@ -314,21 +328,21 @@ class DomainCore:
         end."""
         import trio
 
+        from . import engines
         from .engines import memory
 
         changed = False  # set before anything is written: a failure part-way is news too
         done = False
+        chosen = engine = None
         try:
             async with self.files.locked():
                 try:
                     journal = self.journal()
                     changed = journal.pending()
-                    await trio.to_thread.run_sync(
-                        self.files.remove_temporaries, self.engine.temporary_suffixes, changed
-                    )
+                    needed = await trio.to_thread.run_sync(self._tidy, changed)
                     await journal.finish(self._engine_named)
-                    await self._carry_over()
-                    engine = await self._engine()
+                    await self._carry_over(needed)
+                    engine = chosen = await self._engine()
                     if engine_for is not None:
                         engine = engine_for(engine, self.view())
                     plan = planner(self.view(), engine)
@@ -344,11 +358,14 @@ class DomainCore:
                     self.files.forget_clean()
                     raise
                 finally:
+                    with trio.CancelScope(shield=True):
+                        await engines.let_go(chosen, engine)  # QEMU's one QMP client slot, free again
                     self.files.clear_job()  # the job line is the lock holder's
         except BaseException as caught:
             failure = self._failed(operation, caught)
             raise failure  # noqa: B904  (the failure keeps its own cause)
         finally:
+            free_unlinked()  # the blocks of the layers it deleted, freed off this call's path
             if done:  # durable and unlocked: the next live layers are made ahead, off this call's path
                 prestage.start(self.files.path)
             if changed:

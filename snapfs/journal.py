@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import trio
 
 from .durable import DirSyncs
-from .engines import Engine, Progress, memory
+from .engines import Engine, Progress, let_go, memory
 from .errors import SnapfsError, single
 from .records import DiskRecord, SnapshotRecord
 from .store import DomainFiles
@@ -163,6 +163,8 @@ class Journal:
                 "finishes it. Until then changes are refused; reading works.",
             ) from exc
         finally:
+            with trio.CancelScope(shield=True):
+                await let_go(engine)
             self.files.clear_job()
         await trio.to_thread.run_sync(self.files.remove_temporaries, engine.temporary_suffixes)
 
@@ -177,7 +179,7 @@ class Journal:
         """Run the steps from journal["done"] on. Progress is recorded (after an fsync of
         every directory the unrecorded steps changed) only where re-running the steps
         since the last record could be wrong: see _must_record. Overlays that need no
-        record between them (one per disk, in a create or a revert) run side by side.
+        record between them (one per disk, in a create or a revert) run side by side, and so do links.
         `reached[0]` is kept at the index of the step running now."""
         steps = journal["steps"]
         syncs = DirSyncs()
@@ -511,15 +513,20 @@ def _must_record(steps: list[dict], done: int, index: int) -> bool:
     return False
 
 
+# Steps of which a run (one per disk) may go side by side, each a thread hop of its own.
+_SIDE_BY_SIDE = ("overlay", "link")
+
+
 def _side_by_side(steps: list[dict], done: int, index: int) -> list[int]:
-    """Step `index` and the overlays right after it that may run at the same time: a run
-    of overlay steps with no record needed between them (so on pairwise different files,
-    each depending only on its own name: a crash part-way re-runs them all)."""
+    """Step `index` and the steps of its kind right after it that may run at the same time:
+    a run of overlay (or link) steps with no record needed between them (so on pairwise
+    different files, each depending only on its own name: a crash part-way re-runs them all)."""
     group = [index]
-    if steps[index]["do"] != "overlay":
+    kind = steps[index]["do"]
+    if kind not in _SIDE_BY_SIDE:
         return group
     for following in range(index + 1, len(steps)):
-        if steps[following]["do"] != "overlay" or _must_record(steps, done, following):
+        if steps[following]["do"] != kind or _must_record(steps, done, following):
             break
         group.append(following)
     return group

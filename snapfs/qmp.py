@@ -72,13 +72,7 @@ async def connect(path: str | os.PathLike[str], *, timeout: float = CONNECT_TIME
     """A QMP session on the unix socket `path`, past the greeting and `qmp_capabilities`.
 
     A socket nobody answers on raises SnapfsError (ECONNREFUSED), which means shut off."""
-    try:
-        with trio.fail_after(timeout):
-            stream = await trio.open_unix_socket(os.fspath(path))
-    except OSError as e:
-        raise SnapfsError(errno.ECONNREFUSED, f"No QEMU answers on {path} ({e.strerror or e}).") from None
-    except trio.TooSlowError:
-        raise _timeout(f"accept a connection on {path}", timeout) from None
+    stream = await _open_stream(path, timeout)
     async with stream:
         client = QMP(stream, os.fspath(path))
         try:
@@ -96,6 +90,33 @@ async def connect(path: str | os.PathLike[str], *, timeout: float = CONNECT_TIME
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+
+
+async def open_session(path: str | os.PathLike[str], *, timeout: float = CONNECT_TIMEOUT) -> QMP:
+    """A QMP session as `connect` makes, not tied to a block: its reader is a trio system
+    task, so the session may outlive the scope that opened it (the QMP engine keeps one for
+    an operation's steps). QEMU serves one client at a time: the owner closes it (aclose)
+    before anything else may talk to that QEMU."""
+    stream = await _open_stream(path, timeout)
+    client = QMP(stream, os.fspath(path))
+    try:
+        await client._greet(timeout)
+        trio.lowlevel.spawn_system_task(client._read_loop)
+        await client.execute("qmp_capabilities", timeout=timeout)
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
+
+
+async def _open_stream(path: str | os.PathLike[str], timeout: float) -> trio.SocketStream:
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_unix_socket(os.fspath(path))
+    except OSError as e:
+        raise SnapfsError(errno.ECONNREFUSED, f"No QEMU answers on {path} ({e.strerror or e}).") from None
+    except trio.TooSlowError:
+        raise _timeout(f"accept a connection on {path}", timeout) from None
 
 
 async def answers(path: str | os.PathLike[str], *, timeout: float = 2.0) -> bool:
@@ -137,6 +158,12 @@ class QMP:
     def version(self) -> tuple[int, int, int]:
         v = self.greeting.get("QMP", {}).get("version", {}).get("qemu", {})
         return (v.get("major", 0), v.get("minor", 0), v.get("micro", 0))
+
+    async def aclose(self) -> None:
+        """End an open_session session (its reader ends with the stream)."""
+        self._die("the QMP connection was closed")
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
 
     def _gone_error(self, command: str) -> QEMUGone:
         return QEMUGone(f"QEMU on {self.path} is gone ({self._gone}); {command} got no answer.")

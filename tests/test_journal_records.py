@@ -5,7 +5,7 @@ the re-runs right; this pins the records down."""
 
 from __future__ import annotations
 
-from snapfs.journal import _must_record
+from snapfs.journal import _must_record, _side_by_side
 
 
 def _create(*middle: dict) -> list[dict]:
@@ -37,3 +37,12 @@ def test_a_repoint_after_the_switch_is_recorded_before_and_after() -> None:
 def test_a_memory_switch_is_recorded_before_and_after() -> None:
     steps = _create({"do": "switch_memory", "disks": []})
     assert records(steps) == [3, 4]
+
+
+def test_overlays_and_links_go_side_by_side() -> None:
+    """One thread hop's wait for each run of them, not one per disk; the others alone."""
+    steps = _create({"do": "switch", "disks": []})
+    assert [_side_by_side(steps, 0, i) for i in (0, 1, 3, 4, 6)] == [[0], [1, 2], [3], [4, 5], [6]]
+    steps = _create({"do": "switch", "disks": []}, {"do": "repoint", "disks": []})
+    assert _side_by_side(steps, 5, 5) == [5, 6]  # the links, after the record the repoint needs
+    assert _side_by_side(steps, 4, 4) == [4]

@@ -12,6 +12,7 @@ snapfs is killed while QEMU's stream job runs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -53,6 +54,8 @@ from livehelpers import (
 )
 
 import snapfs
+from snapfs import qmp
+from snapfs.engines.qmp import node_name
 from snapfs.errors import SnapfsError
 
 pytestmark = pytest.mark.timeout(240)
@@ -129,6 +132,46 @@ def test_ten_in_a_row_through_api_and_cli(live: LiveDomain, tmp_path: Path) -> N
         previous = n.last
     gap, step = max_gap(live.guest, started, time.monotonic())
     assert gap < step + 2.0, "the guest was stopped"
+    assert_healthy(live)
+
+
+async def _add_by_hand(sock: Path, paths: list[str]) -> None:
+    async with qmp.connect(sock) as q:
+        for path in paths:
+            file = {"driver": "file", "filename": path}
+            await q.execute(
+                "blockdev-add", {"driver": "qcow2", "node-name": node_name(path), "file": file}, backing=None
+            )
+
+
+def test_switch_with_overlays_qemu_has_already(live: LiveDomain, tmp_path: Path) -> None:
+    """snapfs dies before the switch, and QEMU holds the new overlays already (added by hand
+    here, as an older snapfs's blockdev-add or a memory create's qmp_add leaves them): the
+    one-command transaction (blockdev-snapshot-sync, mode existing) cannot open them again
+    and changes nothing; the recovery's switch then uses the nodes there (blockdev-snapshot)."""
+    trace = str(tmp_path / "trace")
+    cli(live.root, "snapshot-create-as", DOM, "sw0", "--disk-only", env={"SNAPFS_TRACE_STEPS": trace})
+    with open(trace) as f:
+        point = next(line.strip() for line in f if line.strip().endswith(":switch"))
+    live.guest.wait_counter(live.guest.last() + 2)
+    before = live.guest.last()
+    crashed = cli(
+        live.root,
+        "snapshot-create-as",
+        DOM,
+        "sw1",
+        "--disk-only",
+        check=False,
+        env={"SNAPFS_CRASH_AT": point + ":before"},
+    )
+    assert crashed.returncode == 86, crashed.stderr
+    journal = json.loads((Path(live.root) / "domains" / DOM / "journal.json").read_text())
+    switch = next(step for step in journal["steps"] if step["do"] == "switch")
+    overlays = [os.path.join(live.root, "domains", DOM, d["overlay"]) for d in switch["disks"]]
+    trio.run(_add_by_hand, live.guest.sock, overlays)
+    cli(live.root, "snapshot-list", DOM)  # the next command (opening the store) finishes the create
+    check_snapshot(live, "sw1", before)
+    assert active_files(live.guest.sock) == set(overlays) == set(live.domain.live_layer_paths().values())
     assert_healthy(live)
 
 

@@ -59,3 +59,12 @@ class Engine(Protocol):
     async def has_own_data(self, path: str) -> bool:
         """Whether a layer itself (not its backing chain) holds any data."""
         ...
+
+
+async def let_go(*engines: object) -> None:
+    """End what an engine kept for an operation (the QMP engine's session: QEMU serves one
+    client at a time); nothing for the others."""
+    for engine in engines:
+        close = getattr(engine, "aclose", None)
+        if close is not None:
+            await close()
