@@ -239,27 +239,42 @@ def direct_variants(directory: Path, runs: int, sync: bool) -> None:
         print(f" transaction round trip {spread(f['trip'])} ms, blockdev-adds before it {spread(f['add'])} ms")
 
 
+def bench_domain(directory: Path) -> tuple[str, snapfs.Domain]:
+    """(store root, domain): `vm1` with two empty 512 MiB disks, its store under `directory`."""
+    bases = make_bases(str(directory / "images"), {}, sizes={"vda": DISK, "vdb": DISK})
+    root = str(directory / "store")
+    return root, define_domain(root, "vm1", bases)
+
+
+def real_layers(domain: snapfs.Domain) -> dict[str, Path]:
+    """The live layers' real files, which QEMU is given (DESIGN section 8)."""
+    return {t: Path(p) for t, p in domain.live_layer_paths().items()}
+
+
+def offline_copy(root: str, directory: Path) -> snapfs.Domain:
+    """`vm1` in a copy of the store at `root` (made under `directory`), with no QEMU."""
+    copy = str(directory / "offline")
+    shutil.copytree(root, copy, symlinks=True)
+    shutil.rmtree(os.path.join(copy, "run"), ignore_errors=True)
+    return snapfs.open_store(copy).lookup_domain("vm1")
+
+
 def main(runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="snapfs-bench-live-") as tmp:
         directory = Path(tmp)
-        bases = make_bases(str(directory / "images"), {}, sizes={"vda": DISK, "vdb": DISK})
-        root = str(directory / "store")
-        domain = define_domain(root, "vm1", bases)
-        real = {t: Path(p) for t, p in domain.live_layer_paths().items()}
-        with running_guest(directory, real, step_us=0, probe=PROBE) as guest:
+        root, domain = bench_domain(directory)
+        with running_guest(directory, real_layers(domain), step_us=0, probe=PROBE) as guest:
             domain.attach(str(guest.sock))
             snapshots(guest, domain, runs)
             domain.detach()
-        real = {t: Path(p) for t, p in domain.live_layer_paths().items()}
         (directory / "merge").mkdir()
         # The merges run in a guest without the probe: its writes would slow them.
-        with running_guest(directory / "merge", real, step_us=0) as guest:
+        with running_guest(directory / "merge", real_layers(domain), step_us=0) as guest:
             domain.attach(str(guest.sock))
             for i in range(runs):
                 domain.snapshot_lookup_by_name(f"s{i}").deactivate(snapfs.DeactivateFlags.MERGE)
             fill(guest, DATA)
             domain.snapshot_create_xml(DISK_ONLY.format("big"))
-            offline_root = str(directory / "offline")
             guest.wait_counter(guest.last() + 20)
             started = time.monotonic()
             domain.snapshot_lookup_by_name("big").deactivate(snapfs.DeactivateFlags.MERGE)
@@ -269,9 +284,7 @@ def main(runs: int) -> None:
             domain.snapshot_create_xml(DISK_ONLY.format("big"))
             fill(guest, DATA)
             domain.detach()
-        shutil.copytree(root, offline_root, symlinks=True)
-        shutil.rmtree(os.path.join(offline_root, "run"), ignore_errors=True)
-        offline = snapfs.open_store(offline_root).lookup_domain("vm1")
+        offline = offline_copy(root, directory)
         started = time.monotonic()
         offline.snapshot_lookup_by_name("big").deactivate(snapfs.DeactivateFlags.MERGE)
         offline_merge = time.monotonic() - started

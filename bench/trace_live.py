@@ -14,7 +14,6 @@ import collections
 import functools
 import inspect
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -27,8 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import trio  # noqa: E402
-from bench_live import DATA, DISK, DISK_ONLY, fill  # noqa: E402
-from factory import define_domain, make_bases  # noqa: E402
+from bench_live import DATA, DISK_ONLY, bench_domain, fill, offline_copy, real_layers  # noqa: E402
 from guest.vm import running_guest  # noqa: E402
 
 import snapfs  # noqa: E402
@@ -183,15 +181,23 @@ def take() -> list[tuple[str, float, float, bool]]:
     return taken
 
 
+def traced_merge(domain: snapfs.Domain, label: str) -> None:
+    """Merge `big` (after the pre-staging of the create before it ends), its steps printed."""
+    time.sleep(1.0)
+    take()
+    started = time.perf_counter()
+    domain.snapshot_lookup_by_name("big").deactivate(snapfs.DeactivateFlags.MERGE)
+    events = take()
+    timeline(events, started, f"{label} ({1000 * (time.perf_counter() - started):.0f} ms)")
+    summary([events], label)
+
+
 def main(creates: int) -> None:
     instrument()
     with tempfile.TemporaryDirectory(prefix="snapfs-trace-live-") as tmp:
         directory = Path(tmp)
-        bases = make_bases(str(directory / "images"), {}, sizes={"vda": DISK, "vdb": DISK})
-        root = str(directory / "store")
-        dom = define_domain(root, "vm1", bases)
-        real = {t: Path(p) for t, p in dom.live_layer_paths().items()}
-        with running_guest(directory, real, step_us=0) as guest:
+        root, dom = bench_domain(directory)
+        with running_guest(directory, real_layers(dom), step_us=0) as guest:
             dom.attach(str(guest.sock))
             runs, walls = [], []
             for i in range(creates):
@@ -209,27 +215,11 @@ def main(creates: int) -> None:
             fill(guest, DATA)
             dom.snapshot_create_xml(DISK_ONLY.format("big"))
             guest.wait_counter(guest.last() + 20)
-            time.sleep(1.0)  # let the pre-staging after that create end
-            take()
-            started = time.perf_counter()
-            dom.snapshot_lookup_by_name("big").deactivate(snapfs.DeactivateFlags.MERGE)
-            live = take()
-            timeline(live, started, f"live merge ({1000 * (time.perf_counter() - started):.0f} ms)")
-            summary([live], "live merge")
+            traced_merge(dom, "live merge")
             dom.snapshot_create_xml(DISK_ONLY.format("big"))
             fill(guest, DATA)
             dom.detach()
-        offline_root = str(directory / "offline")
-        shutil.copytree(root, offline_root, symlinks=True)
-        shutil.rmtree(os.path.join(offline_root, "run"), ignore_errors=True)
-        offline = snapfs.open_store(offline_root).lookup_domain("vm1")
-        time.sleep(1.0)
-        take()
-        started = time.perf_counter()
-        offline.snapshot_lookup_by_name("big").deactivate(snapfs.DeactivateFlags.MERGE)
-        off = take()
-        timeline(off, started, f"offline merge ({1000 * (time.perf_counter() - started):.0f} ms)")
-        summary([off], "offline merge")
+        traced_merge(offline_copy(root, directory), "offline merge")
 
 
 if __name__ == "__main__":
