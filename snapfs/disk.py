@@ -415,16 +415,24 @@ _MAX_REQUEST = 32 << 20
 
 async def _end_process(pid: int, wait: float = 5.0) -> None:
     """SIGTERM qemu-nbd (not our child: it forked) and wait until it is gone, so its
-    image locks are released when stop() returns."""
+    image locks are released when stop() returns; SIGKILL if it does not end in `wait`."""
     try:
         os.kill(pid, signal.SIGTERM)
-        with trio.move_on_after(wait):
-            while not qemu.process_ended(pid):
-                await trio.sleep(0.01)
+        os.kill(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
+        if await _ended_within(pid, wait):
             return
         os.kill(pid, signal.SIGKILL)
+        await _ended_within(pid, wait)  # a SIGKILLed process is not gone at once either
     except ProcessLookupError:
         pass
+
+
+async def _ended_within(pid: int, wait: float) -> bool:
+    with trio.move_on_after(wait):
+        while not qemu.process_ended(pid):
+            await trio.sleep(0.01)
+        return True
+    return False
 
 
 NBD_ANSWER_SECONDS = 30.0  # a 1 MiB read of compressed clusters takes milliseconds
